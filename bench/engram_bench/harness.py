@@ -1,0 +1,36 @@
+"""Runs the benchmark scenarios and writes `docs/benchmarks.md` plus a JSON file of raw results."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from engram_bench.report import Section, write_results
+
+# Order is the order in docs/benchmarks.md.
+SCENARIOS: tuple[str, ...] = ("wal", "wire")
+
+
+def main(*, quick: bool, only: list[str] | None, docs: Path, json_path: Path) -> int:
+    unknown = sorted(set(only or ()) - set(SCENARIOS))
+    if unknown:
+        print(f"error: unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    sections: list[Section] = []
+    for key in SCENARIOS:
+        if only and key not in only:
+            continue
+        mod = importlib.import_module(f"engram_bench.{key}")
+        print(f"== {key}{' (quick)' if quick else ''}", flush=True)
+        t0 = time.perf_counter()
+        section: Section = mod.run(quick=quick)
+        print(section.to_markdown(), flush=True)
+        print(f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        sections.append(section)
+    write_results(sections, docs=docs, json_path=json_path, quick=quick)
+    if not quick:
+        print(f"wrote {docs} and {json_path}")
+    return 0

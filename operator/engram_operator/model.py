@@ -1,0 +1,136 @@
+"""Plain data the control-plane deciders share: nodes, spec, placement, reports, observations.
+
+This module owns shapes only, no decisions. Every class is a frozen, slotted dataclass so a decider
+can never mutate what it was given, and ids are the `contract` NewTypes so a node name can't be
+passed where a space id is expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from engram_operator.verdict import Verdict
+from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
+
+AckPolicy = Literal["async", "one", "quorum"]
+Role = Literal["primary", "replica"]
+# The replica states of design §7, as the primary sidecar reports them.
+MemberState = Literal["Healthy", "Lagging", "Degraded", "Failed", "CatchingUp"]
+
+# A space's first primary serves epoch 1; every promotion adds one. 0 is never a real epoch, so a
+# sidecar that reports 0 has not received any assignment yet.
+FIRST_EPOCH: Final = Epoch(1)
+
+# Default for spec.maxLagOnFailover: the same 10,000 entries beyond which a replica needs a
+# snapshot to catch up (design §7). A replica that far behind is no longer "in sync" by our own
+# definition, so promoting it would lose more than a catch-up could ever repair.
+DEFAULT_MAX_LAG_ON_FAILOVER: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    """A node that can host spaces: a StatefulSet pod, or a sidecar process in local mode."""
+
+    name: NodeName
+    address: str
+    zone: str | None = None
+    rack: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpaceSpec:
+    """What the user asked for (MemorySpace.spec). Only the user writes these fields."""
+
+    replicas: int = 2
+    ack_policy: AckPolicy = "async"
+    max_lag_on_failover: int = DEFAULT_MAX_LAG_ON_FAILOVER
+    allow_lagging_failover: bool = False
+    failover_automatic: bool = True
+    paused: bool = False
+    target_primary: NodeName | None = None
+
+    def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ValueError(f"spec.replicas must be 0 or more, got {self.replicas}")
+        if self.max_lag_on_failover < 0:
+            raise ValueError(
+                f"spec.maxLagOnFailover must be 0 or more, got {self.max_lag_on_failover}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    """Where a space lives, who leads it, at which epoch (status; written by the control plane)."""
+
+    primary: NodeName
+    replicas: tuple[NodeName, ...]
+    epoch: Epoch
+
+    def __post_init__(self) -> None:
+        if self.primary in self.replicas or len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"placement members must be distinct: {self.members}")
+
+    @property
+    def members(self) -> tuple[NodeName, ...]:
+        """The primary first, then the replicas in placement order."""
+        return (self.primary, *self.replicas)
+
+    def role_of(self, node: NodeName) -> Role | None:
+        """The role `node` holds in this placement, or None when it is not a member."""
+        if node == self.primary:
+            return "primary"
+        return "replica" if node in self.replicas else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberReport:
+    """One member's progress as last reported (status.members, written by the sidecars).
+
+    `applied_sequence` is the highest sequence the member holds durably; for the primary it is the
+    last sequence it wrote. `lag_seconds` is the age of the oldest entry the member lacks, as the
+    primary computes it (0 when caught up, so an idle space reads 0).
+    """
+
+    node: NodeName
+    role: Role
+    epoch: Epoch
+    applied_sequence: Sequence
+    lag_seconds: float = 0.0
+    state: MemberState = "Healthy"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SwitchoverProgress:
+    """The switchover the driver tracks for a space between ticks (monotonic seconds).
+
+    The driver sets it on BeginSwitchover, marks it on AbortSwitchover, drops it on
+    ClearSwitchover or once a handover's steps are done.
+    """
+
+    target: NodeName
+    started_at: float
+    aborted_at: float | None = None
+    abort_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observation:
+    """Everything one reconcile tick may look at for one space. Times are monotonic seconds.
+
+    `verdicts` covers every node the driver knows; `reports` holds the last report of each node
+    that claims the space (a dead member's last report too: elections need it).
+    """
+
+    space: SpaceId
+    spec: SpaceSpec
+    placement: Placement | None
+    nodes: tuple[NodeInfo, ...]
+    verdicts: Mapping[NodeName, Verdict]
+    reports: Mapping[NodeName, MemberReport]
+    switchover: SwitchoverProgress | None = None
+    # Spaces each node leads, over all spaces: steers the primary of a newly placed space.
+    primary_load: Mapping[NodeName, int] = field(default_factory=dict)
+    # newEpoch of status.lastPromotion: until the winner confirms, the phase stays FailingOver.
+    last_promotion_epoch: Epoch | None = None

@@ -1,0 +1,5 @@
+import sys
+
+from engram_sidecar.main import run
+
+sys.exit(run())

@@ -1,0 +1,208 @@
+"""Sidecar settings: defaults, then an optional YAML file, then `ENGRAM_*` env vars, then flags.
+
+Every setting has one name, used in all three places: `batch_max_entries` is the YAML key,
+`ENGRAM_BATCH_MAX_ENTRIES` the env var and `--batch-max-entries` the flag. An unknown or invalid
+setting is a ConfigError at start-up that names the setting, where it came from, and what is
+allowed. docs/configuration.md lists them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engram_sidecar.contract import ENV_PREFIX
+from engram_sidecar.errors import ConfigError
+
+_NODE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    node: str = ""
+    data_dir: Path = Path("data")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    replication_host: str = "127.0.0.1"
+    replication_port: int = 7070
+    # host:port that peers dial to reach this node; defaults to replication_host:replication_port
+    advertise_address: str = ""
+    secret_file: Path | None = None
+    admin_token_file: Path | None = None
+    fsync: str = "always"
+    fsync_interval: float = 0.05
+    segment_bytes: int = 64 * 1024 * 1024
+    batch_max_entries: int = 100
+    batch_max_delay: float = 0.010
+    max_inflight_batches: int = 32
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_entries_per_request: int = 10_000
+    connect_timeout: float = 5.0
+    io_timeout: float = 10.0
+    keepalive: float = 10.0
+    heartbeat_interval: float = 0.25
+    backoff_steps: tuple[float, ...] = (0.1, 1.0, 10.0, 60.0)
+    breaker_failures: int = 3
+    lag_monitor_interval: float = 5.0
+    lag_warning_seconds: float = 1.0
+    lag_critical_seconds: float = 5.0
+    failed_after_seconds: float = 30.0
+    ack_timeout: float = 5.0
+    write_lease_seconds: float = 1.5
+    control_plane_url: str = ""
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return self.advertise_address or f"{self.replication_host}:{self.replication_port}"
+
+    def secret(self) -> bytes:
+        if self.secret_file is None:
+            raise ConfigError("secret_file is required: peers authenticate with a shared secret")
+        try:
+            data = self.secret_file.read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(f"secret_file {self.secret_file}: {err.strerror}") from err
+        if len(data) < 16:
+            raise ConfigError(f"secret_file {self.secret_file}: use at least 16 bytes of secret")
+        return data
+
+    def admin_token(self) -> str:
+        path = self.admin_token_file or self.secret_file
+        if path is None:
+            raise ConfigError("admin_token_file or secret_file is required")
+        try:
+            return path.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"admin_token_file {path}: {err.strerror}") from err
+
+
+_FIELDS = {f.name: f for f in fields(SidecarConfig) if f.name != "extra"}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "fsync": ("always", "interval", "none"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = _FIELDS[name]
+    typ = f.type if isinstance(f.type, str) else str(f.type)
+    try:
+        if typ.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(x) for x in items)
+        if "Path" in typ:
+            return None if value in (None, "") else Path(value)
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{name} (from {source}): invalid value {value!r}: {err}") from err
+
+
+def _validate(cfg: SidecarConfig) -> SidecarConfig:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name}={getattr(cfg, name)!r}: {why}")
+
+    if not cfg.node:
+        raise ConfigError("node is required (--node, ENGRAM_NODE or node: in the config file)")
+    if not set(cfg.node) <= _NODE_CHARS or len(cfg.node) > 63:
+        raise bad("node", "use up to 63 characters from [a-z0-9-.]")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, f"choose one of {', '.join(choices)}")
+    for name in ("http_port", "replication_port"):
+        if not 0 <= getattr(cfg, name) <= 65535:
+            raise bad(name, "a TCP port is 0..65535")
+    positive = (
+        "fsync_interval",
+        "segment_bytes",
+        "batch_max_entries",
+        "max_inflight_batches",
+        "max_frame_bytes",
+        "max_request_bytes",
+        "max_entries_per_request",
+        "connect_timeout",
+        "io_timeout",
+        "keepalive",
+        "heartbeat_interval",
+        "breaker_failures",
+        "lag_monitor_interval",
+        "lag_warning_seconds",
+        "lag_critical_seconds",
+        "failed_after_seconds",
+        "ack_timeout",
+        "write_lease_seconds",
+    )
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise bad(name, "must be greater than 0")
+    if cfg.batch_max_delay < 0:
+        raise bad("batch_max_delay", "must be 0 or more")
+    if cfg.lag_critical_seconds < cfg.lag_warning_seconds:
+        raise bad("lag_critical_seconds", "must be at least lag_warning_seconds")
+    if cfg.segment_bytes < 4096:
+        raise bad("segment_bytes", "use at least 4096")
+    if not cfg.backoff_steps or any(s <= 0 for s in cfg.backoff_steps):
+        raise bad("backoff_steps", "a comma-separated list of positive seconds")
+    return cfg
+
+
+def load_config(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> SidecarConfig:
+    """Merge file < env < flags over the defaults and validate. Flags left as None are unset."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = yaml.safe_load(config_file.read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"config file {config_file}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {config_file}: invalid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {config_file}: expected a mapping of settings")
+        for k, v in raw.items():
+            name = str(k).replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"config file {config_file}: unknown setting {k!r}")
+            values[name] = _coerce(name, v, f"config file {config_file}")
+    for k, v in (env if env is not None else os.environ).items():
+        if not k.startswith(ENV_PREFIX) or k == ENV_PREFIX + "CONFIG":
+            continue
+        name = k[len(ENV_PREFIX) :].lower()
+        if name not in _FIELDS:
+            raise ConfigError(f"environment variable {k}: unknown setting {name!r}")
+        values[name] = _coerce(name, v, f"environment variable {k}")
+    for k, v in (flags or {}).items():
+        if v is None:
+            continue
+        if k not in _FIELDS:
+            raise ConfigError(f"unknown setting {k!r}")
+        values[k] = _coerce(k, v, f"--{k.replace('_', '-')}")
+    return _validate(dataclasses.replace(SidecarConfig(), **values))
+
+
+def setting_names() -> list[str]:
+    return list(_FIELDS)
+
+
+def is_choice(name: str) -> tuple[str, ...] | None:
+    return _CHOICES.get(name)

@@ -1,0 +1,172 @@
+"""The on-disk WAL entry: Engram's 64-byte header, then the payload. No trailer.
+
+Layout (little-endian), declared once below. Offsets 0–36 are Engram's; we put the entry's epoch in
+the first 8 of Engram's 20 reserved bytes so that the header CRC covers it.
+
+| offset | size | field |
+|---|---|---|
+| 0  | 4  | magic 0xDEADBEEF (bytes EF BE AD DE) |
+| 4  | 8  | sequence, u64, per space, from 1, never reused |
+| 12 | 8  | timestamp, ns since the Unix epoch, u64 |
+| 20 | 4  | entry type, u32 (1..6, see EntryType) |
+| 24 | 4  | payload size, u32 |
+| 28 | 4  | CRC32C of the payload |
+| 32 | 4  | CRC32C of bytes 0–32 ‖ 36–56 (52 bytes) |
+| 36 | 8  | epoch that wrote the entry, u64 (ours; Engram: reserved) |
+| 44 | 12 | reserved, must be zero |
+| 56 | 8  | unused, must be zero |
+
+Engram leaves bytes 56–64 outside every CRC. We can't cover them without breaking Engram's
+layout, so we require them to be zero instead: a flipped bit there is still detected.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from crc32c import crc32c
+
+from engram_sidecar.errors import WalCorruption
+
+MAGIC: Final = 0xDEADBEEF
+
+HEADER: Final = struct.Struct(
+    "<"
+    "I"  # 0  magic
+    "Q"  # 4  sequence
+    "Q"  # 12 timestamp_ns
+    "I"  # 20 entry type
+    "I"  # 24 payload size
+    "I"  # 28 payload CRC32C
+    "I"  # 32 header CRC32C (bytes 0-32 and 36-56)
+    "Q"  # 36 epoch
+    "12s"  # 44 reserved, zero
+    "8s"  # 56 unused, zero
+)
+HEADER_SIZE: Final = HEADER.size
+assert HEADER_SIZE == 64
+
+_CRC_OFFSET: Final = 32
+_CRC_END: Final = 36
+_COVERED_END: Final = 56
+_ZERO12: Final = bytes(12)
+_ZERO8: Final = bytes(8)
+# Entries above this are refused: keeps a corrupt size field from asking for gigabytes.
+MAX_PAYLOAD: Final = 64 * 1024 * 1024
+
+
+class EntryType(enum.IntEnum):
+    EPISODE_STORE = 1
+    MEMORY_UPDATE = 2
+    MEMORY_DELETE = 3
+    CONSOLIDATION = 4
+    CHECKPOINT = 5
+    COMPACTION_MARKER = 6
+
+
+ENTRY_TYPE_NAMES: Final = {
+    "episode": EntryType.EPISODE_STORE,
+    "update": EntryType.MEMORY_UPDATE,
+    "delete": EntryType.MEMORY_DELETE,
+    "consolidation": EntryType.CONSOLIDATION,
+    "checkpoint": EntryType.CHECKPOINT,
+    "compaction_marker": EntryType.COMPACTION_MARKER,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EntryHeader:
+    sequence: int
+    timestamp_ns: int
+    entry_type: int
+    payload_size: int
+    payload_crc: int
+    epoch: int
+
+
+def encode_entry(
+    *, sequence: int, timestamp_ns: int, entry_type: int, epoch: int, payload: bytes
+) -> bytes:
+    """Header + payload, exactly as stored and as shipped."""
+    pcrc = crc32c(payload)
+    head = bytearray(
+        HEADER.pack(
+            MAGIC,
+            sequence,
+            timestamp_ns,
+            entry_type,
+            len(payload),
+            pcrc,
+            0,
+            epoch,
+            _ZERO12,
+            _ZERO8,
+        )
+    )
+    hcrc = crc32c(head[_CRC_END:_COVERED_END], crc32c(head[:_CRC_OFFSET]))
+    struct.pack_into("<I", head, _CRC_OFFSET, hcrc)
+    return bytes(head) + payload
+
+
+def decode_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> EntryHeader | str:
+    """Parse and check one header at `offset`. Returns the header, or a reason it is invalid.
+
+    Returning the reason (not raising) lets recovery tell a torn tail from corruption cheaply.
+    """
+    if len(buf) - offset < HEADER_SIZE:
+        return "short header"
+    view = memoryview(buf)[offset : offset + HEADER_SIZE]
+    magic, seq, ts, etype, size, pcrc, hcrc, epoch, reserved, unused = HEADER.unpack(view)
+    if magic != MAGIC:
+        return f"bad magic 0x{magic:08x}"
+    want = crc32c(view[_CRC_END:_COVERED_END], crc32c(view[:_CRC_OFFSET]))
+    if hcrc != want:
+        return f"header CRC32C mismatch (stored 0x{hcrc:08x}, computed 0x{want:08x})"
+    if reserved != _ZERO12 or unused != _ZERO8:
+        return "reserved header bytes are not zero"
+    if size > MAX_PAYLOAD:
+        return f"payload size {size} over the {MAX_PAYLOAD}-byte limit"
+    return EntryHeader(seq, ts, etype, size, pcrc, epoch)
+
+
+def check_payload(header: EntryHeader, payload: bytes | memoryview) -> str | None:
+    """None when the payload matches its header's size and CRC, else the reason."""
+    if len(payload) != header.payload_size:
+        return f"payload is {len(payload)} bytes, header says {header.payload_size}"
+    got = crc32c(payload)
+    if got != header.payload_crc:
+        return f"payload CRC32C mismatch (stored 0x{header.payload_crc:08x}, computed 0x{got:08x})"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A decoded entry, for readers that want fields rather than bytes."""
+
+    sequence: int
+    epoch: int
+    timestamp_ns: int
+    entry_type: int
+    payload: bytes
+
+
+def iter_entries(data: bytes | bytearray | memoryview, *, where: str = "<buffer>") -> list[Entry]:
+    """Decode a run of stored entries, checking every CRC; WalCorruption on the first bad one."""
+    out: list[Entry] = []
+    view = memoryview(data)
+    pos = 0
+    end = len(view)
+    while pos < end:
+        h = decode_header(view, pos)
+        if isinstance(h, str):
+            raise WalCorruption(where, pos, h)
+        body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + h.payload_size]
+        bad = check_payload(h, body)
+        if bad is not None:
+            raise WalCorruption(where, pos, bad)
+        out.append(Entry(h.sequence, h.epoch, h.timestamp_ns, h.entry_type, bytes(body)))
+        pos += HEADER_SIZE + h.payload_size
+    return out

@@ -1,0 +1,287 @@
+"""Wire protocol v1, message layer: the body of every frame type but BATCH (see wire_batch).
+
+Each message is a frozen dataclass with `encode() -> bytes` (a whole frame) and
+`from_frame(frame)` (validates the header fields the type uses, the ones it must leave zero, and
+the exact body length). `decode_message` dispatches on the type. Sans-IO like `wire`: no sockets,
+no event loop. Layouts and golden vectors: docs/wire-format.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final, Self
+
+from engram_sidecar.contract import Epoch, NodeName, Sequence
+from engram_sidecar.wire import (
+    DEFAULT_MAX_BODY,
+    NO_SPACE,
+    Frame,
+    MalformedFrame,
+    MessageType,
+    encode_frame,
+)
+from engram_sidecar.wire_batch import Batch
+
+PROTOCOL_VERSION: Final = 1
+NONCE_SIZE: Final = 32
+PROOF_SIZE: Final = 32  # HMAC-SHA256
+MAX_NODE_NAME: Final = 253  # bytes of UTF-8; a DNS name, the longest pod name
+MAX_NACK_MESSAGE: Final = 512  # bytes of UTF-8; diagnostics, not payload
+NO_SEQUENCE: Final = Sequence(0)
+NO_EPOCH: Final = Epoch(0)
+
+_HELLO: Final = struct.Struct("<H32s")  # version, nonce; node name follows
+_CHALLENGE: Final = struct.Struct("<H32s32s")  # version, nonce, proof; node name follows
+_ACK: Final = struct.Struct("<QQ")  # sequence, timestamp_ns
+_HEARTBEAT: Final = struct.Struct("<QQQ")  # last_seq, last_timestamp_ns, sent_ns
+_NACK: Final = struct.Struct("<HQ")  # reason, resend_from; message follows
+
+
+class NackReason(enum.IntEnum):
+    STALE_EPOCH = 1  # the frame's epoch is below the receiver's; header epoch = receiver's
+    GAP = 2  # the batch does not follow what the receiver holds; resend from `resend_from`
+    CHECKSUM = 3  # a batch's entries failed their CRCs although the frame's CRC passed
+    UNKNOWN_SPACE = 4  # the receiver hosts no such space
+    UNAUTHENTICATED = 5  # handshake failed or not done
+    NOT_REPLICA = 6  # the receiver is not a replica of this space at this epoch
+    INTERNAL = 7  # the receiver failed (disk full, bug); retry later
+
+
+def _check_header(
+    frame: Frame, want: MessageType, *, connection: bool, space_optional: bool = False
+) -> None:
+    if frame.msg_type is not want:
+        raise MalformedFrame(f"expected a {want.name} frame, got {frame.msg_type.name}")
+    if connection and (frame.epoch != 0 or frame.space != NO_SPACE):
+        raise MalformedFrame(f"{want.name} is connection-level: epoch and space must be zero")
+    if not connection and not space_optional and frame.space == NO_SPACE:
+        raise MalformedFrame(f"{want.name} must name a space")
+    if want is not MessageType.BATCH and (frame.first_seq or frame.last_seq or frame.count):
+        raise MalformedFrame(f"{want.name} must leave first_seq, last_seq and count zero")
+
+
+def _check_length(frame: Frame, size: int, *, at_least: bool = False) -> None:
+    n = len(frame.body)
+    if n < size if at_least else n != size:
+        bound = "at least " if at_least else ""
+        raise MalformedFrame(f"{frame.msg_type.name} body is {n} bytes, must be {bound}{size}")
+
+
+def _node_bytes(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    if not 1 <= len(raw) <= MAX_NODE_NAME:
+        raise ValueError(f"node name must be 1-{MAX_NODE_NAME} bytes of UTF-8, got {len(raw)}")
+    # Control characters (NUL above all) would make the proofs' NUL-separated input ambiguous.
+    if any(c < 0x20 or c == 0x7F for c in raw):
+        raise ValueError(f"node name {name!r} contains control characters")
+    return raw
+
+
+def _node_name(frame: Frame, raw: bytes) -> NodeName:
+    try:
+        name = raw.decode("utf-8")
+        _node_bytes(name)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedFrame(f"{frame.msg_type.name} carries an invalid node name: {exc}") from None
+    return NodeName(name)
+
+
+def _need_space(what: str, space: bytes) -> None:
+    if space == NO_SPACE:
+        raise ValueError(f"{what} must name a space (a 16-byte contract.space_wire_id)")
+
+
+def _check_fixed(what: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise ValueError(f"{what} must be {size} bytes, got {len(value)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client → server, first frame: who I am, the highest protocol version I speak, my nonce."""
+
+    node: NodeName
+    nonce: bytes
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        _check_fixed("nonce", self.nonce, NONCE_SIZE)
+        body = _HELLO.pack(self.version, self.nonce) + _node_bytes(self.node)
+        return encode_frame(MessageType.HELLO, body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.HELLO, connection=True)
+        _check_length(frame, _HELLO.size + 1, at_least=True)
+        version, nonce = _HELLO.unpack_from(frame.body)
+        return cls(_node_name(frame, frame.body[_HELLO.size :]), nonce, version)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Server → client: who I am, the version we'll speak, my nonce, and proof I hold the secret."""
+
+    node: NodeName
+    nonce: bytes
+    proof: bytes
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        _check_fixed("nonce", self.nonce, NONCE_SIZE)
+        _check_fixed("proof", self.proof, PROOF_SIZE)
+        body = _CHALLENGE.pack(self.version, self.nonce, self.proof) + _node_bytes(self.node)
+        return encode_frame(MessageType.CHALLENGE, body)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.CHALLENGE, connection=True)
+        _check_length(frame, _CHALLENGE.size + 1, at_least=True)
+        version, nonce, proof = _CHALLENGE.unpack_from(frame.body)
+        return cls(_node_name(frame, frame.body[_CHALLENGE.size :]), nonce, proof, version)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Client → server: proof that the client holds the secret."""
+
+    proof: bytes
+
+    def encode(self) -> bytes:
+        _check_fixed("proof", self.proof, PROOF_SIZE)
+        return encode_frame(MessageType.AUTH, self.proof)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.AUTH, connection=True)
+        _check_length(frame, PROOF_SIZE)
+        return cls(frame.body)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server → client: authenticated; replication frames may flow."""
+
+    def encode(self) -> bytes:
+        return encode_frame(MessageType.WELCOME)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.WELCOME, connection=True)
+        _check_length(frame, 0)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Replica → primary: every entry up to `sequence` is applied and durable.
+
+    `timestamp_ns` is the replica's wall clock when sending (for RTT and clock-skew readings).
+    """
+
+    space: bytes
+    epoch: Epoch
+    sequence: Sequence
+    timestamp_ns: int
+
+    def encode(self) -> bytes:
+        _need_space("ACK", self.space)
+        body = _ACK.pack(self.sequence, self.timestamp_ns)
+        return encode_frame(MessageType.ACK, body, epoch=self.epoch, space=self.space)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.ACK, connection=False)
+        _check_length(frame, _ACK.size)
+        seq, ts = _ACK.unpack(frame.body)
+        return cls(frame.space, Epoch(frame.epoch), Sequence(seq), ts)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Primary → replica when idle: where the log ends, so an idle, caught-up space reads lag 0."""
+
+    space: bytes
+    epoch: Epoch
+    last_seq: Sequence
+    last_timestamp_ns: int  # timestamp of entry `last_seq` (0 if the log is empty)
+    sent_ns: int  # sender's wall clock when sending
+
+    def encode(self) -> bytes:
+        _need_space("HEARTBEAT", self.space)
+        body = _HEARTBEAT.pack(self.last_seq, self.last_timestamp_ns, self.sent_ns)
+        return encode_frame(MessageType.HEARTBEAT, body, epoch=self.epoch, space=self.space)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.HEARTBEAT, connection=False)
+        _check_length(frame, _HEARTBEAT.size)
+        last, last_ts, sent = _HEARTBEAT.unpack(frame.body)
+        return cls(frame.space, Epoch(frame.epoch), Sequence(last), last_ts, sent)
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """A refusal. `space` is zero for connection-level refusals; `resend_from` is 0 for "none".
+
+    `encode` truncates `message` to MAX_NACK_MESSAGE bytes on a character boundary: a refusal
+    must never fail to send because its diagnostic was long.
+    """
+
+    reason: NackReason
+    resend_from: Sequence = NO_SEQUENCE
+    message: str = ""
+    space: bytes = NO_SPACE
+    epoch: Epoch = NO_EPOCH
+
+    def encode(self) -> bytes:
+        if self.reason is NackReason.GAP and self.resend_from < 1:
+            raise ValueError("a GAP nack must say where to resend from (resend_from >= 1)")
+        text = self.message.encode("utf-8")[:MAX_NACK_MESSAGE]
+        text = text.decode("utf-8", "ignore").encode("utf-8")
+        body = _NACK.pack(self.reason, self.resend_from) + text
+        return encode_frame(MessageType.NACK, body, epoch=self.epoch, space=self.space)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.NACK, connection=False, space_optional=True)
+        _check_length(frame, _NACK.size, at_least=True)
+        if len(frame.body) > _NACK.size + MAX_NACK_MESSAGE:
+            raise MalformedFrame(f"NACK message over {MAX_NACK_MESSAGE} bytes")
+        code, resend = _NACK.unpack_from(frame.body)
+        try:
+            reason = NackReason(code)
+        except ValueError:
+            raise MalformedFrame(f"unknown NACK reason {code}") from None
+        if reason is NackReason.GAP and resend < 1:
+            raise MalformedFrame("GAP NACK without a resend_from sequence")
+        try:
+            text = frame.body[_NACK.size :].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedFrame(f"NACK message is not UTF-8: {exc}") from None
+        return cls(reason, Sequence(resend), text, frame.space, Epoch(frame.epoch))
+
+
+Message = Hello | Challenge | Auth | Welcome | Batch | Ack | Heartbeat | Nack
+
+
+def decode_message(frame: Frame, *, max_batch_size: int = DEFAULT_MAX_BODY) -> Message:
+    """The message a frame carries, validated; raises a WireError subclass when it is malformed."""
+    match frame.msg_type:
+        case MessageType.BATCH:
+            return Batch.from_frame(frame, max_size=max_batch_size)
+        case MessageType.ACK:
+            return Ack.from_frame(frame)
+        case MessageType.HEARTBEAT:
+            return Heartbeat.from_frame(frame)
+        case MessageType.NACK:
+            return Nack.from_frame(frame)
+        case MessageType.HELLO:
+            return Hello.from_frame(frame)
+        case MessageType.CHALLENGE:
+            return Challenge.from_frame(frame)
+        case MessageType.AUTH:
+            return Auth.from_frame(frame)
+        case MessageType.WELCOME:
+            return Welcome.from_frame(frame)

@@ -1,0 +1,381 @@
+"""The node process: hosts spaces, runs the replication listener, peer links and the lag monitor.
+
+`Node` is the one object the HTTP API talks to. It owns which spaces exist here, applies
+assignments (refusing stale epochs), routes writes to a space's log with the ack policy, and keeps
+one `PeerLink` per peer this node ships to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from engram_sidecar import assignment as assignment_file
+from engram_sidecar import epochs as epoch_history
+from engram_sidecar.assignment import Assignment
+from engram_sidecar.config import SidecarConfig
+from engram_sidecar.contract import NodeName, SpaceId, validate_space_id
+from engram_sidecar.groupcommit import GroupCommit
+from engram_sidecar.lag import LagThresholds, classify, transition_message
+from engram_sidecar.metrics import STATE_VALUES, Metrics
+from engram_sidecar.receiver import Receiver
+from engram_sidecar.shipper import PeerLink
+from engram_sidecar.space import NotWritable, Space
+from engram_sidecar.wal import FsyncPolicy, WalStore
+
+log = logging.getLogger(__name__)
+
+
+class StaleAssignment(Exception):
+    pass
+
+
+class Node:
+    def __init__(
+        self,
+        cfg: SidecarConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.name = NodeName(cfg.node)
+        self.clock = clock
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.secret = cfg.secret()
+        self.store = WalStore(
+            cfg.data_dir,
+            segment_bytes=cfg.segment_bytes,
+            on_torn_tail=lambda s, n: self.metrics.torn_tail_bytes.labels(s).inc(n),
+        )
+        self.spaces: dict[SpaceId, Space] = {}
+        self._by_wire: dict[bytes, Space] = {}
+        self.links: dict[NodeName, PeerLink] = {}
+        self.receiver = Receiver(
+            cfg=cfg,
+            node=self.name,
+            secret=self.secret,
+            metrics=self.metrics,
+            lookup=self._by_wire.get,
+        )
+        self.replication_port = 0
+        self._monitor: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self.started_at = time.time()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for sid in self.store.spaces_on_disk():
+            saved = assignment_file.load(self.cfg.data_dir / sid / "assignment.json")
+            if saved is not None:
+                a, accepted = saved
+                space = self._space(sid)
+                space.accepted_epoch = accepted
+                self._adopt(space, a)
+        self.replication_port = await self.receiver.start(
+            self.cfg.replication_host, self.cfg.replication_port
+        )
+        self._monitor = asyncio.get_running_loop().create_task(self._lag_monitor())
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        for link in self.links.values():
+            await link.stop()
+        await self.receiver.stop()
+        for sp in self.spaces.values():
+            await sp.commit.stop()
+        self.store.close()
+
+    # ---- spaces and assignments -----------------------------------------------------------
+
+    def _space(self, sid: SpaceId) -> Space:
+        sp = self.spaces.get(sid)
+        if sp is None:
+            wal = self.store.open(sid)
+            policy: FsyncPolicy = self.cfg.fsync  # type: ignore[assignment]
+            commit = GroupCommit(wal, policy=policy, interval=self.cfg.fsync_interval)
+            commit.start()
+            sp = Space(
+                space=sid,
+                node=self.name,
+                wal=wal,
+                commit=commit,
+                batch_max_entries=self.cfg.batch_max_entries,
+                batch_max_delay=self.cfg.batch_max_delay,
+                clock=self.clock,
+            )
+            sp.lease_seconds = self.cfg.write_lease_seconds
+            self.spaces[sid] = sp
+            self._by_wire[sp.wire_id] = sp
+        return sp
+
+    def assign(self, space: str, a: Assignment) -> tuple[bool, Space]:
+        """Apply an assignment. Returns (changed, space). Raises StaleAssignment on old epochs."""
+        sid = validate_space_id(space)
+        sp = self.spaces.get(sid)
+        if sp is not None and a.epoch < sp.accepted_epoch:
+            raise StaleAssignment(
+                f"assignment epoch {a.epoch} is older than epoch {sp.accepted_epoch} "
+                f"already accepted for space {sid}"
+            )
+        if sp is not None and sp.assignment == a:
+            return False, sp
+        if (
+            sp is not None
+            and sp.assignment is not None
+            and a.epoch == sp.assignment.epoch
+            and a.primary != sp.assignment.primary
+        ):
+            raise StaleAssignment(
+                f"epoch {a.epoch} already names {sp.assignment.primary.node} as primary of "
+                f"{sid}; a new primary needs a new epoch"
+            )
+        sp = self._space(sid)
+        old_epoch = sp.assignment.epoch if sp.assignment is not None else 0
+        self._adopt(sp, a)
+        if sp.role == "primary":
+            # The control plane just vouched for this node. An assignment reloaded from disk at
+            # start-up does not: a restarted primary waits for a heartbeat or its replicas.
+            sp.grant_lease(sp.wall_ns())
+        if sp.role == "replica" and a.epoch != old_epoch and sp.log.last_sequence > 0:
+            self._start_fork_check(sp, a)
+        return True, sp
+
+    def _start_fork_check(self, sp: Space, a: Assignment) -> None:
+        sp.fork_checked = False
+        task = asyncio.get_running_loop().create_task(self._fork_check(sp, a))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def _fork_check(self, sp: Space, a: Assignment) -> None:
+        """Cut this replica's log back to where it agrees with the new primary's (design §4).
+
+        Asks the primary for its epoch history over HTTP and applies the leader-epoch rule. Entries
+        dropped are counted, logged and reported; they were never acknowledged under `quorum`.
+        """
+        if not a.primary.http:
+            log.warning(
+                "space %s: primary %s has no http address; skipping fork check",
+                sp.id,
+                a.primary.node,
+            )
+            sp.fork_checked = True
+            return
+        url = f"http://{a.primary.http}/v1/spaces/{sp.id}/epochs"
+        for attempt in range(600):  # ~2 minutes, then give up loudly
+            if sp.assignment is not a:
+                return  # superseded by a newer assignment, which runs its own check
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s,
+                    s.get(url) as resp,
+                ):
+                    doc = await resp.json() if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                doc = None
+            if doc is not None and int(doc.get("epoch", 0)) >= a.epoch:
+                leader = [(int(e), int(q)) for e, q in doc["epochs"]]
+                fork = epoch_history.fork_point(
+                    local=sp.log.history,
+                    local_last=sp.log.last_sequence,
+                    leader=leader,
+                    leader_last=int(doc["last_sequence"]),
+                )
+                if fork < sp.log.last_sequence:
+                    dropped = sp.log.truncate_after(fork)
+                    self.metrics.truncated_entries.labels(sp.id).inc(dropped)
+                    sp.dropped_entries += dropped
+                    log.warning(
+                        "space %s: dropped %d divergent entries after %d to follow %s at epoch %d",
+                        sp.id,
+                        dropped,
+                        fork,
+                        a.primary.node,
+                        a.epoch,
+                    )
+                sp.fork_checked = True
+                return
+            await asyncio.sleep(min(0.05 * (attempt + 1), 0.2))
+        log.error(
+            "space %s: could not reach primary %s to check the fork point", sp.id, a.primary.node
+        )
+
+    def _adopt(self, sp: Space, a: Assignment) -> None:
+        old = sp.assignment
+        sp.apply_assignment(a)
+        self.metrics.epoch.labels(sp.id).set(sp.accepted_epoch)
+        self.metrics.role.labels(sp.id).set(1 if sp.role == "primary" else 0)
+        self.metrics.last_sequence.labels(sp.id).set(sp.log.last_sequence)
+        for lk in self.links.values():
+            lk.remove(sp)
+        if old is not None:
+            for r in old.replicas:
+                if sp.role != "primary" or r.node not in sp.replicas:
+                    self.metrics.forget_replica(sp.id, r.node)
+        sp.inflight = lambda: False
+        if sp.role == "primary":
+            for r in a.replicas:
+                found = self.links.get(r.node)
+                if found is not None and found.address == r.address:
+                    link = found
+                else:
+                    if found is not None:
+                        self._retired.add(asyncio.get_running_loop().create_task(found.stop()))
+                    link = PeerLink(
+                        cfg=self.cfg,
+                        node=self.name,
+                        peer=r.node,
+                        address=r.address,
+                        secret=self.secret,
+                        metrics=self.metrics,
+                        clock=self.clock,
+                    )
+                    self.links[r.node] = link
+                    link.start()
+                link.add(sp)
+            sp.on_sealed = self._wake_links
+
+    def _wake_links(self) -> None:
+        for link in self.links.values():
+            link.wake()
+
+    def grant_leases(self, granted_at_ns: int, epochs: dict[str, int]) -> dict[str, bool]:
+        """A control-plane heartbeat: renew the write lease of each space led here at `epoch`."""
+        out = {}
+        for sid, epoch in epochs.items():
+            sp = self.lookup(sid)
+            if sp is not None and sp.role == "primary" and sp.accepted_epoch == epoch:
+                sp.grant_lease(granted_at_ns)
+                out[sid] = True
+            else:
+                out[sid] = False
+        return out
+
+    def lookup(self, space: str) -> Space | None:
+        try:
+            return self.spaces.get(validate_space_id(space))
+        except ValueError:
+            return None
+
+    # ---- writes ---------------------------------------------------------------------------
+
+    async def write(self, sp: Space, records: list[tuple[int, bytes]]) -> tuple[int, int, int]:
+        t0 = time.perf_counter()
+        sp.check_writable()
+        epoch = sp.accepted_epoch
+        first, last = sp.log.append(records, epoch=epoch)
+        sp.on_append()
+        self.metrics.last_sequence.labels(sp.id).set(last)
+        if sp.commit.policy == "always":
+            await sp.commit.wait_durable(last)
+        await sp.wait_replicated(last, self.cfg.ack_timeout)
+        if sp.fenced_reason is not None:
+            raise NotWritable(
+                f"space {sp.id} was fenced before the write was acknowledged: {sp.fenced_reason}"
+            )
+        self.metrics.entries_written.labels(sp.id).inc(len(records))
+        self.metrics.write_latency.labels(sp.id).observe(time.perf_counter() - t0)
+        return first, last, epoch
+
+    # ---- lag ------------------------------------------------------------------------------
+
+    def evaluate_lag(self) -> None:
+        th = LagThresholds(
+            self.cfg.lag_warning_seconds,
+            self.cfg.lag_critical_seconds,
+            self.cfg.failed_after_seconds,
+        )
+        now = self.clock()
+        now_ns = time.time_ns()
+        for sp in self.spaces.values():
+            self.metrics.last_sequence.labels(sp.id).set(sp.log.last_sequence)
+            self.metrics.wal_bytes.labels(sp.id).set(sp.log.size_bytes)
+            if sp.role != "primary":
+                continue
+            self.metrics.write_lease_valid.labels(sp.id).set(int(sp.lease_valid()))
+            for r in sp.replicas.values():
+                link = self.links.get(r.node)
+                r.lag = sp.replica_lag(r, now_ns)
+                away = None if r.disconnected_since is None else now - r.disconnected_since
+                new = classify(
+                    r.lag,
+                    thresholds=th,
+                    breaker_open=bool(link and link.breaker.is_open),
+                    unreachable_for=away,
+                )
+                if new != r.state:
+                    log.warning(transition_message(sp.id, r.node, r.state, new, r.lag))
+                    r.state = new
+                self.metrics.lag_entries.labels(sp.id, r.node).set(r.lag.entries)
+                self.metrics.lag_seconds.labels(sp.id, r.node).set(r.lag.seconds)
+                self.metrics.replica_state.labels(sp.id, r.node).set(STATE_VALUES[new])
+
+    async def _lag_monitor(self) -> None:
+        while True:
+            try:
+                self.evaluate_lag()
+            except Exception:
+                log.exception("lag monitor tick failed")
+            await asyncio.sleep(self.cfg.lag_monitor_interval)
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def space_view(self, sp: Space) -> dict[str, Any]:
+        a = sp.assignment
+        view: dict[str, Any] = {
+            "space": sp.id,
+            "role": sp.role,
+            # The epoch of this node's role claim; accepted_epoch may be higher once fenced.
+            "epoch": a.epoch if a else 0,
+            "accepted_epoch": sp.accepted_epoch,
+            "first_sequence": sp.log.first_sequence,
+            "last_sequence": sp.log.last_sequence,
+            "applied_sequence": sp.log.durable_sequence,
+            "ack_policy": a.ack_policy if a else None,
+            "primary": a.primary.node if a else None,
+            "fenced": sp.fenced_reason,
+            "dropped_entries": sp.dropped_entries,
+            "write_lease": sp.lease_valid() if sp.role == "primary" else None,
+            "wal_bytes": sp.log.size_bytes,
+        }
+        if sp.role == "primary":
+            now_ns = time.time_ns()
+            reps = {}
+            for r in sp.replicas.values():
+                lag = sp.replica_lag(r, now_ns)
+                link = self.links.get(r.node)
+                reps[r.node] = {
+                    "acked_sequence": r.acked,
+                    "lag_entries": lag.entries,
+                    "lag_seconds": round(lag.seconds, 3),
+                    "state": r.state,
+                    "connected": bool(link and link.connected),
+                    "last_error": link.last_error if link and not link.connected else "",
+                }
+            view["replicas"] = reps
+        elif sp.role == "replica":
+            lag = sp.own_lag()
+            view["primary_last_sequence"] = sp.primary_last_seq
+            view["lag_entries"] = lag.entries
+        return view
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.name,
+            "pid": os.getpid(),
+            "replication_address": self.cfg.address,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "spaces": {sid: self.space_view(sp) for sid, sp in sorted(self.spaces.items())},
+        }

@@ -1,0 +1,285 @@
+"""Primary side of replication: one pooled connection per peer node, one stream per space on it.
+
+`PeerLink` dials a peer, authenticates, keeps the connection (keepalive, I/O timeouts), and
+redials with backoff; its circuit breaker marks the peer's replicas Degraded after repeated
+failures and lets a half-open attempt through later. Every space that replicates to that peer
+multiplexes its stream over the one connection (the Kafka pattern).
+
+A stream has its own cursor per replica, advanced only by that replica's acks (engram-facts §5.6):
+on reconnect it resends from `acked + 1`. Several batches are in flight at once (up to
+`max_inflight_batches`), since stop-and-wait caps a stream at batch/RTT (§5.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engram_sidecar.assignment import split_hostport
+from engram_sidecar.breaker import Backoff, CircuitBreaker
+from engram_sidecar.config import SidecarConfig
+from engram_sidecar.contract import Epoch, NodeName, Sequence
+from engram_sidecar.errors import ChecksumMismatch, EngramError, WireError
+from engram_sidecar.messages import Ack, Heartbeat, Nack, NackReason, decode_message
+from engram_sidecar.metrics import Metrics
+from engram_sidecar.space import Space
+from engram_sidecar.transport import PeerClosed, client_handshake, next_frames, tune_socket
+from engram_sidecar.wire import Frame, FrameDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    space: Space
+    next_send: int = 1
+    inflight: int = 0  # batches sent and not yet covered by an ack
+    last_sent_at: float = 0.0
+    paused_until: float = 0.0  # after UNKNOWN_SPACE / NOT_REPLICA, retry later
+
+
+class PeerLink:
+    def __init__(
+        self,
+        *,
+        cfg: SidecarConfig,
+        node: NodeName,
+        peer: NodeName,
+        address: str,
+        secret: bytes,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.peer = peer
+        self.address = address
+        self.secret = secret
+        self.metrics = metrics
+        self.clock = clock
+        self.streams: dict[bytes, _Stream] = {}
+        self.backoff = Backoff(cfg.backoff_steps)
+        self.breaker = CircuitBreaker(cfg.breaker_failures, clock)
+        self.connected = False
+        self.last_error = ""
+        self._writer: asyncio.StreamWriter | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- membership -----------------------------------------------------------------------
+
+    def add(self, space: Space) -> None:
+        if space.wire_id not in self.streams:
+            prog = space.replicas[self.peer]
+            self.streams[space.wire_id] = _Stream(space, next_send=prog.acked + 1)
+            space.inflight = self._space_inflight(space)
+        self._wake.set()
+
+    def remove(self, space: Space) -> None:
+        self.streams.pop(space.wire_id, None)
+
+    def _space_inflight(self, space: Space) -> Callable[[], bool]:
+        prev = space.inflight
+
+        def any_inflight() -> bool:
+            s = self.streams.get(space.wire_id)
+            return bool(s and s.inflight) or prev()
+
+        return any_inflight
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"peer-{self.peer}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._close()
+
+    # ---- connection lifecycle -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._connect_and_serve()
+            except asyncio.CancelledError:
+                raise
+            except (EngramError, OSError, TimeoutError) as err:
+                self.last_error = str(err) or type(err).__name__
+            except Exception as err:  # a bug must not kill replication to this peer for good
+                self.last_error = f"internal error: {err!r}"
+                log.exception("link %s -> %s failed", self.node, self.peer)
+            await self._close()
+            delay = self.backoff.next_delay()
+            if self.breaker.record_failure(delay):
+                log.warning(
+                    "circuit to %s opened after %d failures: %s",
+                    self.peer,
+                    self.breaker.consecutive_failures,
+                    self.last_error,
+                )
+            self.metrics.circuit_open.labels(self.peer).set(int(self.breaker.is_open))
+            self._mark_disconnected()
+            await asyncio.sleep(delay)
+
+    def _mark_disconnected(self) -> None:
+        now = self.clock()
+        for s in self.streams.values():
+            prog = s.space.replicas.get(self.peer)
+            if prog is not None and prog.disconnected_since is None:
+                prog.disconnected_since = now
+
+    async def _close(self) -> None:
+        self.connected = False
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.wait_closed(), 1.0)
+
+    async def _connect_and_serve(self) -> None:
+        host, port = split_hostport(self.address)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), self.cfg.connect_timeout
+            )
+        except (OSError, TimeoutError) as err:
+            self.metrics.connections.labels(self.peer, "refused").inc()
+            raise PeerClosed(f"connect to {self.peer} at {self.address}: {err!r}") from err
+        self._writer = writer
+        tune_socket(writer, self.cfg.keepalive)
+        decoder = FrameDecoder(max_body=self.cfg.max_frame_bytes)
+        try:
+            early = await client_handshake(
+                reader,
+                writer,
+                decoder,
+                secret=self.secret,
+                node=self.node,
+                expect=self.peer,
+                timeout=self.cfg.io_timeout,
+            )
+        except WireError:
+            self.metrics.connections.labels(self.peer, "auth_failed").inc()
+            raise
+        self.metrics.connections.labels(self.peer, "ok").inc()
+        self.connected = True
+        self.backoff.reset()
+        if self.breaker.record_success():
+            log.info("circuit to %s closed", self.peer)
+        self.metrics.circuit_open.labels(self.peer).set(0)
+        for s in self.streams.values():
+            prog = s.space.replicas.get(self.peer)
+            s.next_send = (prog.acked if prog else 0) + 1
+            s.inflight = 0
+            if prog is not None:
+                prog.disconnected_since = None
+        reader_task = asyncio.create_task(self._read_loop(reader, decoder, early))
+        try:
+            await self._send_loop(writer, reader_task)
+        finally:
+            reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader_task
+
+    async def _send_loop(self, writer: asyncio.StreamWriter, reader: asyncio.Task[None]) -> None:
+        window = self.cfg.max_inflight_batches
+        while True:
+            if reader.done():
+                reader.result()  # re-raise why the connection ended
+                raise PeerClosed("reader stopped")
+            self._wake.clear()
+            now = self.clock()
+            for s in list(self.streams.values()):
+                sp = s.space
+                if sp.role != "primary" or now < s.paused_until:
+                    continue
+                while s.inflight < window:
+                    got = sp.batch_at(s.next_send)
+                    if got is None:
+                        break
+                    frame, last = got
+                    writer.write(frame)
+                    n = last - s.next_send + 1
+                    self.metrics.batches_sent.labels(sp.id, self.peer).inc()
+                    self.metrics.entries_shipped.labels(sp.id, self.peer).inc(n)
+                    self.metrics.bytes.labels("out").inc(len(frame))
+                    s.next_send = last + 1
+                    s.inflight += 1
+                    s.last_sent_at = now
+                if s.inflight == 0 and now - s.last_sent_at >= self.cfg.heartbeat_interval:
+                    hb = Heartbeat(
+                        sp.wire_id,
+                        Epoch(sp.epoch),
+                        Sequence(sp.log.last_sequence),
+                        sp.log.last_timestamp_ns,
+                        time.time_ns(),
+                    ).encode()
+                    writer.write(hb)
+                    self.metrics.bytes.labels("out").inc(len(hb))
+                    s.last_sent_at = now
+            await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.heartbeat_interval)
+
+    async def _read_loop(
+        self, reader: asyncio.StreamReader, decoder: FrameDecoder, early: list[Frame]
+    ) -> None:
+        # Replicas ack at least once per heartbeat, so silence past io_timeout means trouble.
+        pending = list(early)
+        while True:
+            if not pending:
+                try:
+                    pending = await next_frames(reader, decoder, self.cfg.io_timeout)
+                except ChecksumMismatch:
+                    self.metrics.checksum_failures.labels(self.peer).inc()
+                    raise
+            for frame in pending:
+                self.metrics.bytes.labels("in").inc(64 + len(frame.body))
+                msg = decode_message(frame)
+                s = self.streams.get(frame.space)
+                if s is None:
+                    continue
+                if isinstance(msg, Ack):
+                    self._on_ack(s, msg)
+                elif isinstance(msg, Nack):
+                    self._on_nack(s, msg)
+            pending = []
+            self._wake.set()
+
+    def _on_ack(self, s: _Stream, ack: Ack) -> None:
+        sp = s.space
+        if ack.epoch > sp.epoch:
+            sp.note_epoch(ack.epoch)
+        sp.on_ack(self.peer, ack.sequence, ack.timestamp_ns)
+        prog = sp.replicas.get(self.peer)
+        acked = prog.acked if prog else ack.sequence
+        # Acks are cumulative: what is past `acked` is still in flight, in batch-sized pieces.
+        outstanding = s.next_send - 1 - acked
+        s.inflight = 0 if outstanding <= 0 else -(-outstanding // sp.batch_max_entries)
+
+    def _on_nack(self, s: _Stream, nack: Nack) -> None:
+        sp = s.space
+        self.metrics.nacks.labels("in", nack.reason.name).inc()
+        log.info("space %s: %s refused: %s %s", sp.id, self.peer, nack.reason.name, nack.message)
+        if nack.reason is NackReason.STALE_EPOCH:
+            sp.note_epoch(nack.epoch)
+            sp.fence(f"replica {self.peer} holds a newer epoch ({nack.message})")
+        elif nack.reason is NackReason.GAP:
+            s.next_send = max(1, int(nack.resend_from))
+            s.inflight = 0
+        elif nack.reason in (NackReason.UNKNOWN_SPACE, NackReason.NOT_REPLICA):
+            s.paused_until = self.clock() + 0.2
+            prog = sp.replicas.get(self.peer)
+            s.next_send = (prog.acked if prog else 0) + 1
+            s.inflight = 0
+        else:
+            raise PeerClosed(f"{self.peer} refused: {nack.reason.name}: {nack.message}")

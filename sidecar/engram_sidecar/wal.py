@@ -1,0 +1,587 @@
+"""The WAL store: one append-only log per memory space under `<data>/<space>/wal/`.
+
+`SpaceLog` owns one space's segments: sequences (from 1, strictly increasing, recovered on open,
+never reset by rotation, retention or truncation), size-based rotation, positioned reads that
+return stored bytes ready to ship, torn-tail recovery, truncation for a deposed primary, retention,
+and the epoch history. Writes land in the page cache at once; `sync()` makes them durable. The
+asyncio group commit that shares one fsync among concurrent writers lives in `groupcommit`.
+
+Failure rules: a failed write is rolled back (the file is cut back to its previous end) so no
+partial entry is ever visible; a failed fsync poisons the log until it is reopened, because after
+such a failure the kernel may have dropped the dirty pages and a retry would lie (fsyncgate).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from engram_sidecar import epochs as epoch_history
+from engram_sidecar.contract import SpaceId, validate_space_id
+from engram_sidecar.entry import HEADER_SIZE, Entry, decode_header, encode_entry, iter_entries
+from engram_sidecar.errors import SequenceError, WalClosed, WalCorruption, WalIOError
+from engram_sidecar.segment import (
+    INDEX_EVERY,
+    Segment,
+    fsync_dir,
+    list_segments,
+    scan,
+    seek_offset,
+    segment_name,
+    valid_entry_after,
+)
+
+log = logging.getLogger(__name__)
+
+FsyncPolicy = Literal["always", "interval", "none"]
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """A run of stored entries: `data` is header+payload bytes exactly as on disk."""
+
+    first_sequence: int
+    last_sequence: int
+    count: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    truncated_bytes: int
+    truncated_reason: str | None
+
+
+class SpaceLog:
+    """One memory space's write-ahead log. Not thread-safe: drive it from one event loop."""
+
+    def __init__(
+        self,
+        space_dir: Path,
+        *,
+        space: SpaceId,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        clock_ns: Callable[[], int] = time.time_ns,
+        on_torn_tail: Callable[[int], None] | None = None,
+    ) -> None:
+        self.space = space
+        self.dir = space_dir
+        self.wal_dir = space_dir / "wal"
+        self._epochs_path = space_dir / "epochs.json"
+        self.segment_bytes = segment_bytes
+        self._clock_ns = clock_ns
+        self._on_torn_tail = on_torn_tail
+        self._segments: list[Segment] = []
+        self._fd = -1  # active segment, opened for append
+        self._rfds: dict[Path, int] = {}
+        self._failed: BaseException | None = None
+        self.durable_sequence = 0
+        self.last_timestamp_ns = 0
+        self.history: epoch_history.History = []
+        self.recovery = self._open()
+
+    # ---- opening and recovery -------------------------------------------------------------
+
+    def _open(self) -> RecoveryReport:
+        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        self.history = epoch_history.load(self._epochs_path)
+        found = list_segments(self.wal_dir)
+        if not found:
+            path = self.wal_dir / segment_name(1)
+            path.touch()
+            fsync_dir(self.wal_dir)
+            found = [(1, path)]
+        for (first, path), nxt in zip(found, [*found[1:], None], strict=True):
+            last = nxt[0] - 1 if nxt is not None else first - 1
+            self._segments.append(Segment(path, first, last, path.stat().st_size))
+        report = self._recover_tail()
+        self._fd = os.open(self._active.path, os.O_WRONLY | os.O_APPEND)
+        self.durable_sequence = self.last_sequence
+        return report
+
+    def _recover_tail(self) -> RecoveryReport:
+        seg = self._active
+        res = scan(seg.path, seg.first_sequence)
+        cut, reason = 0, None
+        if res.error is not None:
+            off, reason = res.error
+            later = valid_entry_after(seg.path, off, res.last_sequence + 1)
+            if later is not None:
+                raise WalCorruption(
+                    str(seg.path), off, f"{reason}; a valid entry follows at offset {later}"
+                )
+            cut = seg.size - off
+            log.warning(
+                "space %s: truncating torn WAL tail of %d bytes at %s offset %d (%s)",
+                self.space,
+                cut,
+                seg.path,
+                off,
+                reason,
+            )
+            with seg.path.open("r+b") as f:
+                f.truncate(off)
+                os.fsync(f.fileno())
+            if self._on_torn_tail is not None:
+                self._on_torn_tail(cut)
+        seg.size = res.end_offset
+        seg.last_sequence = res.last_sequence
+        seg.index = res.index
+        self.last_timestamp_ns = res.last_timestamp_ns or 0
+        # Entries may carry an epoch the history file missed (crash between the two writes).
+        for epoch, first in res.epochs:
+            self._note_epoch(epoch, first)
+        # Keep an epoch begun at the next sequence (begin_epoch before any write in it).
+        self.history = epoch_history.cut_after(self.history, self.last_sequence + 1)
+        return RecoveryReport(cut, reason)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    @property
+    def _active(self) -> Segment:
+        return self._segments[-1]
+
+    @property
+    def first_sequence(self) -> int:
+        """The oldest retained sequence (== next_sequence when the log holds nothing)."""
+        for seg in self._segments:
+            if not seg.empty:
+                return seg.first_sequence
+        return self._active.first_sequence
+
+    @property
+    def last_sequence(self) -> int:
+        return self._active.last_sequence
+
+    @property
+    def next_sequence(self) -> int:
+        return self._active.last_sequence + 1
+
+    @property
+    def last_epoch(self) -> int:
+        return self.history[-1][0] if self.history else 0
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return list(self._segments)
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise WalClosed(f"space {self.space}: log failed earlier ({self._failed}); reopen it")
+        if self._fd < 0:
+            raise WalClosed(f"space {self.space}: log is closed")
+
+    # ---- appends --------------------------------------------------------------------------
+
+    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> tuple[int, int]:
+        """Encode and write entries (type, payload) at `epoch`. Returns (first, last) sequence.
+
+        The entries are in the page cache when this returns, not yet durable: call `sync()` or
+        await the group commit.
+        """
+        self._check_usable()
+        if epoch < self.last_epoch:
+            raise SequenceError(
+                f"space {self.space}: epoch {epoch} is older than the log's epoch {self.last_epoch}"
+            )
+        first = seq = self.next_sequence
+        now = self._clock_ns()
+        ts = max(now, self.last_timestamp_ns)  # keeps lag-by-age monotonic if the clock steps back
+        parts = [
+            encode_entry(
+                sequence=(seq := seq + 1) - 1, timestamp_ns=ts, entry_type=t, epoch=epoch, payload=p
+            )
+            for t, p in records
+        ]
+        if not parts:
+            raise SequenceError("append of no entries")
+        self._write(b"".join(parts), first, seq - 1, epoch, ts)
+        return first, seq - 1
+
+    def append_stored(self, data: bytes) -> tuple[int, int]:
+        """Append entries already encoded by a primary (a replica applying a batch).
+
+        Every entry is checked (CRCs, sequences continuing from next_sequence, epochs not going
+        back) before a byte is written, so a bad batch leaves the log untouched.
+        """
+        self._check_usable()
+        entries = iter_entries(data, where=f"batch for space {self.space}")
+        if not entries:
+            raise SequenceError("batch of no entries")
+        first = entries[0].sequence
+        if first != self.next_sequence:
+            raise SequenceError(
+                f"space {self.space}: batch starts at {first}, log expects {self.next_sequence}"
+            )
+        epoch = self.last_epoch
+        for i, e in enumerate(entries):
+            if e.sequence != first + i:
+                raise SequenceError(f"batch sequence jumps to {e.sequence} at entry {i}")
+            if e.epoch < epoch:
+                raise SequenceError(f"entry {e.sequence} has epoch {e.epoch} after epoch {epoch}")
+            epoch = e.epoch
+        self._write_entries(data, entries)
+        return first, entries[-1].sequence
+
+    def _write_entries(self, data: bytes, entries: list[Entry]) -> None:
+        # Record every epoch change inside the batch, then write the bytes.
+        for e in entries:
+            if e.epoch > self.last_epoch:
+                self._note_epoch(e.epoch, e.sequence)
+        self._write(
+            data,
+            entries[0].sequence,
+            entries[-1].sequence,
+            entries[-1].epoch,
+            entries[-1].timestamp_ns,
+        )
+
+    def _write(self, data: bytes, first: int, last: int, epoch: int, ts: int) -> None:
+        if epoch > self.last_epoch:
+            self._note_epoch(epoch, first)
+        # Rotation is decided entry by entry (rotate before an entry that would take a non-empty
+        # segment past segment_bytes), never by how entries were batched: a replica applying a
+        # primary's bytes in batches of any size cuts its segments where the primary did, so
+        # their segment files are byte-identical. A batch may therefore span two segments.
+        view = memoryview(data)
+        pos, seq = 0, first
+        while pos < len(view):
+            seg = self._active
+            end, nxt, size = pos, seq, seg.size
+            while end < len(view):
+                n = HEADER_SIZE + int.from_bytes(view[end + 24 : end + 28], "little")
+                if size > 0 and size + n > self.segment_bytes:
+                    break
+                size, end, nxt = size + n, end + n, nxt + 1
+            try:
+                if end == pos:
+                    self._rotate()
+                    continue
+                self._write_chunk(seg, view[pos:end], seq, nxt - 1, ts)
+            except WalIOError:
+                if seq > first:
+                    self._undo_append(first)
+                raise
+            pos, seq = end, nxt
+        assert seq - 1 == last
+
+    def _write_chunk(self, seg: Segment, data: memoryview, first: int, last: int, ts: int) -> None:
+        start = seg.size
+        try:
+            view = data
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as err:
+            self._rollback(seg, start, err)
+            raise WalIOError(
+                f"space {self.space}: write to {seg.path} failed: {err.strerror or err}"
+            ) from err
+        if seg.index is not None:
+            self._index_range(seg, data, start, first)
+        seg.size = start + len(data)
+        seg.last_sequence = last
+        self.last_timestamp_ns = ts
+
+    def _undo_append(self, first: int) -> None:
+        """Drop the part of a failed append that landed in earlier segments (all or nothing)."""
+        try:
+            self.truncate_after(first - 1)
+        except Exception as err:
+            self._failed = self._failed or err
+            log.exception("space %s: cannot drop a partly written append", self.space)
+
+    def _index_range(self, seg: Segment, data: memoryview, start: int, first: int) -> None:
+        assert seg.index is not None
+        pos, seq = 0, first
+        count_before = seq - seg.first_sequence
+        while pos < len(data):
+            if (count_before + (seq - first)) % INDEX_EVERY == 0:
+                seg.index.append((seq, start + pos))
+            size = int.from_bytes(data[pos + 24 : pos + 28], "little")
+            pos += HEADER_SIZE + size
+            seq += 1
+
+    def _rollback(self, seg: Segment, start: int, err: OSError) -> None:
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError as err2:
+            self._failed = err2
+            log.error(
+                "space %s: cannot cut %s back to %d after %s", self.space, seg.path, start, err
+            )
+
+    def _note_epoch(self, epoch: int, first_sequence: int) -> None:
+        new = epoch_history.record(self.history, epoch, first_sequence)
+        if new is not None:
+            epoch_history.store(self._epochs_path, new)
+            self.history = new
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Record that `epoch` starts at the next sequence (a promotion), durably."""
+        self._note_epoch(epoch, self.next_sequence)
+
+    def _rotate(self) -> None:
+        self.sync()
+        path = self.wal_dir / segment_name(self.next_sequence)
+        try:
+            # Open the new segment before closing the old one: if this fails, the log still
+            # appends to a valid fd.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as err:
+            raise WalIOError(f"space {self.space}: cannot create {path}: {err}") from err
+        os.close(self._fd)
+        self._fd = fd
+        self._segments.append(Segment(path, self.next_sequence, self.last_sequence, 0, []))
+        try:
+            fsync_dir(self.wal_dir)
+        except OSError as err:
+            self._failed = err
+            raise WalIOError(f"space {self.space}: fsync of {self.wal_dir} failed: {err}") from err
+
+    # ---- durability -----------------------------------------------------------------------
+
+    def sync(self) -> int:
+        """fsync everything written so far. Returns the durable sequence."""
+        self._check_usable()
+        target = self.last_sequence
+        try:
+            os.fsync(self._fd)
+        except OSError as err:
+            self._failed = err
+            raise WalIOError(
+                f"space {self.space}: fsync failed: {err}; log needs reopening"
+            ) from err
+        self.durable_sequence = max(self.durable_sequence, target)
+        return self.durable_sequence
+
+    def sync_handle(self) -> tuple[int, int]:
+        """A duplicate fd of the active segment and the sequence an fsync of it makes durable.
+
+        Lets the group commit run fsync in a thread while appends continue on the loop; rotation
+        fsyncs the segment it seals, so a sync on the old fd still covers its target.
+        """
+        self._check_usable()
+        return os.dup(self._fd), self.last_sequence
+
+    def mark_durable(self, sequence: int) -> None:
+        self.durable_sequence = max(self.durable_sequence, sequence)
+
+    def fail(self, err: BaseException) -> None:
+        self._failed = err
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    def _segment_for(self, sequence: int) -> Segment:
+        lo = 0
+        for i, seg in enumerate(self._segments):
+            if seg.first_sequence <= sequence:
+                lo = i
+        return self._segments[lo]
+
+    def _rfd(self, seg: Segment) -> int:
+        fd = self._rfds.get(seg.path)
+        if fd is None:
+            fd = self._rfds[seg.path] = os.open(seg.path, os.O_RDONLY)
+        return fd
+
+    def read(
+        self,
+        from_sequence: int,
+        *,
+        max_entries: int = 1000,
+        max_bytes: int = 1 << 20,
+        upto: int | None = None,
+    ) -> ReadResult:
+        """Stored bytes of entries from `from_sequence`, at most up to `upto` (default: last).
+
+        Stays within one segment; every CRC is checked and a bad entry raises WalCorruption.
+        At least one entry is returned when any is available, even if larger than max_bytes.
+        """
+        if self._fd < 0:
+            raise WalClosed(f"space {self.space}: log is closed")
+        end_seq = self.last_sequence if upto is None else min(upto, self.last_sequence)
+        if from_sequence < self.first_sequence:
+            raise SequenceError(
+                f"space {self.space}: sequence {from_sequence} is no longer retained "
+                f"(oldest is {self.first_sequence})"
+            )
+        if from_sequence > end_seq:
+            return ReadResult(from_sequence, from_sequence - 1, 0, b"")
+        seg = self._segment_for(from_sequence)
+        fd = self._rfd(seg)
+        off = seek_offset(seg, from_sequence, fd)
+        last_in_seg = min(seg.last_sequence, end_seq, from_sequence + max_entries - 1)
+        want = min(seg.size - off, max(max_bytes, HEADER_SIZE))
+        data = os.pread(fd, want, off)
+        pos, seq = 0, from_sequence
+        where = str(seg.path)
+        while seq <= last_in_seg:
+            h = decode_header(data, pos)
+            if isinstance(h, str):
+                if len(data) - pos < HEADER_SIZE and pos > 0:
+                    break
+                raise WalCorruption(where, off + pos, h)
+            size = HEADER_SIZE + h.payload_size
+            if pos + size > len(data):
+                if pos > 0:
+                    break
+                data = os.pread(fd, size, off)  # one entry larger than max_bytes
+            if h.sequence != seq:
+                raise WalCorruption(where, off + pos, f"sequence {h.sequence}, expected {seq}")
+            pos += size
+            seq += 1
+        chunk = data[:pos]
+        try:
+            iter_entries(chunk, where=where)  # payload CRCs: never serve a bad entry
+        except WalCorruption as err:  # its offset is within `chunk`; report the file's
+            raise WalCorruption(where, off + err.offset, err.reason) from None
+        return ReadResult(from_sequence, seq - 1, seq - from_sequence, chunk)
+
+    def read_entries(self, from_sequence: int, *, limit: int = 1000) -> list[Entry]:
+        out: list[Entry] = []
+        seq = from_sequence
+        while len(out) < limit and seq <= self.last_sequence:
+            r = self.read(seq, max_entries=limit - len(out))
+            if r.count == 0:
+                break
+            out.extend(iter_entries(r.data))
+            seq = r.last_sequence + 1
+        return out
+
+    # ---- truncation and retention ---------------------------------------------------------
+
+    def truncate_after(self, sequence: int) -> int:
+        """Drop every entry after `sequence` (a deposed primary cutting to the fork point).
+
+        Returns how many entries were dropped. The cut is durable before this returns.
+        """
+        self._check_usable()
+        if sequence >= self.last_sequence:
+            return 0
+        if sequence < self.first_sequence - 1:
+            raise SequenceError(
+                f"space {self.space}: cannot truncate to {sequence}, before the oldest retained "
+                f"entry {self.first_sequence}; the replica needs a snapshot"
+            )
+        dropped = self.last_sequence - sequence
+        seg = self._segment_for(sequence + 1)
+        off = seek_offset(seg, sequence + 1, self._rfd(seg)) if not seg.empty else 0
+        os.close(self._fd)
+        for later in [s for s in self._segments if s.first_sequence > seg.first_sequence]:
+            self._forget(later)
+            later.path.unlink()
+        with seg.path.open("r+b") as f:
+            f.truncate(off)
+            os.fsync(f.fileno())
+        fsync_dir(self.wal_dir)
+        self._forget_rfd(seg)
+        seg.size, seg.last_sequence, seg.index = off, sequence, None
+        self._segments = [s for s in self._segments if s.first_sequence <= seg.first_sequence]
+        self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+        self.durable_sequence = min(self.durable_sequence, sequence)
+        new_hist = epoch_history.cut_after(self.history, sequence)
+        if new_hist != self.history:
+            epoch_history.store(self._epochs_path, new_hist)
+            self.history = new_hist
+        log.warning(
+            "space %s: truncated %d entries after sequence %d", self.space, dropped, sequence
+        )
+        return dropped
+
+    def delete_before(self, sequence: int) -> int:
+        """Delete sealed segments holding only entries below `sequence`. Returns bytes freed."""
+        freed = 0
+        keep: list[Segment] = []
+        for i, seg in enumerate(self._segments):
+            sealed = i < len(self._segments) - 1
+            if sealed and seg.last_sequence < sequence:
+                self._forget(seg)
+                freed += seg.size
+                seg.path.unlink()
+            else:
+                keep.append(seg)
+        if freed:
+            fsync_dir(self.wal_dir)
+        self._segments = keep
+        return freed
+
+    def _forget(self, seg: Segment) -> None:
+        self._forget_rfd(seg)
+
+    def _forget_rfd(self, seg: Segment) -> None:
+        fd = self._rfds.pop(seg.path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            if self._failed is None:
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    log.exception("space %s: fsync at close failed", self.space)
+            os.close(self._fd)
+            self._fd = -1
+        for fd in self._rfds.values():
+            os.close(fd)
+        self._rfds.clear()
+
+
+class WalStore:
+    """Every space's log under one data directory: `<data>/<space>/wal/`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        on_torn_tail: Callable[[SpaceId, int], None] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.segment_bytes = segment_bytes
+        self._on_torn_tail = on_torn_tail
+        self._logs: dict[SpaceId, SpaceLog] = {}
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    def spaces_on_disk(self) -> list[SpaceId]:
+        out = []
+        for p in sorted(self.data_dir.iterdir()):
+            if (p / "wal").is_dir():
+                try:
+                    out.append(validate_space_id(p.name))
+                except ValueError:
+                    continue
+        return out
+
+    def open(self, space: str) -> SpaceLog:
+        sid = validate_space_id(space)
+        found = self._logs.get(sid)
+        if found is None:
+            cb = self._on_torn_tail
+            found = SpaceLog(
+                self.data_dir / sid,
+                space=sid,
+                segment_bytes=self.segment_bytes,
+                on_torn_tail=(lambda n: cb(sid, n)) if cb is not None else None,
+            )
+            self._logs[sid] = found
+        return found
+
+    def get(self, space: SpaceId) -> SpaceLog | None:
+        return self._logs.get(space)
+
+    def close(self) -> None:
+        for lg in self._logs.values():
+            lg.close()
+        self._logs.clear()

@@ -1,0 +1,223 @@
+"""Wire protocol v1, BATCH messages: WAL entries as stored, optional zstd, and their checks.
+
+A BATCH is encoded once and the same bytes go to every replica. The receiver bounds
+decompression by the frame's declared content size before allocating, then checks that the body
+is whole, CRC-valid entries whose sequences are exactly the header's contiguous range. Sans-IO.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Final, Self
+
+import zstandard
+
+from engram_sidecar.contract import Epoch, Sequence
+from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_sidecar.entry import check_payload, decode_header
+from engram_sidecar.errors import FrameTooLarge
+from engram_sidecar.wire import (
+    DEFAULT_MAX_BODY,
+    FLAG_COMPRESSED,
+    NO_SPACE,
+    Frame,
+    MalformedFrame,
+    MessageType,
+    encode_frame,
+)
+
+DEFAULT_ZSTD_LEVEL: Final = 3
+
+
+class BatchMismatch(MalformedFrame):
+    """A BATCH body disagrees with its header (sequences, count, epoch) or holds a bad entry."""
+
+
+class DecompressionFailed(MalformedFrame):
+    """A compressed body is not one well-formed zstd frame that declares its content size."""
+
+
+class DecompressedTooLarge(FrameTooLarge):
+    """A compressed body would expand past the limit; refused before allocating it."""
+
+
+_zstd = threading.local()  # zstd contexts are not thread-safe; reuse one per thread and level
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_zstd, "compressors", None)
+    if cache is None:
+        cache = _zstd.compressors = {}
+    comp = cache.get(level)
+    if comp is None:
+        # One-shot compress() writes the content size, which receivers require (decompress_body).
+        comp = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_zstd, "decompressor", None)
+    if dctx is None:
+        dctx = _zstd.decompressor = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def _check_batch_range(first_seq: int, last_seq: int, count: int) -> str | None:
+    if first_seq < 1:
+        return f"first_seq {first_seq} (sequences start at 1)"
+    if last_seq < first_seq:
+        return f"last_seq {last_seq} below first_seq {first_seq}"
+    if count != last_seq - first_seq + 1:
+        return f"count {count} but {first_seq}..{last_seq} is {last_seq - first_seq + 1} entries"
+    return None
+
+
+def encode_batch(
+    *,
+    space: bytes,
+    epoch: int,
+    first_seq: int,
+    last_seq: int,
+    count: int,
+    entries: bytes,
+    compress: bool | int = False,
+) -> bytes:
+    """One BATCH frame: `entries` are stored WAL entries, byte for byte, `first_seq..last_seq`.
+
+    Encode once and send the same bytes to every replica. `compress` is False, True (zstd level
+    DEFAULT_ZSTD_LEVEL) or a zstd level. Compressed output no smaller than the input is dropped
+    and the body is sent raw, so receivers never pay to decompress what didn't shrink.
+    """
+    bad = _check_batch_range(first_seq, last_seq, count)
+    if bad is not None:
+        raise ValueError(f"invalid batch range: {bad}")
+    if len(entries) < count * ENTRY_HEADER_SIZE:
+        raise ValueError(f"{len(entries)} bytes can't hold {count} entries")
+    if space == NO_SPACE:
+        raise ValueError("a BATCH must name a space (a 16-byte contract.space_wire_id)")
+    body, flags = entries, 0
+    if compress is not False:
+        level = DEFAULT_ZSTD_LEVEL if compress is True else compress
+        packed = _compressor(level).compress(entries)
+        if len(packed) < len(entries):
+            body, flags = packed, FLAG_COMPRESSED
+    return encode_frame(
+        MessageType.BATCH,
+        body,
+        epoch=epoch,
+        space=space,
+        first_seq=first_seq,
+        last_seq=last_seq,
+        count=count,
+        flags=flags,
+    )
+
+
+def decompress_body(data: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> bytes:
+    """Expand one zstd frame, allocating at most `max_size` bytes, whatever the frame claims.
+
+    The frame must declare its content size: zstd's one-shot decompress allocates the declared
+    size even past max_output_size, so the declaration is checked first, and a frame without one
+    (which would need a speculative max-size buffer) is refused.
+    """
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise DecompressionFailed(f"compressed body is not a zstd frame: {exc}") from None
+    if declared == zstandard.CONTENTSIZE_UNKNOWN:
+        raise DecompressionFailed("zstd frame does not declare its content size")
+    if declared > max_size:
+        raise DecompressedTooLarge(
+            f"compressed body expands to {declared} bytes, over the {max_size}-byte limit"
+        )
+    try:
+        return _decompressor().decompress(data, max_output_size=declared, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise DecompressionFailed(f"zstd body is corrupt: {exc}") from None
+
+
+def validate_batch_body(
+    entries: bytes, *, first_seq: int, last_seq: int, count: int, epoch: int
+) -> None:
+    """Check that `entries` parse as whole, CRC-valid entries `first_seq..last_seq`, no gaps.
+
+    Also that no entry claims an epoch above the frame's: a primary ships only entries written at
+    its own epoch or before. Raises BatchMismatch naming the entry and body offset.
+    """
+    bad = _check_batch_range(first_seq, last_seq, count)
+    if bad is not None:
+        raise BatchMismatch(f"BATCH header: {bad}")
+    view = memoryview(entries)
+    end = len(view)
+    pos = 0
+    want = first_seq
+    while pos < end:
+        problem: str | None = None
+        h = decode_header(view, pos) if want <= last_seq else f"more than the {count} entries"
+        if isinstance(h, str):
+            problem = h
+        else:
+            stop = pos + ENTRY_HEADER_SIZE + h.payload_size
+            if stop > end:
+                problem = f"payload runs {stop - end} bytes past the body"
+            elif h.sequence != want:
+                problem = f"sequence {h.sequence}, expected {want}"
+            elif h.epoch > epoch:
+                problem = f"entry epoch {h.epoch} above the frame's {epoch}"
+            else:
+                problem = check_payload(h, view[pos + ENTRY_HEADER_SIZE : stop])
+        if problem is not None:
+            # Built only on failure: formatting per entry would cost more than the checks.
+            raise BatchMismatch(f"BATCH entry {want - first_seq} at body offset {pos}: {problem}")
+        want += 1
+        pos = stop
+    if want != last_seq + 1:
+        raise BatchMismatch(f"BATCH body holds {want - first_seq} entries, header says {count}")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Primary → replica: entries `first_seq..last_seq`, uncompressed, exactly as stored."""
+
+    space: bytes
+    epoch: Epoch
+    first_seq: Sequence
+    last_seq: Sequence
+    count: int
+    entries: bytes
+
+    def encode(self, *, compress: bool | int = False) -> bytes:
+        return encode_batch(
+            space=self.space,
+            epoch=self.epoch,
+            first_seq=self.first_seq,
+            last_seq=self.last_seq,
+            count=self.count,
+            entries=self.entries,
+            compress=compress,
+        )
+
+    @classmethod
+    def from_frame(cls, frame: Frame, *, max_size: int = DEFAULT_MAX_BODY) -> Self:
+        """Decompress (at most `max_size` bytes) and validate every entry against the header."""
+        if frame.msg_type is not MessageType.BATCH:
+            raise MalformedFrame(f"expected a BATCH frame, got {frame.msg_type.name}")
+        if frame.space == NO_SPACE:
+            raise MalformedFrame("BATCH must name a space")
+        entries = decompress_body(frame.body, max_size=max_size) if frame.compressed else frame.body
+        validate_batch_body(
+            entries,
+            first_seq=frame.first_seq,
+            last_seq=frame.last_seq,
+            count=frame.count,
+            epoch=frame.epoch,
+        )
+        return cls(
+            frame.space,
+            Epoch(frame.epoch),
+            Sequence(frame.first_seq),
+            Sequence(frame.last_seq),
+            frame.count,
+            entries,
+        )

@@ -1,0 +1,684 @@
+"""A harness of real sidecar processes on 127.0.0.1 for the integration tests.
+
+`Cluster` picks free ports, writes the shared secret, starts each node as
+``sys.executable -m engram_sidecar ...`` (the package is installed editable), waits for
+``/readyz``, sends assignments, writes entries and reads views and metrics over HTTP (aiohttp), and
+stops, kills, pauses (SIGSTOP), resumes (SIGCONT) or restarts nodes. Each node's stdout and stderr
+go to ``<tmp>/<node>.log``; `Cluster.log_tails` is printed when a test fails.
+
+Every wait is bounded: each HTTP request has a total timeout, each poll loop a deadline, and each
+process stop falls back to SIGKILL. Node processes also get ``PR_SET_PDEATHSIG`` (SIGKILL), so a
+test run that dies (timeout, crash) never leaves sidecars behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import aiohttp
+from engram_sidecar.entry import Entry
+from engram_sidecar.verify import Problem, dump, verify_space
+from prometheus_client.parser import text_string_to_metric_families
+
+HOST: Final = "127.0.0.1"
+READY_TIMEOUT: Final = 20.0  # start-up of one node: imports, WAL recovery, listeners
+STOP_TIMEOUT: Final = 10.0  # SIGTERM to exit before SIGKILL
+REQUEST_TIMEOUT: Final = 15.0  # default bound on one HTTP request
+LOG_TAIL_LINES: Final = 40
+
+# Settings that make failure detection and recovery fast enough for tests (all are flags).
+FAST_FLAGS: Final[Mapping[str, str]] = {
+    "backoff_steps": "0.05,0.1,0.2,0.4",
+    "heartbeat_interval": "0.1",
+    "lag_monitor_interval": "0.2",
+    "log_level": "INFO",
+}
+
+T = TypeVar("T")
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (and that we haven't handed out)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port found")
+
+
+def write_secret(path: Path, secret: str | None = None) -> Path:
+    path.write_text((secret or secrets.token_hex(24)) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the test process goes away."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+class IntegrationError(AssertionError):
+    """A harness wait or check failed; the message says what was expected and what was seen."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: Any  # parsed JSON, or the text when the body is not JSON
+    elapsed: float
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status} in {self.elapsed:.3f} s: {self.body!r}"
+
+
+@dataclass
+class Node:
+    name: str
+    data_dir: Path
+    http_port: int
+    replication_port: int
+    secret_file: Path
+    log_path: Path
+    flags: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    forced_kills: int = 0  # stops where SIGTERM was not honoured in time
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.replication_port}"
+
+    @property
+    def http(self) -> str:
+        return f"{HOST}:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http}"
+
+    @property
+    def token(self) -> str:
+        return self.secret_file.read_text().strip()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise IntegrationError(f"node {self.name} is not running")
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def member(self, *, address: str | None = None) -> dict[str, str]:
+        return {"node": self.name, "address": address or self.address, "http": self.http}
+
+    def command(self) -> list[str]:
+        args = [
+            sys.executable,
+            "-m",
+            "engram_sidecar",
+            "--node",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--http-port",
+            str(self.http_port),
+            "--replication-port",
+            str(self.replication_port),
+            "--secret-file",
+            str(self.secret_file),
+        ]
+        for k, v in self.flags.items():
+            args += ["--" + k.replace("_", "-"), v]
+        return args
+
+    def spawn(self) -> None:
+        if self.running():
+            raise IntegrationError(f"node {self.name} is already running (pid {self.pid})")
+        self.starts += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONFAULTHANDLER"] = "1"
+        with self.log_path.open("ab") as log:
+            log.write(f"==== start #{self.starts}: {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+
+    def send(self, sig: signal.Signals) -> None:
+        if not self.running():
+            raise IntegrationError(f"node {self.name} is not running; cannot send {sig.name}")
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap the process (bounded)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)  # a stopped process dies either way
+                self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=STOP_TIMEOUT)
+
+    def pause(self) -> None:
+        self.send(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.send(signal.SIGCONT)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM and wait up to `timeout`; SIGKILL after that. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.terminate()
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if self.proc.poll() is None:
+                # Hung on shutdown: SIGABRT makes faulthandler dump every thread's stack to the
+                # log (PYTHONFAULTHANDLER is set), then SIGKILL.
+                self.forced_kills += 1
+                with self.log_path.open("a") as log:
+                    log.write(f"==== harness: no exit {timeout} s after SIGTERM; SIGABRT\n")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2.0)
+                self.kill()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ---- the node's WAL on disk --------------------------------------------------------------
+
+    def space_dir(self, space: str) -> Path:
+        return self.data_dir / space
+
+    def wal_segments(self, space: str) -> dict[str, bytes]:
+        """Segment file name -> bytes, for every segment under <data>/<space>/wal/."""
+        wal = self.space_dir(space) / "wal"
+        if not wal.is_dir():
+            return {}
+        return {p.name: p.read_bytes() for p in sorted(wal.iterdir()) if p.suffix == ".wal"}
+
+    def wal_bytes(self, space: str) -> bytes:
+        return b"".join(self.wal_segments(space).values())
+
+    def wal_entries(self, space: str) -> list[Entry]:
+        """Every entry of the on-disk WAL, in order; raises on the first problem found."""
+        out: list[Entry] = []
+        for _path, _offset, item in dump(self.space_dir(space)):
+            if isinstance(item, Problem):
+                raise IntegrationError(f"node {self.name}, space {space}: {item}")
+            out.append(item)
+        return out
+
+
+class Cluster:
+    """Nodes of one test, all under `root` (the test's tmp dir). Use as an async context."""
+
+    def __init__(self, root: Path, *, secret: str | None = None) -> None:
+        self.root = root
+        self.secret_file = write_secret(root / "secret", secret)
+        self.nodes: dict[str, Node] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, force_close=False),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+            )
+        return self._session
+
+    # ---- nodes ---------------------------------------------------------------------------------
+
+    def add_node(
+        self,
+        name: str,
+        *,
+        secret_file: Path | None = None,
+        data_dir: Path | None = None,
+        fast: bool = True,
+        **flags: object,
+    ) -> Node:
+        """Define a node (not started). `flags` are config fields (`lag_warning_seconds=0.5`)."""
+        if name in self.nodes:
+            raise IntegrationError(f"node {name} defined twice")
+        merged: dict[str, str] = dict(FAST_FLAGS) if fast else {}
+        merged.update({k: str(v) for k, v in flags.items()})
+        node = Node(
+            name=name,
+            data_dir=data_dir or self.root / name / "data",
+            http_port=free_port(),
+            replication_port=free_port(),
+            secret_file=secret_file or self.secret_file,
+            log_path=self.root / f"{name}.log",
+            flags=merged,
+        )
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes[name] = node
+        return node
+
+    async def start(self, *names: str, timeout: float = READY_TIMEOUT) -> None:
+        """Spawn the named nodes (default: every defined node not running) and wait until ready."""
+        chosen = [self.nodes[n] for n in names] if names else list(self.nodes.values())
+        chosen = [n for n in chosen if not n.running()]
+        for n in chosen:
+            n.spawn()
+        await asyncio.gather(*(self.wait_ready(n.name, timeout=timeout) for n in chosen))
+
+    async def start_nodes(self, count: int, **flags: object) -> list[Node]:
+        nodes = [self.add_node(f"n{i}", **flags) for i in range(count)]
+        await self.start(*(n.name for n in nodes))
+        return nodes
+
+    async def wait_ready(self, name: str, *, timeout: float = READY_TIMEOUT) -> None:
+        node = self.nodes[name]
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if not node.running():
+                code = node.proc.returncode if node.proc else None
+                raise IntegrationError(
+                    f"node {name} exited with code {code} during start-up:\n{node.log_tail()}"
+                )
+            try:
+                async with self.session.get(
+                    node.url + "/readyz", timeout=aiohttp.ClientTimeout(total=1.0)
+                ) as r:
+                    if r.status == 200:
+                        return
+                    last = f"HTTP {r.status}"
+            except (aiohttp.ClientError, TimeoutError) as err:
+                last = repr(err)
+            await asyncio.sleep(0.05)
+        raise IntegrationError(
+            f"node {name} not ready within {timeout} s ({last}):\n{node.log_tail()}"
+        )
+
+    async def restart(self, name: str, *, timeout: float = READY_TIMEOUT) -> None:
+        node = self.nodes[name]
+        if node.running():
+            await node.stop()
+        await self.start(name, timeout=timeout)
+
+    def kill_all(self) -> None:
+        """Synchronous last resort (finalizers): SIGKILL every node still running."""
+        for n in self.nodes.values():
+            n.kill()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(n.stop() for n in self.nodes.values() if n.running()))
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
+        parts = []
+        for n in self.nodes.values():
+            parts.append(f"----- {n.name} ({n.log_path}), last {lines} lines -----")
+            parts.append(n.log_tail(lines))
+        return "\n".join(parts)
+
+    # ---- HTTP ----------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        name: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Response:
+        node = self.nodes[name]
+        hdrs = dict(headers or {})
+        body: bytes | str | None = data
+        if json_body is not None:
+            body = json.dumps(json_body)
+            hdrs.setdefault("Content-Type", "application/json")
+        t0 = time.perf_counter()
+        async with self.session.request(
+            method,
+            node.url + path,
+            data=body,
+            headers=hdrs,
+            params=params,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as r:
+            raw = await r.read()
+            status = r.status
+        elapsed = time.perf_counter() - t0
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return Response(status, parsed, elapsed)
+
+    async def assign(
+        self,
+        space: str,
+        primary: str,
+        replicas: Sequence[str],
+        *,
+        epoch: int = 1,
+        ack_policy: str = "async",
+        compression: bool = False,
+        addresses: Mapping[str, str] | None = None,
+        to: Iterable[str] | None = None,
+    ) -> dict[str, Response]:
+        """PUT the assignment to every member (or `to`); `addresses` overrides replica addresses
+        (point one at a FaultProxy). Raises unless every node answers 200."""
+        doc = self.assignment_doc(
+            primary,
+            replicas,
+            epoch=epoch,
+            ack_policy=ack_policy,
+            compression=compression,
+            addresses=addresses,
+        )
+        targets = list(to) if to is not None else [primary, *replicas]
+        out = {n: await self.put_assignment(n, space, doc) for n in targets}
+        bad = {n: str(r) for n, r in out.items() if r.status != 200}
+        if bad:
+            raise IntegrationError(f"assignment of {space} refused: {bad}")
+        return out
+
+    def assignment_doc(
+        self,
+        primary: str,
+        replicas: Sequence[str],
+        *,
+        epoch: int = 1,
+        ack_policy: str = "async",
+        compression: bool = False,
+        addresses: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        addr = dict(addresses or {})
+        p = self.nodes[primary]
+        return {
+            "epoch": epoch,
+            "primary": p.member(address=addr.get(primary)),
+            "replicas": [
+                {"node": r, "address": addr.get(r, self.nodes[r].address)} for r in replicas
+            ],
+            "ackPolicy": ack_policy,
+            "compression": compression,
+        }
+
+    async def put_assignment(
+        self, name: str, space: str, doc: Any, *, token: str | None = None
+    ) -> Response:
+        tok = self.nodes[name].token if token is None else token
+        headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+        return await self.request(
+            "PUT", name, f"/v1/spaces/{space}/assignment", json_body=doc, headers=headers
+        )
+
+    async def write_json(
+        self, name: str, space: str, entries: Sequence[Mapping[str, Any]], **kw: Any
+    ) -> Response:
+        return await self.request(
+            "POST", name, f"/v1/spaces/{space}/entries", json_body={"entries": entries}, **kw
+        )
+
+    async def write_ndjson(
+        self,
+        name: str,
+        space: str,
+        payloads: Sequence[Any],
+        *,
+        entry_type: str | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Response:
+        body = "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in payloads)
+        return await self.request(
+            "POST",
+            name,
+            f"/v1/spaces/{space}/entries",
+            data=body.encode(),
+            headers={"Content-Type": "application/x-ndjson"},
+            params={"type": entry_type} if entry_type else None,
+            timeout=timeout,
+        )
+
+    async def space_view(self, name: str, space: str) -> dict[str, Any]:
+        r = await self.request("GET", name, f"/v1/spaces/{space}", timeout=5.0)
+        if r.status != 200:
+            raise IntegrationError(f"GET space {space} on {name}: {r}")
+        body: dict[str, Any] = r.body
+        return body
+
+    async def metrics(self, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Samples of /metrics: (sample name, sorted labels) -> value."""
+        r = await self.request("GET", name, "/metrics", timeout=5.0)
+        if r.status != 200:
+            raise IntegrationError(f"GET /metrics on {name}: {r}")
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for fam in text_string_to_metric_families(str(r.body)):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+        return out
+
+    async def metric(self, name: str, sample: str, **labels: str) -> float:
+        """Sum of the samples named `sample` whose labels include `labels` (0 when absent)."""
+        want = set(labels.items())
+        return sum(
+            v
+            for (n, lab), v in (await self.metrics(name)).items()
+            if n == sample and want <= set(lab)
+        )
+
+    # ---- waiting -------------------------------------------------------------------------------
+
+    async def wait_until(
+        self,
+        check: Callable[[], Awaitable[T | None]],
+        *,
+        timeout: float,
+        what: str,
+        interval: float = 0.05,
+    ) -> T:
+        """Poll `check` until it returns something other than None/False; bounded by `timeout`."""
+        deadline = time.monotonic() + timeout
+        last_err: BaseException | None = None
+        while True:
+            try:
+                got = await check()
+                if got is not None and got is not False:
+                    return got
+            except (aiohttp.ClientError, TimeoutError, IntegrationError) as err:
+                last_err = err
+            if time.monotonic() >= deadline:
+                detail = f" (last error: {last_err!r})" if last_err else ""
+                raise IntegrationError(f"timed out after {timeout} s waiting for {what}{detail}")
+            await asyncio.sleep(interval)
+
+    async def wait_replicated(
+        self, space: str, primary: str, *, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Wait until every replica acked the primary's last sequence and applied it durably.
+
+        Returns the primary's final view. The primary must be idle (no writes in flight).
+        """
+        state: dict[str, Any] = {}
+
+        async def done() -> dict[str, Any] | None:
+            view = await self.space_view(primary, space)
+            state["primary"] = view
+            last = view["last_sequence"]
+            reps = view.get("replicas", {})
+            if any(r["acked_sequence"] != last for r in reps.values()):
+                return None
+            for rep in reps:
+                rv = await self.space_view(rep, space)
+                state[rep] = rv
+                if rv["applied_sequence"] != last or rv["last_sequence"] != last:
+                    return None
+            return view
+
+        try:
+            return await self.wait_until(
+                done, timeout=timeout, what=f"replicas of {space} to catch up", interval=0.1
+            )
+        except IntegrationError as err:
+            raise IntegrationError(f"{err}; last views: {json.dumps(state, indent=1)}") from None
+
+    def assert_wal_identical(self, space: str, primary: str, replicas: Iterable[str]) -> int:
+        """Every replica's WAL for `space` is byte-identical to the primary's, segment by segment.
+
+        Returns the number of WAL bytes compared.
+        """
+        want = self.nodes[primary].wal_segments(space)
+        want_bytes = b"".join(want.values())
+        if not want_bytes:
+            raise IntegrationError(f"primary {primary} has no WAL bytes for {space}")
+        for rep in replicas:
+            got = self.nodes[rep].wal_segments(space)
+            got_bytes = b"".join(got.values())
+            if got_bytes != want_bytes:
+                at = next(
+                    (
+                        i
+                        for i, (a, b) in enumerate(zip(want_bytes, got_bytes, strict=False))
+                        if a != b
+                    ),
+                    min(len(want_bytes), len(got_bytes)),
+                )
+                raise IntegrationError(
+                    f"space {space}: WAL of {rep} ({len(got_bytes)} bytes) differs from primary "
+                    f"{primary}'s ({len(want_bytes)} bytes) at byte {at}"
+                )
+            if list(got) != list(want):
+                raise IntegrationError(
+                    f"space {space}: {rep} segments {list(got)} != {primary} segments {list(want)}"
+                )
+        return len(want_bytes)
+
+    def assert_wal_valid(self, name: str, space: str, last: int) -> None:
+        """The node's WAL for `space` verifies clean and holds exactly sequences 1..last."""
+        report = verify_space(self.nodes[name].space_dir(space))
+        if report.problems:
+            raise IntegrationError(
+                f"{name}/{space}: wal verify found {[str(p) for p in report.problems]}"
+            )
+        seqs = [e.sequence for e in self.nodes[name].wal_entries(space)]
+        if seqs != list(range(1, last + 1)):
+            raise IntegrationError(
+                f"{name}/{space}: sequences are not 1..{last} contiguous "
+                f"(got {len(seqs)} entries, first {seqs[:3]}, last {seqs[-3:]})"
+            )
+
+
+# ---- writers and their bookkeeping -----------------------------------------------------------
+
+
+def payloads(tag: str, batch: int, count: int, pad: int = 48) -> list[dict[str, Any]]:
+    """Distinct, recognisable payloads: every entry says which request and position it came from."""
+    return [{"t": tag, "b": batch, "i": i, "pad": "x" * pad} for i in range(count)]
+
+
+def encoded(p: Any) -> bytes:
+    """A payload as the sidecar stores an NDJSON line (the line's own bytes)."""
+    return json.dumps(p, separators=(",", ":")).encode()
+
+
+@dataclass
+class WriteLog:
+    """What a writer sent and what the primary acknowledged."""
+
+    acked: list[tuple[int, int, list[dict[str, Any]]]] = field(default_factory=list)
+    refused: list[Response] = field(default_factory=list)
+    slowest: float = 0.0
+
+    def check_tiles(self, last: int) -> None:
+        """Acknowledged ranges cover 1..last exactly once (no gap, no overlap)."""
+        ranges = sorted((f, la) for f, la, _ in self.acked)
+        expect = 1
+        for f, la in ranges:
+            assert f == expect, f"acknowledged ranges leave a gap or overlap at {expect}: {f}..{la}"
+            expect = la + 1
+        assert expect - 1 == last, f"acknowledged ranges end at {expect - 1}, log at {last}"
+
+
+def check_payloads(cluster: Cluster, node: str, space: str, log: WriteLog) -> None:
+    """The node's WAL holds each acknowledged request's payloads, in order, at its sequences."""
+    entries = cluster[node].wal_entries(space)
+    by_seq = {e.sequence: e.payload for e in entries}
+    for first, last, sent in log.acked:
+        got = [by_seq.get(s) for s in range(first, last + 1)]
+        want = [encoded(p) for p in sent]
+        assert got == want, f"{node}/{space}: entries {first}..{last} differ from what was sent"
+
+
+async def write_batches(
+    cluster: Cluster,
+    primary: str,
+    space: str,
+    batches: Sequence[list[dict[str, Any]]],
+    log: WriteLog,
+    *,
+    timeout: float = 20.0,
+) -> None:
+    for batch in batches:
+        r = await cluster.write_ndjson(primary, space, batch, timeout=timeout)
+        log.slowest = max(log.slowest, r.elapsed)
+        if r.status != 200:
+            log.refused.append(r)
+            continue
+        log.acked.append((r.body["first_sequence"], r.body["last_sequence"], batch))
