@@ -16,8 +16,10 @@ SCENARIOS: tuple[str, ...] = ("wal", "wire")
 def main(*, quick: bool, only: list[str] | None, docs: Path, json_path: Path) -> int:
     unknown = sorted(set(only or ()) - set(SCENARIOS))
     if unknown:
-        print(f"error: unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+            file=sys.stderr,
+        )
         return 2
     sections: list[Section] = []
     for key in SCENARIOS:

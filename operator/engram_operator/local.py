@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -178,6 +178,10 @@ class ControlLoop:
         self.probes: dict[NodeName, ProbeResult] = {}
         self.status: dict[NodeName, dict[str, Any]] = {}
         self.store = StoreHealth(last_read_ok_at=clock())
+        self.started_at = clock()
+        # Before the first placement, wait this long for every node to answer once, so a space
+        # isn't placed on whichever node happened to start first.
+        self.startup_grace = 10.0
         self._session: aiohttp.ClientSession | None = None
         self._load()
 
@@ -336,6 +340,9 @@ class ControlLoop:
         await asyncio.gather(*(self._heartbeat(n) for n in self.nodes.values()))
         now = self.clock()
         self.store = StoreHealth(last_read_ok_at=now)
+        unseen = [n for n in self.nodes if n not in self.renewed_at]
+        if unseen and now - self.started_at < self.startup_grace:
+            return [f"waiting for {', '.join(sorted(unseen))} to answer before placing spaces"]
         verdicts = self.verdicts(now)
         infos = tuple(NodeInfo(name=n.name, address=n.address) for n in self.nodes.values())
         load: dict[NodeName, int] = {}
@@ -360,9 +367,9 @@ class ControlLoop:
             if rec.placement is not None:
                 load[rec.placement.primary] = load.get(rec.placement.primary, 0)
             # Say a sentence when its gist changes, not when only its numbers tick along.
-            if _gist(decision.sentence) != _gist(rec.last_sentence):
-                if not decision.sentence.startswith(f"space {sid} is steady"):
-                    self.say(decision.sentence)
+            steady = decision.sentence.startswith(f"space {sid} is steady")
+            if _gist(decision.sentence) != _gist(rec.last_sentence) and not steady:
+                self.say(decision.sentence)
             rec.last_sentence = decision.sentence
             sentences.append(decision.sentence)
         return sentences

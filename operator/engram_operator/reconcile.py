@@ -310,46 +310,29 @@ def _fence(obs: Observation, placement: Placement, split: str) -> Decision:
 def _switchover(
     obs: Observation, placement: Placement, now: float, settings: Settings
 ) -> Decision | None:
-    space, target, progress = obs.space, obs.spec.target_primary, obs.switchover
-    if progress is not None and progress.target != target:
-        why = f"spec.targetPrimary is now {target or 'unset'}"
-        return _clear(f"switchover of space {space} to {progress.target} withdrawn: {why}")
-    if target is None or target == placement.primary:
-        if progress is not None:
-            return _clear(
-                f"switchover of space {space} to {progress.target} complete:"
-                f" it leads at epoch {placement.epoch}"
-            )
-        return None
-    if progress is not None and progress.aborted_at is not None:
-        left = settings.switchover_retry_after - (now - progress.aborted_at)
-        if left > 0:
-            return _wait(
-                f"switchover of space {space} to {target} aborted ({progress.abort_reason});"
-                f" retrying in {left:.1f} s"
-            )
-        progress = None
-    primary_report = obs.reports.get(placement.primary)
-    if primary_report is None:
-        return _wait(
-            f"switchover of space {space} to {target}: waiting for primary"
-            f" {placement.primary} to report its sequence"
-        )
-    target_report = obs.reports.get(target)
-    plan = switchover.plan_switchover(
-        space=space,
+    target, progress = obs.spec.target_primary, obs.switchover
+    step = switchover.next_step(
+        space=obs.space,
         placement=placement,
         target=target,
+        progress=progress,
         verdicts=obs.verdicts,
-        primary_last_sequence=primary_report.applied_sequence,
-        target_applied=target_report.applied_sequence if target_report else None,
-        started_at=progress.started_at if progress else now,
+        reports=obs.reports,
         now=now,
         timeout=settings.switchover_timeout,
         ready_lag=settings.switchover_ready_lag,
+        retry_after=settings.switchover_retry_after,
     )
-    begin: tuple[Action, ...] = () if progress else (BeginSwitchover(target=target),)
-    match plan:
+    if isinstance(step, switchover.Finished):
+        return _clear(step.reason)
+    if step is None or target is None:
+        return None
+    fresh = progress is None or progress.aborted_at is not None
+    begin: tuple[Action, ...] = (BeginSwitchover(target=target),) if fresh else ()
+    doing = f"switching space {obs.space} over to {target}"
+    match step:
+        case switchover.CoolingDown(reason=reason):
+            return _wait(reason)
         case switchover.Refuse(reason=reason) | switchover.Abort(reason=reason):
             return Decision(
                 actions=(AbortSwitchover(target=target, reason=reason),), sentence=reason
@@ -357,13 +340,13 @@ def _switchover(
         case switchover.Wait(reason=reason):
             return Decision(
                 actions=(*begin, Wait(reason=reason)),
-                sentence=f"switching space {space} over to {target}: {reason}",
+                sentence=f"{doing}: {reason}",
                 operation="SwitchingOver",
             )
         case switchover.HandOver():
             return Decision(
-                actions=(*begin, ExecuteHandOver(plan=plan)),
-                sentence=f"switching space {space} over to {target}: {plan.reason}",
+                actions=(*begin, ExecuteHandOver(plan=step)),
+                sentence=f"{doing}: {step.reason}",
                 operation="SwitchingOver",
             )
 

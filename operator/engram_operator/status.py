@@ -306,9 +306,13 @@ def _problems(
     found: list[tuple[str, str]] = []
     if split:
         found.append(("SplitBrain", split))
+    blind = next((v for v in verdicts.values() if v.state == "Unknown"), None)
+    if blind is not None:
+        # The control plane can't tell who is alive; one line says so, not one per member.
+        found.append(("LivenessUnknown", blind.reason))
     for row in rows:
         verdict = verdicts.get(row.node)
-        if verdict is not None and verdict.state != "Alive":
+        if verdict is not None and verdict.state in ("Suspect", "Dead"):
             who = "primary" if row.role == "primary" else "replica"
             reason = "PrimaryUnreachable" if who == "primary" else "ReplicaUnreachable"
             found.append((reason, f"{who} {row.node} {verdict.state.lower()}: {verdict.reason}"))
@@ -337,6 +341,7 @@ def _problems(
 
 _SEVERITY: Final = (
     "SplitBrain",
+    "LivenessUnknown",
     "PrimaryUnreachable",
     "ReplicaUnreachable",
     "TooFewNodes",
@@ -356,6 +361,8 @@ def _ready(
         return "False", "NotPlaced", problems[0][1]
     primary = placement.primary
     verdict = verdicts.get(primary)
+    if verdict is not None and verdict.state == "Unknown":
+        return "Unknown", "LivenessUnknown", verdict.reason
     if verdict is None or verdict.state != "Alive":
         detail = f"{verdict.state.lower()}: {verdict.reason}" if verdict else "no verdict yet"
         return "False", "PrimaryUnreachable", f"primary {primary} {detail}"

@@ -7,6 +7,9 @@ until the target has applied exactly that sequence, promote the target at the ne
 demote the old primary to a replica. Past the timeout the plan is to Abort. A target that is not
 a current replica, or not Alive, is refused.
 
+`next_step()` wraps the plan in the switchover's life cycle as tracked between ticks: start,
+cool-down after an abort, completion, and withdrawal by the user.
+
 Writes pause only between the fence and the promotion, for the time the target needs to apply
 the last `ready_lag` entries. If that step fails, the driver re-promotes the old primary at an
 epoch above the fence's, so the write pause is bounded by `AwaitCatchUp.timeout`.
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from engram_operator.model import Placement
+from engram_operator.model import MemberReport, Placement, SwitchoverProgress
 from engram_operator.verdict import Verdict
 from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
@@ -96,6 +99,78 @@ class Refuse:
 
 
 SwitchoverPlan = Wait | HandOver | Abort | Refuse
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finished:
+    """The tracked switchover is over: it completed, or the user withdrew it. Forget it."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoolingDown:
+    """The last attempt aborted; the next starts after a cool-down."""
+
+    reason: str
+
+
+SwitchoverStep = SwitchoverPlan | Finished | CoolingDown
+
+
+def next_step(
+    *,
+    space: SpaceId,
+    placement: Placement,
+    target: NodeName | None,
+    progress: SwitchoverProgress | None,
+    verdicts: Mapping[NodeName, Verdict],
+    reports: Mapping[NodeName, MemberReport],
+    now: float,
+    timeout: float,
+    ready_lag: int,
+    retry_after: float,
+) -> SwitchoverStep | None:
+    """What the switchover of `space` to `target` (spec.targetPrimary) needs now; None if none.
+
+    A `progress` that is None, or aborted and cooled down, means a new attempt starts now.
+    """
+    if progress is not None and progress.target != target:
+        why = f"spec.targetPrimary is now {target or 'unset'}"
+        return Finished(reason=f"switchover of space {space} to {progress.target} withdrawn: {why}")
+    if target is None or target == placement.primary:
+        if progress is None:
+            return None
+        return Finished(
+            reason=f"switchover of space {space} to {target} complete:"
+            f" it leads at epoch {placement.epoch}"
+        )
+    started_at = now
+    if progress is not None and progress.aborted_at is None:
+        started_at = progress.started_at
+    elif progress is not None and progress.aborted_at is not None:
+        left = retry_after - (now - progress.aborted_at)
+        if left > 0:
+            return CoolingDown(
+                reason=f"switchover of space {space} to {target} aborted"
+                f" ({progress.abort_reason}); retrying in {left:.1f} s"
+            )
+    primary = reports.get(placement.primary)
+    if primary is None:
+        return Wait(reason=f"waiting for primary {placement.primary} to report its sequence")
+    target_report = reports.get(target)
+    return plan_switchover(
+        space=space,
+        placement=placement,
+        target=target,
+        verdicts=verdicts,
+        primary_last_sequence=primary.applied_sequence,
+        target_applied=target_report.applied_sequence if target_report else None,
+        started_at=started_at,
+        now=now,
+        timeout=timeout,
+        ready_lag=ready_lag,
+    )
 
 
 def plan_switchover(

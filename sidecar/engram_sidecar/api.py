@@ -106,7 +106,15 @@ async def post_entries(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         return _error(413, "too_large", f"request body over {limit} bytes")
     try:
-        raw = await request.content.read(limit + 1)
+        # StreamReader.read(n) returns what has arrived so far, not the whole body: loop to EOF
+        # (or just past the limit), else a large body is cut at a chunk boundary.
+        buf = bytearray()
+        while len(buf) <= limit:
+            chunk = await request.content.read(limit + 1 - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+        raw = bytes(buf)
     except (OSError, ValueError) as err:
         return _error(400, "bad_request", f"could not read the body: {err}")
     if len(raw) > limit:

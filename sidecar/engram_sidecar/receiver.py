@@ -45,6 +45,7 @@ class Receiver:
         self.lookup = lookup
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -53,11 +54,15 @@ class Receiver:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._conns):
+        # Cancel, and also cut the sockets: on 3.11 asyncio.wait_for can swallow a cancellation
+        # that lands as a read completes, and the handler would go on serving. Bounded wait.
+        conns = list(self._conns)
+        for t in conns:
             t.cancel()
-        for t in list(self._conns):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        for w in list(self._writers):
+            w.transport.abort()
+        if conns:
+            await asyncio.wait(conns, timeout=2.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -66,6 +71,7 @@ class Receiver:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        self._writers.add(writer)
         peer = "?"
         try:
             tune_socket(writer, self.cfg.keepalive)
@@ -86,6 +92,10 @@ class Receiver:
             await self._serve(NodeName(peer), reader, writer, decoder, early)
         except PeerClosed:
             pass
+        except asyncio.CancelledError:
+            # Receiver.stop() cancels connection handlers; nobody else awaits them, and asyncio
+            # (3.11) would log each cancelled start_server handler as an ERROR with a traceback.
+            pass
         except (ChecksumMismatch, BatchMismatch) as err:
             self.metrics.checksum_failures.labels(peer).inc()
             log.warning("corrupt frame from %s, recycling the connection: %s", peer, err)
@@ -97,6 +107,7 @@ class Receiver:
             pass
         finally:
             self._conns.discard(task)
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)

@@ -69,6 +69,7 @@ class PeerLink:
         self._writer: asyncio.StreamWriter | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # ---- membership -----------------------------------------------------------------------
 
@@ -98,16 +99,19 @@ class PeerLink:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"peer-{self.peer}")
 
     async def stop(self) -> None:
+        # The flag, not only the cancel: on 3.11, asyncio.wait_for can swallow a cancellation
+        # that lands as its inner call completes (e.g. a refused connect), and the loop would
+        # then redial forever. The wait is bounded for the same reason.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait({self._task}, timeout=5.0)
         await self._close()
 
     # ---- connection lifecycle -------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._connect_and_serve()
             except asyncio.CancelledError:
@@ -118,6 +122,8 @@ class PeerLink:
                 self.last_error = f"internal error: {err!r}"
                 log.exception("link %s -> %s failed", self.node, self.peer)
             await self._close()
+            if self._stopping:
+                return
             delay = self.backoff.next_delay()
             if self.breaker.record_failure(delay):
                 log.warning(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import os
 import secrets
@@ -31,9 +30,10 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from engram_sidecar.entry import Entry
 from engram_sidecar.verify import Problem, dump, verify_space
-from prometheus_client.parser import text_string_to_metric_families
 
 HOST: Final = "127.0.0.1"
 READY_TIMEOUT: Final = 20.0  # start-up of one node: imports, WAL recovery, listeners
@@ -72,14 +72,16 @@ def write_secret(path: Path, secret: str | None = None) -> Path:
     return path
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # the running process's libc (Linux)
+_PR_SET_PDEATHSIG: Final = 1
+
+
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the test process goes away."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    """Runs in the child between fork and exec: SIGKILL it when the test process goes away.
+
+    Only one libc call, resolved before the fork: nothing that could take a lock.
+    """
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class IntegrationError(AssertionError):
@@ -173,7 +175,7 @@ class Node:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, see above
             )
 
     def send(self, sig: signal.Signals) -> None:
@@ -207,8 +209,8 @@ class Node:
                 os.kill(self.proc.pid, signal.SIGCONT)
                 self.proc.terminate()
             deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # a child's exit has no event to await without a thread
             if self.proc.poll() is None:
                 # Hung on shutdown: SIGABRT makes faulthandler dump every thread's stack to the
                 # log (PYTHONFAULTHANDLER is set), then SIGKILL.
@@ -364,6 +366,19 @@ class Cluster:
         await asyncio.gather(*(n.stop() for n in self.nodes.values() if n.running()))
         if self._session is not None and not self._session.closed:
             await self._session.close()
+
+    def problems(self) -> list[str]:
+        """Tracebacks logged by any node, and nodes that ignored SIGTERM (after `close`)."""
+        out = []
+        for n in self.nodes.values():
+            text = n.log_text()
+            if "Traceback (most recent call last)" in text:
+                at = text.index("Traceback (most recent call last)")
+                start = text.rfind("\n", 0, max(0, at - 1)) + 1
+                out.append(f"{n.name} logged a traceback:\n{text[start : at + 2000]}")
+            if n.forced_kills:
+                out.append(f"{n.name} did not exit within {STOP_TIMEOUT} s of SIGTERM")
+        return out
 
     def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
         parts = []

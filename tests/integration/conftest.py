@@ -1,7 +1,9 @@
 """Fixtures for the integration tests: a `Cluster` per test, torn down (bounded) afterwards.
 
 When a test fails, the tail of every node's log is printed in the teardown section of the report;
-the whole logs stay in the test's tmp dir (`<tmp>/<node>.log`).
+the whole logs stay in the test's tmp dir (`<tmp>/<node>.log`). A test that passed still fails at
+teardown when a node logged a Python traceback (an unhandled error inside the sidecar), or did not
+exit within the bound after SIGTERM; `@pytest.mark.node_errors_expected` opts out of both.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ import pytest
 from tests.integration.cluster import Cluster
 
 _REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "node_errors_expected: the test provokes sidecar tracebacks or shutdown hangs on purpose",
+    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -51,3 +60,10 @@ async def cluster(
         if _failed(request.node):
             print(f"\n===== node logs (full logs under {tmp_path}) =====")
             print(c.log_tails())
+    if request.node.get_closest_marker("node_errors_expected") is None and not _failed(
+        request.node
+    ):
+        problems = c.problems()
+        if problems:
+            print(c.log_tails())
+            pytest.fail("sidecar trouble outside the test's assertions:\n" + "\n".join(problems))

@@ -210,6 +210,15 @@ def test_status_lists_problems_most_serious_first() -> None:
     assert conditions(s)["Ready"] == ("False", "PrimaryUnreachable")
 
 
+def test_status_control_plane_blindness_reads_unknown_not_unreachable() -> None:
+    reason = "control plane cannot read leases (store error 0.2 s ago); holding"
+    blind = {n: Verdict(node=n, state="Unknown", reason=reason) for n in (A, B, C)}
+    s = status(verdicts=blind)
+    assert conditions(s)["Ready"] == ("Unknown", "LivenessUnknown")
+    assert conditions(s)["Degraded"] == ("True", "LivenessUnknown")
+    assert s.message == reason, "said once, not once per member"
+
+
 def test_status_dead_primary_without_failover_is_failed() -> None:
     dead = Verdict(node=A, state="Dead", reason="lease expired 9.0 s ago, probe failed")
     s = status(verdicts={A: dead})

@@ -5,18 +5,22 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram_operator.model import Placement
+from engram_operator.model import MemberReport, Placement, SwitchoverProgress
 from engram_operator.switchover import (
     DEFAULT_FENCED_TIMEOUT,
     Abort,
     AwaitCatchUp,
+    CoolingDown,
     Demote,
     Fence,
+    Finished,
     HandOver,
     PromoteTarget,
     Refuse,
     SwitchoverPlan,
+    SwitchoverStep,
     Wait,
+    next_step,
     plan_switchover,
 )
 from engram_operator.verdict import Verdict
@@ -171,3 +175,75 @@ def test_switchover_never_hands_over_to_a_target_further_behind_than_the_margin(
         assert elapsed > 30.0
     else:
         assert isinstance(result, Wait)
+
+
+def step(
+    *,
+    target: NodeName | None = B,
+    progress: SwitchoverProgress | None = None,
+    placement: Placement = PLACEMENT,
+    reports: tuple[MemberReport, ...] | None = None,
+) -> SwitchoverStep | None:
+    reports = reports or (
+        MemberReport(node=A, role="primary", epoch=Epoch(3), applied_sequence=Sequence(100)),
+        MemberReport(node=B, role="replica", epoch=Epoch(3), applied_sequence=Sequence(40)),
+    )
+    return next_step(
+        space=ORDERS,
+        placement=placement,
+        target=target,
+        progress=progress,
+        verdicts=ALIVE,
+        reports={r.node: r for r in reports},
+        now=100.0,
+        timeout=30.0,
+        ready_lag=0,
+        retry_after=60.0,
+    )
+
+
+def test_switchover_next_step_is_none_without_a_target() -> None:
+    assert step(target=None) is None
+    assert step(target=A) is None, "the target already leads and nothing is tracked"
+
+
+def test_switchover_next_step_starts_the_clock_now() -> None:
+    assert step() == Wait(reason="target node-b is 60 entries behind; waiting (0.0 s of 30 s)")
+
+
+def test_switchover_next_step_continues_a_tracked_attempt() -> None:
+    progress = SwitchoverProgress(target=B, started_at=90.0)
+    assert step(progress=progress) == Wait(
+        reason="target node-b is 60 entries behind; waiting (10.0 s of 30 s)"
+    )
+
+
+def test_switchover_next_step_cools_down_after_an_abort() -> None:
+    aborted = SwitchoverProgress(target=B, started_at=0.0, aborted_at=70.0, abort_reason="slow")
+    assert step(progress=aborted) == CoolingDown(
+        reason="switchover of space orders to node-b aborted (slow); retrying in 30.0 s"
+    )
+    cooled = SwitchoverProgress(target=B, started_at=0.0, aborted_at=30.0, abort_reason="slow")
+    assert step(progress=cooled) == Wait(
+        reason="target node-b is 60 entries behind; waiting (0.0 s of 30 s)"
+    )
+
+
+def test_switchover_next_step_finishes_when_the_target_leads() -> None:
+    done = Placement(primary=B, replicas=(A, C), epoch=Epoch(4))
+    progress = SwitchoverProgress(target=B, started_at=90.0)
+    assert step(placement=done, progress=progress) == Finished(
+        reason="switchover of space orders to node-b complete: it leads at epoch 4"
+    )
+
+
+def test_switchover_next_step_finishes_when_the_user_changes_the_target() -> None:
+    progress = SwitchoverProgress(target=B, started_at=90.0)
+    assert step(target=C, progress=progress) == Finished(
+        reason="switchover of space orders to node-b withdrawn: spec.targetPrimary is now node-c"
+    )
+
+
+def test_switchover_next_step_waits_for_the_primary_to_report() -> None:
+    only_b = (MemberReport(node=B, role="replica", epoch=Epoch(3), applied_sequence=Sequence(1)),)
+    assert step(reports=only_b) == Wait(reason="waiting for primary node-a to report its sequence")
