@@ -464,6 +464,8 @@ async def test_full_disk_refuses_writes_without_partial_entries(
     assert not log.refused, [str(r) for r in log.refused]
     log.check_tiles(120)
     cluster.assert_wal_valid("n0", space, 120)
+    rc, out = cluster.wal_verify_cli("n0", space)
+    assert rc == 0 and "victor: ok: 120 entries, sequences 1...120" in out, out
     check_payloads(cluster, "n0", space, log)
     # And the node restarts cleanly on that log.
     await cluster.restart("n0")

@@ -209,6 +209,35 @@ async def test_blackhole_then_heal(cluster: Cluster) -> None:
     cluster.assert_wal_valid("n1", space, 2100)
 
 
+@pytest.mark.timeout(60)
+async def test_new_replica_address_retires_the_old_link(cluster: Cluster) -> None:
+    """Re-assigning a replica to another address (same epoch) moves its stream: the old link
+    stops for good (no redials through the old path), the new one resumes from the acks."""
+    await cluster.start_nodes(3)
+    space = "yankee"
+    async with FaultProxy(HOST, cluster["n1"].replication_port, seed=5) as proxy:
+        await cluster.assign(space, "n0", ["n1", "n2"], addresses={"n1": f"{HOST}:{proxy.port}"})
+        log = WriteLog()
+        await write_batches(cluster, "n0", space, [payloads(space, b, 100) for b in range(3)], log)
+        await cluster.wait_replicated(space, "n0", timeout=15)
+        assert proxy.active_connections == 1
+        proxy.refuse(True)  # an old link that kept redialling would show up as refusals
+        await cluster.assign(space, "n0", ["n1", "n2"])  # n1 directly now
+
+        async def old_link_gone() -> bool:
+            return proxy.active_connections == 0
+
+        await cluster.wait_until(old_link_gone, timeout=10, what="the old link to close")
+        more = [payloads(space, b, 100) for b in range(3, 6)]
+        await write_batches(cluster, "n0", space, more, log)
+        await cluster.wait_replicated(space, "n0", timeout=15)
+        await asyncio.sleep(1.0)  # several backoff periods of the fast test settings
+        assert proxy.stats["refused"] == 0 and proxy.stats["connections"] == 1, proxy.stats
+    assert not log.refused
+    cluster.assert_wal_identical(space, "n0", ["n1", "n2"])
+    cluster.assert_wal_valid("n1", space, 600)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
