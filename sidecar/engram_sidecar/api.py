@@ -128,12 +128,12 @@ async def post_entries(request: web.Request) -> web.Response:
     try:
         first, last, epoch = await node.write(sp, records)
     except NotWritable as err:
-        node.metrics.write_errors.labels(
-            sp.id, "not_primary" if err.status == 421 else "unavailable"
-        ).inc()
+        code = "not_primary" if err.status == 421 else err.code
+        node.metrics.write_errors.labels(sp.id, code).inc()
         if err.status == 421:
-            return _error(421, "not_primary", err.reason, primary=err.primary)
-        return _error(503, "unavailable", err.reason)
+            extra = {"primary": err.primary} if err.primary else {}
+            return _error(421, "not_primary", err.reason, **extra)
+        return _error(503, code, err.reason)
     except WalError as err:
         node.metrics.write_errors.labels(sp.id, "wal").inc()
         return _error(503, "wal_error", f"the write was not acknowledged: {err}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,12 @@ import yaml
 from engram_sidecar.contract import ENV_PREFIX
 from engram_sidecar.errors import ConfigError
 
+# Docker-link style variables Kubernetes adds for every Service in the namespace, e.g.
+# ENGRAM_REPLICATION_SERVICE_HOST or ENGRAM_REPLICATION_PORT=tcp://10.0.0.1:7070.
+_SERVICE_LINK = re.compile(
+    r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)$"
+)
+_SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
 _NODE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
 
 
@@ -109,7 +116,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError("a boolean is not a number")
             return float(value)
-        return str(value)
+        return "" if value is None else str(value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{name} (from {source}): invalid value {value!r}: {err}") from err
 
@@ -188,6 +195,9 @@ def load_config(
         if not k.startswith(ENV_PREFIX) or k == ENV_PREFIX + "CONFIG":
             continue
         name = k[len(ENV_PREFIX) :].lower()
+        if _SERVICE_LINK.match(k) or _SERVICE_LINK_VALUE.match(v):
+            # Kubernetes injects these for a Service named engram-*; they are not settings.
+            continue
         if name not in _FIELDS:
             raise ConfigError(f"environment variable {k}: unknown setting {name!r}")
         values[name] = _coerce(name, v, f"environment variable {k}")

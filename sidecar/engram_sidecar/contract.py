@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Final, NewType
+from collections.abc import Mapping
+from typing import Final, NewType, TypedDict
 
 from engram_sidecar.errors import InvalidSpaceId
 
@@ -40,3 +41,97 @@ def validate_space_id(space: str) -> SpaceId:
 def space_wire_id(space: SpaceId) -> bytes:
     """The 16-byte id that frames carry for `space`."""
     return uuid.uuid5(SPACE_NAMESPACE, space).bytes
+
+
+# ---- Kubernetes: names and status shapes shared by the operator and the node sidecars ---------
+
+API_GROUP: Final = "engram.io"
+API_VERSION: Final = "v1alpha1"
+KIND: Final = "MemorySpace"
+PLURAL: Final = "memoryspaces"
+
+# One coordination.k8s.io/v1 Lease per node, named LEASE_PREFIX + node, in the release namespace.
+# The sidecar renews it every LEASE_RENEW_SECONDS; the operator judges it against
+# LEASE_DURATION_SECONDS (engram_operator.verdict.Timing derives both; keep them in step).
+LEASE_PREFIX: Final = "engram-node-"
+LEASE_DURATION_SECONDS: Final = 2
+LEASE_RENEW_SECONDS: Final = 0.5
+# The Lease is also the node registry: the sidecar writes where it can be reached, so the
+# operator needs no pod IPs and tests can run nodes as local processes.
+LABEL_NODE_LEASE: Final = "engram.io/node-lease"  # value "true"
+ANNOTATION_HTTP: Final = "engram.io/http-address"  # host:port of the sidecar's HTTP API
+ANNOTATION_REPLICATION: Final = "engram.io/replication-address"  # host:port of its listener
+
+# MemorySpace.status: who writes which field (design §3: no field has two writers). The operator
+# sends merge patches containing only OPERATOR_STATUS_FIELDS; the space's primary sidecar only
+# SIDECAR_STATUS_FIELDS.
+OPERATOR_STATUS_FIELDS: Final = frozenset(
+    {
+        "phase",
+        "primary",
+        "replicas",
+        "epoch",
+        "conditions",
+        "lastPromotion",
+        "ready",
+        "observedGeneration",
+        "message",
+        "switchover",
+        "placedAt",
+    }
+)
+SIDECAR_STATUS_FIELDS: Final = frozenset(
+    {"members", "maxLagEntries", "maxLagSeconds", "membersReportedAt", "membersEpoch"}
+)
+
+
+class MemberStatus(TypedDict, total=False):
+    """One row of MemorySpace.status.members, written by the space's primary sidecar."""
+
+    node: str
+    role: str  # "primary" | "replica"
+    appliedSequence: int
+    lagEntries: int
+    lagSeconds: float
+    state: str  # Healthy | Lagging | Degraded | Failed | CatchingUp
+    catchUp: dict[str, object]  # phase, done, total, rate, eta (catch-up issue)
+
+
+class NodeAddresses(TypedDict):
+    address: str  # replication host:port
+    http: str  # HTTP host:port
+
+
+def lease_name(node: str) -> str:
+    return LEASE_PREFIX + node
+
+
+def assignment_from_status(
+    status: Mapping[str, object],
+    spec: Mapping[str, object],
+    addresses: Mapping[str, NodeAddresses],
+) -> dict[str, object] | None:
+    """The sidecar assignment document that a MemorySpace's status and spec describe.
+
+    None when the status holds no placement yet or a member's address is unknown. The operator
+    pushes this document; a restarted sidecar rebuilds it from the API the same way.
+    """
+    primary, replicas, epoch = status.get("primary"), status.get("replicas"), status.get("epoch")
+    if not isinstance(primary, str) or not isinstance(epoch, int) or not isinstance(replicas, list):
+        return None
+    members = [primary, *[r for r in replicas if isinstance(r, str)]]
+    if any(m not in addresses for m in members):
+        return None
+
+    def member(n: str) -> dict[str, str]:
+        a = addresses[n]
+        return {"node": n, "address": a["address"], "http": a["http"]}
+
+    compression = spec.get("compression", "none")
+    return {
+        "epoch": epoch,
+        "primary": member(primary),
+        "replicas": [member(r) for r in members[1:]],
+        "ackPolicy": spec.get("ackPolicy", "async"),
+        "compression": compression not in (None, False, "none"),
+    }

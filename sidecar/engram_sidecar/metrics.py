@@ -33,6 +33,7 @@ _LATENCY_BUCKETS = (
 )
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
+WRITE_ERROR_REASONS = ("not_primary", "unavailable", "not_acknowledged", "wal")
 STATE_VALUES = {"Healthy": 3, "CatchingUp": 2, "Lagging": 2, "Degraded": 1, "Failed": 0}
 
 
@@ -179,10 +180,25 @@ class Metrics:
             self.role,
             self.wal_bytes,
             self.write_lease_valid,
+            self.batch_entries,
+            self.write_latency,
+            self.entries_written,
+            self.entries_applied,
+            self.torn_tail_bytes,
+            self.truncated_entries,
         ):
             _remove(g, space)
+        for reason in WRITE_ERROR_REASONS:
+            _remove(self.write_errors, space, reason)
         for rep in replicas:
             self.forget_replica(space, rep)
+
+    def forget_primary(self, space: str) -> None:
+        """Series only a space's primary exports; dropped when this node stops leading it."""
+        _remove(self.write_lease_valid, space)
+
+    def forget_peer(self, peer: str) -> None:
+        _remove(self.circuit_open, peer)
 
     def forget_replica(self, space: str, replica: str) -> None:
         for m in (
@@ -195,6 +211,6 @@ class Metrics:
             _remove(m, space, replica)
 
 
-def _remove(metric: Gauge | Counter, *labels: str) -> None:
+def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
     with contextlib.suppress(KeyError):
         metric.remove(*labels)

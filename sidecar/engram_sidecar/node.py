@@ -224,7 +224,13 @@ class Node:
             for r in old.replicas:
                 if sp.role != "primary" or r.node not in sp.replicas:
                     self.metrics.forget_replica(sp.id, r.node)
+        if sp.role == "none":
+            # No longer a member: keep the files (an operator may want them), drop the series.
+            self.metrics.forget_space(sp.id, [r.node for r in old.replicas] if old else [])
+        elif sp.role != "primary":
+            self.metrics.forget_primary(sp.id)
         sp.inflight = lambda: False
+        sp.on_batch = self.metrics.batch_entries.labels(sp.id).observe
         if sp.role == "primary":
             for r in a.replicas:
                 found = self.links.get(r.node)
@@ -232,7 +238,7 @@ class Node:
                     link = found
                 else:
                     if found is not None:
-                        self._retired.add(asyncio.get_running_loop().create_task(found.stop()))
+                        self._retire(found)
                     link = PeerLink(
                         cfg=self.cfg,
                         node=self.name,
@@ -246,6 +252,20 @@ class Node:
                     link.start()
                 link.add(sp)
             sp.on_sealed = self._wake_links
+        self._retire_idle_links()
+
+    def _retire(self, link: PeerLink) -> None:
+        task = asyncio.get_running_loop().create_task(link.stop())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    def _retire_idle_links(self) -> None:
+        """Stop links no space ships over any more, and drop their per-peer series."""
+        for name, link in list(self.links.items()):
+            if not link.streams:
+                del self.links[name]
+                self._retire(link)
+                self.metrics.forget_peer(name)
 
     def _wake_links(self) -> None:
         for link in self.links.values():
@@ -283,7 +303,8 @@ class Node:
         await sp.wait_replicated(last, self.cfg.ack_timeout)
         if sp.fenced_reason is not None:
             raise NotWritable(
-                f"space {sp.id} was fenced before the write was acknowledged: {sp.fenced_reason}"
+                f"space {sp.id} was fenced before the write was acknowledged: {sp.fenced_reason}",
+                code="not_acknowledged",
             )
         self.metrics.entries_written.labels(sp.id).inc(len(records))
         self.metrics.write_latency.labels(sp.id).observe(time.perf_counter() - t0)
@@ -300,6 +321,8 @@ class Node:
         now = self.clock()
         now_ns = time.time_ns()
         for sp in self.spaces.values():
+            if sp.role == "none":
+                continue
             self.metrics.last_sequence.labels(sp.id).set(sp.log.last_sequence)
             self.metrics.wal_bytes.labels(sp.id).set(sp.log.size_bytes)
             if sp.role != "primary":

@@ -85,6 +85,11 @@ class Receiver:
                     node=self.node,
                     timeout=self.cfg.io_timeout,
                 )
+            except PeerClosed as err:
+                if decoder.buffered or (err.args and "no data" in str(err.args[0])):
+                    self.metrics.auth_failures.inc()
+                # A connect-and-close with nothing sent is a primary's liveness probe.
+                return
             except WireError as err:
                 self.metrics.auth_failures.inc()
                 log.warning("refused replication peer: %s", err)

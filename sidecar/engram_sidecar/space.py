@@ -54,11 +54,16 @@ class _Waiter:
 class NotWritable(Exception):
     """This node can't accept the write now; `reason` is for the 503/421 body."""
 
-    def __init__(self, reason: str, *, status: int = 503, primary: str = "") -> None:
+    def __init__(
+        self, reason: str, *, status: int = 503, primary: str = "", code: str = "unavailable"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.primary = primary
+        # "unavailable": refused before anything was written; "not_acknowledged": the entries
+        # are in this primary's log but the ack policy was not met, so they may or may not last.
+        self.code = code
 
 
 class Space:
@@ -98,6 +103,7 @@ class Space:
         self.primary_last_seq = 0
         self.primary_last_ts_ns = 0
         self.on_sealed: Callable[[], None] = lambda: None
+        self.on_batch: Callable[[int], None] = lambda n: None
         # Write lease (design §4): wall-clock ns until which the control plane's last grant holds.
         self.lease_seconds = 1.5
         self.control_lease_until_ns = 0
@@ -139,6 +145,7 @@ class Space:
                 self.replicas.setdefault(r.node, ReplicaProgress(r.node))
         else:
             self.replicas.clear()
+            self.fenced_reason = None
             self._fail_waiters(f"node {self.node} is no longer the primary")
 
     def note_epoch(self, epoch: int) -> None:
@@ -189,7 +196,7 @@ class Space:
             raise NotWritable(
                 f"node {self.node} is not the primary of space {self.id}; {a.primary.node} is",
                 status=421,
-                primary=a.primary.http or a.primary.address,
+                primary=a.primary.http,
             )
         if self.fenced_reason is not None:
             raise NotWritable(f"space {self.id} is fenced on {self.node}: {self.fenced_reason}")
@@ -221,6 +228,7 @@ class Space:
             self._seal_timer = None
         while self.sealed_upto < self.log.last_sequence:
             frame, last = self.encode_from(self.sealed_upto + 1)
+            self.on_batch(last - self.sealed_upto)
             self._ring.append((self.sealed_upto + 1, last, frame))
             self._ring_bytes += len(frame)
             self.sealed_upto = last
@@ -287,7 +295,8 @@ class Space:
             raise NotWritable(
                 f"space {self.id}: ackPolicy {a.ack_policy if a else '?'} needs {needed} replica "
                 f"ack(s) for sequence {sequence}; {self.replicas_holding(sequence)} within "
-                f"{timeout:.1f} s. The entry is in the primary's log but NOT acknowledged"
+                f"{timeout:.1f} s. The entry is in the primary's log but NOT acknowledged",
+                code="not_acknowledged",
             ) from None
         finally:
             self._waiters = [w for w in self._waiters if w.future is not fut]
@@ -300,7 +309,7 @@ class Space:
     def _fail_waiters(self, reason: str) -> None:
         for w in self._waiters:
             if not w.future.done():
-                w.future.set_exception(NotWritable(reason))
+                w.future.set_exception(NotWritable(reason, code="not_acknowledged"))
 
     # ---- lag ------------------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ async def test_quorum_without_majority_fails_fast_and_acks_nothing(
         assert len(failed.refused) == 3
         for r in failed.refused:
             assert r.status == 503, r
-            assert r.body["error"] == "unavailable", r
+            assert r.body["error"] == "not_acknowledged", r
             # The lease (5 s) outlives these three writes: each one waits for its acks and is
             # refused by the quorum rule, after being appended to the primary's log.
             assert "The entry is in the primary's log but NOT acknowledged" in r.body["message"], r

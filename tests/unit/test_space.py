@@ -1,0 +1,109 @@
+"""A hosted space's decisions: write lease, fencing, ack-policy waits, batch sealing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engram_sidecar.assignment import Assignment, Member
+from engram_sidecar.contract import NodeName, SpaceId
+from engram_sidecar.groupcommit import GroupCommit
+from engram_sidecar.space import NotWritable, Space
+from engram_sidecar.wal import SpaceLog
+
+S = 1_000_000_000
+
+
+def _assignment(
+    primary: str, replicas: list[str], *, epoch: int = 1, policy: str = "quorum"
+) -> Assignment:
+    def m(n: str) -> Member:
+        return Member(NodeName(n), f"127.0.0.1:{1000 + int(n[1])}", f"127.0.0.1:{2000 + int(n[1])}")
+
+    return Assignment(epoch, m(primary), tuple(m(r) for r in replicas), policy)  # type: ignore[arg-type]
+
+
+def _space(tmp_path: Path, node: str = "n0") -> tuple[Space, list[int]]:
+    wal = SpaceLog(tmp_path / "s", space=SpaceId("orders"))
+    now = [100 * S]
+    sp = Space(
+        space=SpaceId("orders"),
+        node=NodeName(node),
+        wal=wal,
+        commit=GroupCommit(wal, policy="none"),
+        batch_max_entries=100,
+        batch_max_delay=0.01,
+    )
+    sp.wall_ns = lambda: now[0]
+    sp.lease_seconds = 1.5
+    return sp, now
+
+
+def test_space_lease_needs_a_grant_or_a_majority(tmp_path: Path) -> None:
+    sp, now = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1", "n2"]))
+    assert not sp.lease_valid()  # an assignment alone (e.g. reloaded from disk) grants nothing
+    sp.grant_lease(now[0])
+    assert sp.lease_valid()
+    now[0] += 2 * S
+    assert not sp.lease_valid()
+    sp.on_ack(NodeName("n1"), 0, sent_wall_ns=now[0] - S // 10)
+    assert sp.lease_valid()  # primary + n1 = 2 of 3
+
+
+def test_space_stale_acks_do_not_renew_the_lease(tmp_path: Path) -> None:
+    sp, now = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1", "n2"]))
+    # Acks sent before a long SIGSTOP are read only now: dated by their send time, they are old.
+    sp.on_ack(NodeName("n1"), 0, sent_wall_ns=now[0] - 3 * S)
+    sp.on_ack(NodeName("n2"), 0, sent_wall_ns=now[0] - 3 * S)
+    assert not sp.lease_valid()
+    with pytest.raises(NotWritable, match="no write lease") as err:
+        sp.check_writable()
+    assert err.value.code == "unavailable"
+
+
+def test_space_higher_epoch_fences_and_demotion_clears_it(tmp_path: Path) -> None:
+    sp, now = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1"]))
+    sp.grant_lease(now[0])
+    sp.note_epoch(2)
+    with pytest.raises(NotWritable, match="fenced"):
+        sp.check_writable()
+    sp.apply_assignment(_assignment("n1", ["n0"], epoch=2))
+    assert sp.role == "replica"
+    assert sp.fenced_reason is None
+    with pytest.raises(NotWritable) as err:
+        sp.check_writable()
+    assert err.value.status == 421
+    assert err.value.primary == "127.0.0.1:2001"
+
+
+async def test_space_quorum_timeout_is_not_acknowledged(tmp_path: Path) -> None:
+    sp, _ = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1", "n2"]))
+    sp.log.append([(1, b"{}")], epoch=1)
+    with pytest.raises(NotWritable, match="NOT acknowledged") as err:
+        await sp.wait_replicated(1, timeout=0.05)
+    assert err.value.code == "not_acknowledged"
+
+
+async def test_space_quorum_released_by_one_replica_ack(tmp_path: Path) -> None:
+    sp, now = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1", "n2"]))
+    sp.log.append([(1, b"{}")], epoch=1)
+    sp.on_ack(NodeName("n2"), 1, sent_wall_ns=now[0])
+    await sp.wait_replicated(1, timeout=0.05)  # primary + n2 is a majority of 3
+
+
+async def test_space_seal_reports_batch_sizes(tmp_path: Path) -> None:
+    sp, _ = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1"], policy="async"))
+    seen: list[int] = []
+    sp.on_batch = seen.append
+    sp.log.append([(1, b"x")] * 250, epoch=1)
+    sp.on_append()  # nothing in flight: sealed at once, in batches of at most 100
+    assert seen == [100, 100, 50]
+    frame, last = sp.batch_at(101) or (b"", 0)
+    assert last == 200 and frame
