@@ -10,7 +10,7 @@ from pathlib import Path
 from engram_bench.report import Section, write_results
 
 # Order is the order in docs/benchmarks.md.
-SCENARIOS: tuple[str, ...] = ("wal", "wire")
+SCENARIOS: tuple[str, ...] = ("wal", "wire", "replication", "promotion")
 
 
 def main(*, quick: bool, only: list[str] | None, docs: Path, json_path: Path) -> int:
@@ -28,10 +28,12 @@ def main(*, quick: bool, only: list[str] | None, docs: Path, json_path: Path) ->
         mod = importlib.import_module(f"engram_bench.{key}")
         print(f"== {key}{' (quick)' if quick else ''}", flush=True)
         t0 = time.perf_counter()
-        section: Section = mod.run(quick=quick)
-        print(section.to_markdown(), flush=True)
+        # A module returns one Section, or a list when its scenarios need several tables.
+        result: Section | list[Section] = mod.run(quick=quick)
+        for section in result if isinstance(result, list) else [result]:
+            print(section.to_markdown(), flush=True)
+            sections.append(section)
         print(f"({time.perf_counter() - t0:.1f} s)", flush=True)
-        sections.append(section)
     write_results(sections, docs=docs, json_path=json_path, quick=quick)
     if not quick:
         print(f"wrote {docs} and {json_path}")

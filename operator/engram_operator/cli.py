@@ -8,6 +8,7 @@ themselves stay independent of the data plane.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,45 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--to", required=True, metavar="NODE")
     sw.add_argument("--timeout", type=float, default=30.0)
 
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    op.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the MemorySpaces, node Leases and peering (env POD_NAMESPACE)",
+    )
+    op.add_argument(
+        "--node-selector",
+        default="",
+        metavar="K=V,...",
+        help="only node Leases with these labels (besides engram.io/node-lease=true)",
+    )
+    op.add_argument(
+        "--token-file",
+        type=Path,
+        required=True,
+        help="bearer token of the sidecars' admin API (their admin token or shared secret)",
+    )
+    op.add_argument(
+        "--peering", metavar="NAME", help="KopfPeering object for HA (one replica acts)"
+    )
+    op.add_argument("--standalone", action="store_true", help="no peering: the only replica")
+    op.add_argument(
+        "--dev", action="store_true", help="peering priority 666: pause in-cluster operators"
+    )
+    op.add_argument("--priority", type=int, default=None, help="peering priority (see docs)")
+    op.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="a silent peer counts as gone after this long (default 10)",
+    )
+    op.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0 = off)")
+    op.add_argument("--metrics-host", default="0.0.0.0")
+    op.add_argument("--kubeconfig", type=Path, default=None, help="default: in-cluster config")
+    op.add_argument("--api-url", default=None, help="API server URL without auth (tests, proxy)")
+    op.add_argument("--log-level", default="INFO")
+
     sc = sub.add_parser("sidecar", help="run one node's data-plane sidecar")
     from engram_sidecar.main import add_arguments
 
@@ -96,6 +136,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engram_bench import harness
 
         return harness.main(quick=args.quick, only=args.only, docs=args.docs, json_path=args.json)
+    if args.command == "operator":
+        from engram_operator import kube_handlers
+
+        return kube_handlers.main(
+            kube_handlers.OperatorOptions(
+                namespace=args.namespace,
+                token_file=args.token_file,
+                node_selector=args.node_selector,
+                peering=args.peering,
+                standalone=args.standalone,
+                dev=args.dev,
+                priority=args.priority,
+                peering_lifetime=args.peering_lifetime,
+                metrics_host=args.metrics_host,
+                metrics_port=args.metrics_port,
+                kubeconfig=args.kubeconfig,
+                api_url=args.api_url,
+                log_level=args.log_level,
+            )
+        )
     if args.command == "up":
         import asyncio
 

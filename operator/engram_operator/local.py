@@ -237,10 +237,16 @@ class ControlLoop:
 
     async def _heartbeat(self, node: LocalNode) -> None:
         sent = self.clock()
+        # Grant write leases only on a heartbeat that follows a successful one. A grant sent to a
+        # node that stopped answering may sit in its socket and be read after we promote; this
+        # way the last grant is at most one check interval after the last success, so it lapses
+        # (1.5 s) before the node's lease does (2 s), and promotion comes later still.
+        last = self.probes.get(node.name)
+        grant = last is not None and last.ok
         epochs = {
             sid: int(r.placement.epoch)
             for sid, r in self.spaces.items()
-            if r.placement is not None and r.placement.primary == node.name
+            if grant and r.placement is not None and r.placement.primary == node.name
         }
         body = {"granted_at_ns": time.time_ns(), "epochs": epochs}
         s = await self.session()

@@ -139,7 +139,11 @@ class Workload:
 async def run_up(opts: UpOptions, say: Callable[[str], None] = print) -> int:
     files, nodes, spaces = build(opts)
     token = files.ensure_secret()
-    procs = Processes(files, nodes, ["--lag-monitor-interval", "1", "--log-level", "WARNING"])
+    procs = Processes(
+        files,
+        nodes,
+        ["--lag-monitor-interval", "1", "--log-level", "WARNING", "--kube-enabled", "false"],
+    )
     loop = ControlLoop(files=files, nodes=nodes, spaces=spaces, token=token, say=say)
     for n in nodes:
         procs.start(n.name)

@@ -407,18 +407,27 @@ def _why_removed(obs: Observation, node: NodeName, now: float) -> str:
 
 
 def _resend(obs: Observation, placement: Placement) -> Decision | None:
-    """Push the assignment again to live nodes whose report disagrees with the placement."""
+    """Push the assignment again to live members that report something else, or nothing.
+
+    A member with no report for the space (a fresh node, or one that lost its data) would
+    otherwise wait for an assignment nobody sends.
+    """
     stale = [
         r
         for r in sorted(obs.reports.values(), key=lambda r: r.node)
         if _state(obs, r.node) == "Alive"
         and (r.role, r.epoch) != (placement.role_of(r.node), placement.epoch)
     ]
-    if not stale:
+    silent = [m for m in placement.members if m not in obs.reports and _state(obs, m) == "Alive"]
+    if not stale and not silent:
         return None
-    detail = ", ".join(f"{r.node} (reports {r.role} at epoch {r.epoch})" for r in stale)
-    sentence = f"re-sent the epoch {placement.epoch} assignment of space {obs.space} to {detail}"
-    push = PushAssignment(placement=placement, nodes=tuple(r.node for r in stale))
+    parts = [f"{r.node} (reports {r.role} at epoch {r.epoch})" for r in stale]
+    parts += [f"{m} (reports nothing)" for m in silent]
+    sentence = (
+        f"re-sent the epoch {placement.epoch} assignment of space {obs.space} to {', '.join(parts)}"
+    )
+    nodes = tuple(sorted([r.node for r in stale] + silent))
+    push = PushAssignment(placement=placement, nodes=nodes)
     return Decision(actions=(push,), sentence=sentence)
 
 

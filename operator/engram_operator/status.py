@@ -14,7 +14,7 @@ from typing import Final, Literal, TypedDict
 
 from engram_operator.model import MemberReport, MemberState, Placement, Role, SpaceSpec
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName, SpaceId
+from engram_sidecar.contract import OPERATOR_STATUS_FIELDS, Epoch, NodeName, SpaceId
 
 Phase = Literal[
     "Pending", "Placing", "Healthy", "Degraded", "FailingOver", "SwitchingOver", "Paused", "Failed"
@@ -139,6 +139,14 @@ class SpaceStatus:
             "conditions": [c.to_dict() for c in self.conditions],
             "message": self.message,
         }
+
+    def to_operator_dict(self) -> dict[str, object]:
+        """Only the fields the control plane writes (contract.OPERATOR_STATUS_FIELDS).
+
+        `members` and the lag totals belong to the space's primary sidecar (design §3: no field
+        has two writers), so a Kubernetes status patch from the operator must leave them out.
+        """
+        return {k: v for k, v in self.to_dict().items() if k in OPERATOR_STATUS_FIELDS}
 
 
 def detect_split_brain(placement: Placement, reports: Iterable[MemberReport]) -> str | None:

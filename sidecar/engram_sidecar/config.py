@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from engram_sidecar.contract import ENV_PREFIX
+from engram_sidecar.contract import ENV_PREFIX, LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
 from engram_sidecar.errors import ConfigError
 
 # Docker-link style variables Kubernetes adds for every Service in the namespace, e.g.
@@ -62,9 +62,24 @@ class SidecarConfig:
     lag_critical_seconds: float = 5.0
     failed_after_seconds: float = 30.0
     ack_timeout: float = 5.0
+    # Catch-up and retention (docs/configuration.md).
+    catchup_threshold: int = 10_000
+    catchup_bytes_per_second: int = 64 * 1024 * 1024
+    retention_min_entries: int = 1_000_000
+    retention_max_bytes: int = 4 * 1024 * 1024 * 1024
     write_lease_seconds: float = 1.5
     control_plane_url: str = ""
     log_level: str = "INFO"
+    # Kubernetes (engram_sidecar.kube): node Lease, assignments and member reports via the API.
+    # host:port of the HTTP API that peers and the operator use; defaults to http_host:http_port
+    advertise_http_address: str = ""
+    kube_enabled: str = "auto"
+    kube_api_url: str = ""
+    kube_namespace: str = ""
+    kube_token_file: Path | None = None
+    kube_ca_file: Path | None = None
+    kube_timeout: float = 1.0
+    status_report_interval: float = 2.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -96,6 +111,7 @@ _FIELDS = {f.name: f for f in fields(SidecarConfig) if f.name != "extra"}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "fsync": ("always", "interval", "none"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "kube_enabled": ("auto", "true", "false"),
 }
 
 
@@ -153,6 +169,9 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         "lag_critical_seconds",
         "failed_after_seconds",
         "ack_timeout",
+        "catchup_threshold",
+        "catchup_bytes_per_second",
+        "retention_max_bytes",
         "write_lease_seconds",
     )
     for name in positive:
@@ -162,6 +181,12 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("batch_max_delay", "must be 0 or more")
     if cfg.lag_critical_seconds < cfg.lag_warning_seconds:
         raise bad("lag_critical_seconds", "must be at least lag_warning_seconds")
+    # A slower API request leaves too little of the node Lease for one missed renewal (kube.py).
+    most = LEASE_DURATION_SECONDS - 2 * LEASE_RENEW_SECONDS
+    if not 0 < cfg.kube_timeout <= most:
+        raise bad("kube_timeout", f"use more than 0 and at most {most}")
+    if cfg.status_report_interval < LEASE_RENEW_SECONDS:
+        raise bad("status_report_interval", f"use at least {LEASE_RENEW_SECONDS}")
     if cfg.segment_bytes < 4096:
         raise bad("segment_bytes", "use at least 4096")
     if not cfg.backoff_steps or any(s <= 0 for s in cfg.backoff_steps):

@@ -18,6 +18,8 @@ from aiohttp import web
 from engram_sidecar.api import make_app
 from engram_sidecar.config import SidecarConfig, load_config
 from engram_sidecar.errors import ConfigError, EngramError
+from engram_sidecar.kube import KubeSidecar, advertised_addresses
+from engram_sidecar.kube_client import resolve as resolve_kube
 from engram_sidecar.node import Node
 
 log = logging.getLogger("engram_sidecar")
@@ -60,12 +62,20 @@ async def serve(cfg: SidecarConfig, *, ready: asyncio.Event | None = None) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    kube = None
+    kube_settings = resolve_kube(cfg)
+    if kube_settings is not None:
+        http, repl = advertised_addresses(node, runner.addresses[0][1])
+        kube = KubeSidecar(node, kube_settings, http_address=http, replication_address=repl)
+        await kube.start()
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
         log.info("node %s: shutting down", cfg.node)
+        if kube is not None:
+            await kube.stop()
         await runner.cleanup()
         await node.stop()
 
@@ -79,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_config(flags=flags, config_file=cfg_file)
         cfg.secret()
         cfg.admin_token()
+        resolve_kube(cfg)
     except ConfigError as err:
         print(f"engram-replication sidecar: configuration error: {err}", file=sys.stderr)
         return 2

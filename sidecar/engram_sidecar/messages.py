@@ -9,6 +9,7 @@ no event loop. Layouts and golden vectors: docs/wire-format.md.
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from dataclasses import dataclass
 from typing import Final, Self
@@ -37,6 +38,7 @@ _CHALLENGE: Final = struct.Struct("<H32s32s")  # version, nonce, proof; node nam
 _ACK: Final = struct.Struct("<QQ")  # sequence, timestamp_ns
 _HEARTBEAT: Final = struct.Struct("<QQQ")  # last_seq, last_timestamp_ns, sent_ns
 _NACK: Final = struct.Struct("<HQ")  # reason, resend_from; message follows
+_SNAPSHOT_ACK: Final = struct.Struct("<QB")  # sequence held, installed flag
 
 
 class NackReason(enum.IntEnum):
@@ -263,7 +265,138 @@ class Nack:
         return cls(reason, Sequence(resend), text, frame.space, Epoch(frame.epoch))
 
 
-Message = Hello | Challenge | Auth | Welcome | Batch | Ack | Heartbeat | Nack
+@dataclass(frozen=True, slots=True)
+class SnapshotBegin:
+    """Primary -> replica: a snapshot of entries `first_seq..last_seq` follows.
+
+    Body: UTF-8 JSON {"epochs": [[epoch, first_seq], ...], "bytes": total, "segment_bytes": n},
+    the primary's epoch history and what the snapshot will weigh, for progress and ETA.
+    """
+
+    space: bytes
+    epoch: Epoch
+    first_seq: Sequence
+    last_seq: Sequence
+    epochs: tuple[tuple[int, int], ...]
+    total_bytes: int
+    segment_bytes: int
+
+    def encode(self) -> bytes:
+        _need_space("SNAPSHOT_BEGIN", self.space)
+        body = json.dumps(
+            {
+                "epochs": [list(e) for e in self.epochs],
+                "bytes": self.total_bytes,
+                "segment_bytes": self.segment_bytes,
+            },
+            separators=(",", ":"),
+        ).encode()
+        return encode_frame(
+            MessageType.SNAPSHOT_BEGIN,
+            body,
+            epoch=self.epoch,
+            space=self.space,
+            first_seq=self.first_seq,
+            last_seq=self.last_seq,
+        )
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_snapshot_range(frame)
+        try:
+            doc = json.loads(frame.body)
+            epochs = tuple((int(e), int(s)) for e, s in doc["epochs"])
+            total, seg = int(doc["bytes"]), int(doc["segment_bytes"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MalformedFrame(f"SNAPSHOT_BEGIN body is not valid: {exc}") from None
+        if total < 0 or seg < 4096:
+            raise MalformedFrame("SNAPSHOT_BEGIN sizes out of range")
+        return cls(
+            frame.space,
+            Epoch(frame.epoch),
+            Sequence(frame.first_seq),
+            Sequence(frame.last_seq),
+            epochs,
+            total,
+            seg,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEnd:
+    """Primary -> replica: every chunk of `first_seq..last_seq` was sent; install it."""
+
+    space: bytes
+    epoch: Epoch
+    first_seq: Sequence
+    last_seq: Sequence
+
+    def encode(self) -> bytes:
+        _need_space("SNAPSHOT_END", self.space)
+        return encode_frame(
+            MessageType.SNAPSHOT_END,
+            b"",
+            epoch=self.epoch,
+            space=self.space,
+            first_seq=self.first_seq,
+            last_seq=self.last_seq,
+        )
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_snapshot_range(frame)
+        _check_length(frame, 0)
+        return cls(
+            frame.space, Epoch(frame.epoch), Sequence(frame.first_seq), Sequence(frame.last_seq)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotAck:
+    """Replica -> primary: the snapshot holds `sequence` (durable); `installed` once swapped in."""
+
+    space: bytes
+    epoch: Epoch
+    sequence: Sequence
+    installed: bool
+
+    def encode(self) -> bytes:
+        _need_space("SNAPSHOT_ACK", self.space)
+        body = _SNAPSHOT_ACK.pack(self.sequence, int(self.installed))
+        return encode_frame(MessageType.SNAPSHOT_ACK, body, epoch=self.epoch, space=self.space)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Self:
+        _check_header(frame, MessageType.SNAPSHOT_ACK, connection=False)
+        _check_length(frame, _SNAPSHOT_ACK.size)
+        seq, installed = _SNAPSHOT_ACK.unpack(frame.body)
+        if installed not in (0, 1):
+            raise MalformedFrame(f"SNAPSHOT_ACK installed flag must be 0 or 1, got {installed}")
+        return cls(frame.space, Epoch(frame.epoch), Sequence(seq), bool(installed))
+
+
+def _check_snapshot_range(frame: Frame) -> None:
+    if frame.space == NO_SPACE:
+        raise MalformedFrame(f"{frame.msg_type.name} must name a space")
+    if frame.first_seq < 1 or frame.last_seq < frame.first_seq - 1 or frame.count:
+        raise MalformedFrame(
+            f"{frame.msg_type.name} range {frame.first_seq}..{frame.last_seq} is invalid"
+        )
+
+
+Message = (
+    Hello
+    | Challenge
+    | Auth
+    | Welcome
+    | Batch
+    | Ack
+    | Heartbeat
+    | Nack
+    | SnapshotBegin
+    | SnapshotEnd
+    | SnapshotAck
+)
 
 
 def decode_message(frame: Frame, *, max_batch_size: int = DEFAULT_MAX_BODY) -> Message:
@@ -285,3 +418,11 @@ def decode_message(frame: Frame, *, max_batch_size: int = DEFAULT_MAX_BODY) -> M
             return Auth.from_frame(frame)
         case MessageType.WELCOME:
             return Welcome.from_frame(frame)
+        case MessageType.SNAPSHOT_BEGIN:
+            return SnapshotBegin.from_frame(frame)
+        case MessageType.SNAPSHOT_CHUNK:
+            return Batch.from_frame(frame, max_size=max_batch_size)
+        case MessageType.SNAPSHOT_END:
+            return SnapshotEnd.from_frame(frame)
+        case MessageType.SNAPSHOT_ACK:
+            return SnapshotAck.from_frame(frame)

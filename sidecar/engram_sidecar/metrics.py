@@ -172,6 +172,7 @@ class Metrics:
             ["space"],
             registry=r,
         )
+        self.add_catchup_metrics()
 
     def forget_space(self, space: str, replicas: list[str]) -> None:
         for g in (
@@ -186,12 +187,45 @@ class Metrics:
             self.entries_applied,
             self.torn_tail_bytes,
             self.truncated_entries,
+            self.retention_released,
+            self.retention_forced,
         ):
             _remove(g, space)
         for reason in WRITE_ERROR_REASONS:
             _remove(self.write_errors, space, reason)
         for rep in replicas:
             self.forget_replica(space, rep)
+
+    def add_catchup_metrics(self) -> None:
+        r, P = self.registry, "engram_replication_"
+        self.catchups = Counter(
+            P + "catchups",
+            "Catch-ups begun, by path (snapshot or incremental).",
+            ["space", "path"],
+            registry=r,
+        )
+        self.catchup_bytes = Counter(
+            P + "catchup_bytes",
+            "Snapshot bytes sent to a catching-up replica.",
+            ["space", "replica"],
+            registry=r,
+        )
+        self.catchup_remaining = Gauge(
+            P + "catchup_remaining_entries",
+            "Entries a catching-up replica still needs; 0 when not catching up.",
+            ["space", "replica"],
+            registry=r,
+        )
+        self.retention_released = Counter(
+            P + "retention_released_bytes", "WAL bytes deleted by retention.", ["space"], registry=r
+        )
+        self.retention_forced = Counter(
+            P + "retention_forced_releases",
+            "Releases past retention_max_bytes of segments a replica still needed "
+            "(it will need a snapshot).",
+            ["space"],
+            registry=r,
+        )
 
     def forget_primary(self, space: str) -> None:
         """Series only a space's primary exports; dropped when this node stops leading it."""
@@ -207,6 +241,8 @@ class Metrics:
             self.replica_state,
             self.entries_shipped,
             self.batches_sent,
+            self.catchup_bytes,
+            self.catchup_remaining,
         ):
             _remove(m, space, replica)
 

@@ -20,18 +20,26 @@ from prometheus_client import CollectorRegistry
 
 from engram_sidecar import assignment as assignment_file
 from engram_sidecar import epochs as epoch_history
+from engram_sidecar import snapshot
 from engram_sidecar.assignment import Assignment
+from engram_sidecar.catchup import TokenBucket
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.contract import NodeName, SpaceId, validate_space_id
+from engram_sidecar.errors import WalError
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.lag import LagThresholds, classify, transition_message
 from engram_sidecar.metrics import STATE_VALUES, Metrics
 from engram_sidecar.receiver import Receiver
 from engram_sidecar.shipper import PeerLink
 from engram_sidecar.space import NotWritable, Space
+from engram_sidecar.stream import CHUNK_BYTES
 from engram_sidecar.wal import FsyncPolicy, WalStore
 
 log = logging.getLogger(__name__)
+
+
+# A grant older than this on arrival is refused (the control plane's probe timeout, 0.5 s).
+MAX_GRANT_AGE_NS = 500_000_000
 
 
 class StaleAssignment(Exception):
@@ -65,6 +73,13 @@ class Node:
             secret=self.secret,
             metrics=self.metrics,
             lookup=self._by_wire.get,
+            install_snapshot=self.install_snapshot,
+        )
+        # One catch-up budget for the whole node, shared by every catching-up stream.
+        self.bucket = TokenBucket(
+            rate=float(cfg.catchup_bytes_per_second),
+            burst=float(max(4 * CHUNK_BYTES, cfg.catchup_bytes_per_second // 10)),
+            clock=clock,
         )
         self.replication_port = 0
         self._monitor: asyncio.Task[None] | None = None
@@ -103,6 +118,7 @@ class Node:
     def _space(self, sid: SpaceId) -> Space:
         sp = self.spaces.get(sid)
         if sp is None:
+            snapshot.recover(self.cfg.data_dir / sid)
             wal = self.store.open(sid)
             policy: FsyncPolicy = self.cfg.fsync  # type: ignore[assignment]
             commit = GroupCommit(wal, policy=policy, interval=self.cfg.fsync_interval)
@@ -121,8 +137,12 @@ class Node:
             self._by_wire[sp.wire_id] = sp
         return sp
 
-    def assign(self, space: str, a: Assignment) -> tuple[bool, Space]:
-        """Apply an assignment. Returns (changed, space). Raises StaleAssignment on old epochs."""
+    def assign(self, space: str, a: Assignment, *, grant_lease: bool = True) -> tuple[bool, Space]:
+        """Apply an assignment. Returns (changed, space). Raises StaleAssignment on old epochs.
+
+        `grant_lease=False`: the assignment was read back (from the Kubernetes API), not pushed
+        by the control plane, so like one reloaded from disk it vouches for nothing.
+        """
         sid = validate_space_id(space)
         sp = self.spaces.get(sid)
         if sp is not None and a.epoch < sp.accepted_epoch:
@@ -145,7 +165,7 @@ class Node:
         sp = self._space(sid)
         old_epoch = sp.assignment.epoch if sp.assignment is not None else 0
         self._adopt(sp, a)
-        if sp.role == "primary":
+        if sp.role == "primary" and grant_lease:
             # The control plane just vouched for this node. An assignment reloaded from disk at
             # start-up does not: a restarted primary waits for a heartbeat or its replicas.
             sp.grant_lease(sp.wall_ns())
@@ -246,6 +266,7 @@ class Node:
                         address=r.address,
                         secret=self.secret,
                         metrics=self.metrics,
+                        bucket=self.bucket,
                         clock=self.clock,
                     )
                     self.links[r.node] = link
@@ -272,9 +293,22 @@ class Node:
             link.wake()
 
     def grant_leases(self, granted_at_ns: int, epochs: dict[str, int]) -> dict[str, bool]:
-        """A control-plane heartbeat: renew the write lease of each space led here at `epoch`."""
+        """A control-plane heartbeat: renew the write lease of each space led here at `epoch`.
+
+        A grant that arrives more than MAX_GRANT_AGE after it was sent is refused: it sat in a
+        queue (this process was stopped, or overloaded), and the control plane may have acted
+        on our silence since.
+        """
         out = {}
+        late = time.time_ns() - granted_at_ns > MAX_GRANT_AGE_NS
+        if late:
+            log.warning(
+                "refused a write-lease grant %.2f s old", (time.time_ns() - granted_at_ns) / 1e9
+            )
         for sid, epoch in epochs.items():
+            if late:
+                out[sid] = False
+                continue
             sp = self.lookup(sid)
             if sp is not None and sp.role == "primary" and sp.accepted_epoch == epoch:
                 sp.grant_lease(granted_at_ns)
@@ -312,6 +346,61 @@ class Node:
 
     # ---- lag ------------------------------------------------------------------------------
 
+    def install_snapshot(self, sp: Space) -> None:
+        """Swap a finished snapshot in for `sp`'s log and reopen it (replica side)."""
+        self.store.forget(sp.id)
+        snapshot.install(sp.path)
+        wal = self.store.open(sp.id)
+        old_commit = sp.commit
+        policy: FsyncPolicy = self.cfg.fsync  # type: ignore[assignment]
+        sp.commit = GroupCommit(wal, policy=policy, interval=self.cfg.fsync_interval)
+        sp.commit.start()
+        sp.log = wal
+        sp.sealed_upto = wal.last_sequence
+        sp.fork_checked = True  # the snapshot is the primary's own log
+        self._retired.add(asyncio.get_running_loop().create_task(old_commit.stop()))
+        log.info(
+            "space %s: installed a snapshot; log now %d..%d",
+            sp.id,
+            wal.first_sequence,
+            wal.last_sequence,
+        )
+
+    def apply_retention(self, sp: Space) -> None:
+        """Delete sealed segments no member needs, within a floor and a ceiling (issue 6).
+
+        Keeps every entry a replica still lacks, and at least `retention_min_entries`; but past
+        `retention_max_bytes` a gone replica stops pinning the disk: segments are released and
+        that replica will need a snapshot.
+        """
+        wal = sp.log
+        keep_from = wal.last_sequence - self.cfg.retention_min_entries + 1
+        if sp.role == "primary" and sp.replicas:
+            keep_from = min(keep_from, min(r.acked for r in sp.replicas.values()) + 1)
+        forced = False
+        if wal.size_bytes > self.cfg.retention_max_bytes:
+            # Release the oldest sealed segments until the log fits under the ceiling.
+            size, cut = wal.size_bytes, keep_from
+            for seg in wal.segments[:-1]:
+                if size <= self.cfg.retention_max_bytes:
+                    break
+                size -= seg.size
+                cut = max(cut, seg.last_sequence + 1)
+            forced = cut > keep_from
+            keep_from = cut
+        freed = wal.delete_before(keep_from) if keep_from > wal.first_sequence else 0
+        if freed:
+            self.metrics.retention_released.labels(sp.id).inc(freed)
+            if forced:
+                self.metrics.retention_forced.labels(sp.id).inc()
+                log.warning(
+                    "space %s: released %d bytes past retention_max_bytes; replicas "
+                    "behind sequence %d will need a snapshot",
+                    sp.id,
+                    freed,
+                    keep_from,
+                )
+
     def evaluate_lag(self) -> None:
         th = LagThresholds(
             self.cfg.lag_warning_seconds,
@@ -323,6 +412,10 @@ class Node:
         for sp in self.spaces.values():
             if sp.role == "none":
                 continue
+            try:
+                self.apply_retention(sp)
+            except WalError as err:
+                log.error("space %s: retention failed: %s", sp.id, err)
             self.metrics.last_sequence.labels(sp.id).set(sp.log.last_sequence)
             self.metrics.wal_bytes.labels(sp.id).set(sp.log.size_bytes)
             if sp.role != "primary":
@@ -337,7 +430,12 @@ class Node:
                     thresholds=th,
                     breaker_open=bool(link and link.breaker.is_open),
                     unreachable_for=away,
+                    catching_up=r.catchup is not None,
                 )
+                remaining = 0
+                if r.catchup is not None:
+                    remaining = r.catchup.total_entries - r.catchup.done_entries
+                self.metrics.catchup_remaining.labels(sp.id, r.node).set(remaining)
                 if new != r.state:
                     log.warning(transition_message(sp.id, r.node, r.state, new, r.lag))
                     r.state = new
@@ -365,7 +463,7 @@ class Node:
             "accepted_epoch": sp.accepted_epoch,
             "first_sequence": sp.log.first_sequence,
             "last_sequence": sp.log.last_sequence,
-            "applied_sequence": sp.log.durable_sequence,
+            "applied_sequence": sp.applied_sequence,
             "ack_policy": a.ack_policy if a else None,
             "primary": a.primary.node if a else None,
             "fenced": sp.fenced_reason,
@@ -386,8 +484,10 @@ class Node:
                     "state": r.state,
                     "connected": bool(link and link.connected),
                     "last_error": link.last_error if link and not link.connected else "",
+                    "catch_up": r.catchup.view() if r.catchup is not None else None,
                 }
             view["replicas"] = reps
+            view["caught_up"] = list(sp.caught_up)
         elif sp.role == "replica":
             lag = sp.own_lag()
             view["primary_last_sequence"] = sp.primary_last_seq

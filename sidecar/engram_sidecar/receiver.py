@@ -17,15 +17,28 @@ from collections.abc import Callable
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.contract import Epoch, NodeName, Sequence
 from engram_sidecar.entry import HEADER_SIZE
-from engram_sidecar.errors import ChecksumMismatch, EngramError, WalError, WireError
-from engram_sidecar.messages import Ack, Heartbeat, Nack, NackReason, decode_message
+from engram_sidecar.errors import ChecksumMismatch, EngramError, SequenceError, WalError, WireError
+from engram_sidecar.messages import (
+    Ack,
+    Heartbeat,
+    Nack,
+    NackReason,
+    SnapshotAck,
+    SnapshotBegin,
+    SnapshotEnd,
+    decode_message,
+)
 from engram_sidecar.metrics import Metrics
+from engram_sidecar.snapshot import SnapshotBuilder
 from engram_sidecar.space import Space
 from engram_sidecar.transport import PeerClosed, next_frames, server_handshake, tune_socket
-from engram_sidecar.wire import Frame, FrameDecoder
+from engram_sidecar.wire import Frame, FrameDecoder, MessageType
 from engram_sidecar.wire_batch import Batch, BatchMismatch
 
 log = logging.getLogger(__name__)
+_SNAPSHOT_TYPES = frozenset(
+    {MessageType.SNAPSHOT_BEGIN, MessageType.SNAPSHOT_CHUNK, MessageType.SNAPSHOT_END}
+)
 
 
 class Receiver:
@@ -37,7 +50,9 @@ class Receiver:
         secret: bytes,
         metrics: Metrics,
         lookup: Callable[[bytes], Space | None],
+        install_snapshot: Callable[[Space], None] = lambda sp: None,
     ) -> None:
+        self.install_snapshot = install_snapshot
         self.cfg = cfg
         self.node = node
         self.secret = secret
@@ -166,7 +181,8 @@ class Receiver:
             )
         if frame.epoch > space.accepted_epoch:
             space.note_epoch(frame.epoch)
-        if not space.fork_checked:
+        snap = frame.msg_type in _SNAPSHOT_TYPES
+        if not space.fork_checked and not snap:  # a snapshot replaces the log: no fork to find
             return self._nack(
                 NackReason.NOT_REPLICA, frame, f"{self.node} is still finding its fork point"
             )
@@ -175,9 +191,63 @@ class Receiver:
             space.primary_last_seq = max(space.primary_last_seq, int(msg.last_seq))
             space.primary_last_ts_ns = msg.last_timestamp_ns
             return self._ack(space)
+        if snap:
+            return await self._snapshot(space, frame, msg)
         if isinstance(msg, Batch):
             return await self._apply(space, msg, writer, acks)
         return b""
+
+    async def _snapshot(self, space: Space, frame: Frame, msg: object) -> bytes:
+        """Build a snapshot beside the live log; install it on SNAPSHOT_END."""
+        b = space.snapshot_builder
+        try:
+            if isinstance(msg, SnapshotBegin):
+                if b is not None:
+                    b.abandon()
+                space.snapshot_builder = b = SnapshotBuilder(
+                    space.path,
+                    space=space.id,
+                    first=int(msg.first_seq),
+                    last=int(msg.last_seq),
+                    epoch=int(msg.epoch),
+                    history=list(msg.epochs),
+                    segment_bytes=msg.segment_bytes,
+                )
+                log.info(
+                    "space %s: receiving a snapshot of %d..%d (%d bytes)",
+                    space.id,
+                    msg.first_seq,
+                    msg.last_seq,
+                    msg.total_bytes,
+                )
+                return self._snap_ack(space, b.log.last_sequence, installed=False)
+            if b is None:
+                return self._nack(NackReason.INTERNAL, frame, "no snapshot in progress")
+            if isinstance(msg, Batch):
+                if msg.first_seq != b.log.next_sequence:
+                    raise SequenceError(
+                        f"chunk starts at {msg.first_seq}, snapshot expects {b.log.next_sequence}"
+                    )
+                b.append(msg.entries)
+                await asyncio.to_thread(b.durable)
+                return self._snap_ack(space, b.log.last_sequence, installed=False)
+            if isinstance(msg, SnapshotEnd):
+                b.finish()
+                space.snapshot_builder = None
+                self.install_snapshot(space)
+                return self._snap_ack(space, space.log.last_sequence, installed=True)
+        except (WalError, OSError) as err:
+            log.error("space %s: snapshot failed, starting over: %s", space.id, err)
+            if space.snapshot_builder is not None:
+                space.snapshot_builder.abandon()
+                space.snapshot_builder = None
+            return self._nack(NackReason.INTERNAL, frame, f"snapshot failed: {err}"[:200])
+        return b""
+
+    def _snap_ack(self, space: Space, seq: int, *, installed: bool) -> bytes:
+        return SnapshotAck(
+            space.wire_id, Epoch(space.accepted_epoch), Sequence(seq), installed
+        ).encode()
 
     async def _apply(
         self,
@@ -223,7 +293,7 @@ class Receiver:
             writer.write(self._ack(space))
 
     def _ack(self, space: Space, seq: int | None = None) -> bytes:
-        s = space.log.durable_sequence if seq is None else seq
+        s = space.applied_sequence if seq is None else seq
         return Ack(space.wire_id, Epoch(space.accepted_epoch), Sequence(s), time.time_ns()).encode()
 
     def _nack(

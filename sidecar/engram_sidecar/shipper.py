@@ -17,31 +17,23 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from engram_sidecar.assignment import split_hostport
 from engram_sidecar.breaker import Backoff, CircuitBreaker
+from engram_sidecar.catchup import TokenBucket
 from engram_sidecar.config import SidecarConfig
-from engram_sidecar.contract import Epoch, NodeName, Sequence
+from engram_sidecar.contract import NodeName
 from engram_sidecar.errors import ChecksumMismatch, EngramError, WireError
-from engram_sidecar.messages import Ack, Heartbeat, Nack, NackReason, decode_message
+from engram_sidecar.messages import Ack, Nack, SnapshotAck, decode_message
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.space import Space
+from engram_sidecar.stream import Stream, StreamRefused
 from engram_sidecar.transport import PeerClosed, client_handshake, next_frames, tune_socket
 from engram_sidecar.wire import Frame, FrameDecoder
 
 log = logging.getLogger(__name__)
 # While backing off, a cheap connect probe runs this often (seconds).
 PROBE_EVERY = 1.0
-
-
-@dataclass
-class _Stream:
-    space: Space
-    next_send: int = 1
-    inflight: int = 0  # batches sent and not yet covered by an ack
-    last_sent_at: float = 0.0
-    paused_until: float = 0.0  # after UNKNOWN_SPACE / NOT_REPLICA, retry later
 
 
 class PeerLink:
@@ -54,16 +46,18 @@ class PeerLink:
         address: str,
         secret: bytes,
         metrics: Metrics,
+        bucket: TokenBucket,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        self.bucket = bucket
         self.node = node
         self.peer = peer
         self.address = address
         self.secret = secret
         self.metrics = metrics
         self.clock = clock
-        self.streams: dict[bytes, _Stream] = {}
+        self.streams: dict[bytes, Stream] = {}
         self.backoff = Backoff(cfg.backoff_steps)
         self.breaker = CircuitBreaker(cfg.breaker_failures, clock)
         self.connected = False
@@ -77,8 +71,18 @@ class PeerLink:
 
     def add(self, space: Space) -> None:
         if space.wire_id not in self.streams:
-            prog = space.replicas[self.peer]
-            self.streams[space.wire_id] = _Stream(space, next_send=prog.acked + 1)
+            st = Stream(
+                space,
+                self.peer,
+                metrics=self.metrics,
+                bucket=self.bucket,
+                threshold=self.cfg.catchup_threshold,
+                heartbeat_interval=self.cfg.heartbeat_interval,
+                window=self.cfg.max_inflight_batches,
+                clock=self.clock,
+            )
+            st.reset()
+            self.streams[space.wire_id] = st
             space.inflight = self._space_inflight(space)
         self._wake.set()
 
@@ -210,9 +214,8 @@ class PeerLink:
             log.info("circuit to %s closed", self.peer)
         self.metrics.circuit_open.labels(self.peer).set(0)
         for s in self.streams.values():
+            s.reset()
             prog = s.space.replicas.get(self.peer)
-            s.next_send = (prog.acked if prog else 0) + 1
-            s.inflight = 0
             if prog is not None:
                 prog.disconnected_since = None
         reader_task = asyncio.create_task(self._read_loop(reader, decoder, early))
@@ -224,44 +227,20 @@ class PeerLink:
                 await reader_task
 
     async def _send_loop(self, writer: asyncio.StreamWriter, reader: asyncio.Task[None]) -> None:
-        window = self.cfg.max_inflight_batches
         while True:
             if reader.done():
                 reader.result()  # re-raise why the connection ended
                 raise PeerClosed("reader stopped")
             self._wake.clear()
             now = self.clock()
+            wait = self.cfg.heartbeat_interval
             for s in list(self.streams.values()):
-                sp = s.space
-                if sp.role != "primary" or now < s.paused_until:
-                    continue
-                while s.inflight < window:
-                    got = sp.batch_at(s.next_send)
-                    if got is None:
-                        break
-                    frame, last = got
-                    writer.write(frame)
-                    n = last - s.next_send + 1
-                    self.metrics.batches_sent.labels(sp.id, self.peer).inc()
-                    self.metrics.entries_shipped.labels(sp.id, self.peer).inc(n)
-                    self.metrics.bytes.labels("out").inc(len(frame))
-                    s.next_send = last + 1
-                    s.inflight += 1
-                    s.last_sent_at = now
-                if s.inflight == 0 and now - s.last_sent_at >= self.cfg.heartbeat_interval:
-                    hb = Heartbeat(
-                        sp.wire_id,
-                        Epoch(sp.epoch),
-                        Sequence(sp.log.last_sequence),
-                        sp.log.last_timestamp_ns,
-                        time.time_ns(),
-                    ).encode()
-                    writer.write(hb)
-                    self.metrics.bytes.labels("out").inc(len(hb))
-                    s.last_sent_at = now
+                retry = s.fill(writer.write, now)
+                if retry is not None:
+                    wait = min(wait, max(retry, 0.001))
             await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.heartbeat_interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _read_loop(
         self, reader: asyncio.StreamReader, decoder: FrameDecoder, early: list[Frame]
@@ -281,38 +260,14 @@ class PeerLink:
                 s = self.streams.get(frame.space)
                 if s is None:
                     continue
-                if isinstance(msg, Ack):
-                    self._on_ack(s, msg)
-                elif isinstance(msg, Nack):
-                    self._on_nack(s, msg)
+                try:
+                    if isinstance(msg, Ack):
+                        s.on_ack(msg)
+                    elif isinstance(msg, SnapshotAck):
+                        s.on_snapshot_ack(msg)
+                    elif isinstance(msg, Nack):
+                        s.on_nack(msg)
+                except StreamRefused as err:
+                    raise PeerClosed(str(err)) from err
             pending = []
             self._wake.set()
-
-    def _on_ack(self, s: _Stream, ack: Ack) -> None:
-        sp = s.space
-        if ack.epoch > sp.epoch:
-            sp.note_epoch(ack.epoch)
-        sp.on_ack(self.peer, ack.sequence, ack.timestamp_ns)
-        prog = sp.replicas.get(self.peer)
-        acked = prog.acked if prog else ack.sequence
-        # Acks are cumulative: what is past `acked` is still in flight, in batch-sized pieces.
-        outstanding = s.next_send - 1 - acked
-        s.inflight = 0 if outstanding <= 0 else -(-outstanding // sp.batch_max_entries)
-
-    def _on_nack(self, s: _Stream, nack: Nack) -> None:
-        sp = s.space
-        self.metrics.nacks.labels("in", nack.reason.name).inc()
-        log.info("space %s: %s refused: %s %s", sp.id, self.peer, nack.reason.name, nack.message)
-        if nack.reason is NackReason.STALE_EPOCH:
-            sp.note_epoch(nack.epoch)
-            sp.fence(f"replica {self.peer} holds a newer epoch ({nack.message})")
-        elif nack.reason is NackReason.GAP:
-            s.next_send = max(1, int(nack.resend_from))
-            s.inflight = 0
-        elif nack.reason in (NackReason.UNKNOWN_SPACE, NackReason.NOT_REPLICA):
-            s.paused_until = self.clock() + 0.2
-            prog = sp.replicas.get(self.peer)
-            s.next_send = (prog.acked if prog else 0) + 1
-            s.inflight = 0
-        else:
-            raise PeerClosed(f"{self.peer} refused: {nack.reason.name}: {nack.message}")

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from engram_sidecar import assignment as assignment_file
 from engram_sidecar.assignment import Assignment
+from engram_sidecar.catchup import Progress
 from engram_sidecar.contract import NodeName, SpaceId, space_wire_id
 from engram_sidecar.entry import decode_header
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.lag import Lag, ReplicaState, compute_lag
+from engram_sidecar.snapshot import SnapshotBuilder
 from engram_sidecar.wal import SpaceLog
 from engram_sidecar.wire_batch import encode_batch
 
@@ -42,6 +44,7 @@ class ReplicaProgress:
     state: ReplicaState = "Healthy"
     lag: Lag = field(default_factory=lambda: Lag(0, 0.0))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    catchup: Progress | None = None  # set while the replica catches up
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Space:
         self.accepted_epoch = 0
         # A replica whose epoch changed must cut any divergent tail before applying batches.
         self.fork_checked = True
+        self.snapshot_builder: SnapshotBuilder | None = None  # replica: a snapshot arriving
+        self.caught_up: deque[dict[str, object]] = deque(maxlen=20)  # CaughtUp records
         self.dropped_entries = 0  # divergent entries cut when this node was deposed
         self.fenced_reason: str | None = None
         self.replicas: dict[NodeName, ReplicaProgress] = {}
@@ -118,6 +123,14 @@ class Space:
         if self.assignment is None:
             return "none"
         return self.assignment.role_of(self.node)
+
+    @property
+    def applied_sequence(self) -> int:
+        """What this node holds as far as its fsync policy promises: durable under `always`,
+        written otherwise (with `none` nothing is ever synced, yet the entries are held)."""
+        if self.commit.policy == "always":
+            return self.log.durable_sequence
+        return self.log.last_sequence
 
     @property
     def epoch(self) -> int:
@@ -331,7 +344,7 @@ class Space:
     def own_lag(self, now_ns: int | None = None) -> Lag:
         """A replica's own view: how far behind the primary's last heartbeat or batch it is."""
         now_ns = time.time_ns() if now_ns is None else now_ns
-        mine = self.log.durable_sequence
+        mine = self.applied_sequence
         if self.primary_last_seq <= mine:
             return Lag(0, 0.0)
         ts = self.primary_last_ts_ns or None

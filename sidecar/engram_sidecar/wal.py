@@ -69,8 +69,11 @@ class SpaceLog:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         clock_ns: Callable[[], int] = time.time_ns,
         on_torn_tail: Callable[[int], None] | None = None,
+        first_sequence: int = 1,
     ) -> None:
         self.space = space
+        # Where a brand-new log starts: 1, or a snapshot's first sequence (catch-up).
+        self._first_for_new = first_sequence
         self.dir = space_dir
         self.wal_dir = space_dir / "wal"
         self._epochs_path = space_dir / "epochs.json"
@@ -93,10 +96,10 @@ class SpaceLog:
         self.history = epoch_history.load(self._epochs_path)
         found = list_segments(self.wal_dir)
         if not found:
-            path = self.wal_dir / segment_name(1)
+            path = self.wal_dir / segment_name(self._first_for_new)
             path.touch()
             fsync_dir(self.wal_dir)
-            found = [(1, path)]
+            found = [(self._first_for_new, path)]
         for (first, path), nxt in zip(found, [*found[1:], None], strict=True):
             last = nxt[0] - 1 if nxt is not None else first - 1
             self._segments.append(Segment(path, first, last, path.stat().st_size))
@@ -580,6 +583,12 @@ class WalStore:
 
     def get(self, space: SpaceId) -> SpaceLog | None:
         return self._logs.get(space)
+
+    def forget(self, space: SpaceId) -> None:
+        """Close a space's log so its files can be replaced (snapshot install); reopen later."""
+        found = self._logs.pop(space, None)
+        if found is not None:
+            found.close()
 
     def close(self) -> None:
         for lg in self._logs.values():

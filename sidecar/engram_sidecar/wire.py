@@ -69,7 +69,11 @@ class MessageType(enum.IntEnum):
     ACK = 11
     HEARTBEAT = 12
     NACK = 13
-    # 20-29: reserved for snapshot / catch-up messages; a v1 decoder rejects them
+    # 20-29: snapshot catch-up (a replica too far behind is rebuilt from the primary's log)
+    SNAPSHOT_BEGIN = 20
+    SNAPSHOT_CHUNK = 21
+    SNAPSHOT_END = 22
+    SNAPSHOT_ACK = 23
 
 
 CONNECTION_TYPES: Final = frozenset(

@@ -201,7 +201,8 @@ class Batch:
     @classmethod
     def from_frame(cls, frame: Frame, *, max_size: int = DEFAULT_MAX_BODY) -> Self:
         """Decompress (at most `max_size` bytes) and validate every entry against the header."""
-        if frame.msg_type is not MessageType.BATCH:
+        # A SNAPSHOT_CHUNK has a BATCH's layout and rules; only where it is applied differs.
+        if frame.msg_type not in (MessageType.BATCH, MessageType.SNAPSHOT_CHUNK):
             raise MalformedFrame(f"expected a BATCH frame, got {frame.msg_type.name}")
         if frame.space == NO_SPACE:
             raise MalformedFrame("BATCH must name a space")
@@ -221,3 +222,23 @@ class Batch:
             frame.count,
             entries,
         )
+
+
+def encode_snapshot_chunk(
+    *, space: bytes, epoch: int, first_seq: int, last_seq: int, count: int, entries: bytes
+) -> bytes:
+    """A SNAPSHOT_CHUNK frame: BATCH layout (stored entries, uncompressed) under the chunk type."""
+    bad = _check_batch_range(first_seq, last_seq, count)
+    if bad is not None:
+        raise ValueError(f"invalid chunk range: {bad}")
+    if space == NO_SPACE:
+        raise ValueError("SNAPSHOT_CHUNK must name a space")
+    return encode_frame(
+        MessageType.SNAPSHOT_CHUNK,
+        entries,
+        epoch=epoch,
+        space=space,
+        first_seq=first_seq,
+        last_seq=last_seq,
+        count=count,
+    )

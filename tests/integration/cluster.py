@@ -47,6 +47,8 @@ FAST_FLAGS: Final[Mapping[str, str]] = {
     "heartbeat_interval": "0.1",
     "lag_monitor_interval": "0.2",
     "log_level": "INFO",
+    # Never pick up a pod's service account: these nodes are local processes.
+    "kube_enabled": "false",
 }
 
 T = TypeVar("T")

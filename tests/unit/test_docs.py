@@ -23,6 +23,7 @@ from engram_operator.cli import _parser
 from engram_sidecar import api
 from engram_sidecar.config import SidecarConfig, load_config, setting_names
 from engram_sidecar.entry import HEADER
+from engram_sidecar.kube import KubeMetrics
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.node import Node
 
@@ -55,9 +56,9 @@ def _one_row(text: str, first_cell: str, doc: str) -> list[str]:
 def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Exposed name -> (type, label names) for every metric Metrics registers."""
     m = Metrics(CollectorRegistry())
-    labels = {
-        w._name: tuple(w._labelnames) for w in vars(m).values() if isinstance(w, MetricWrapperBase)
-    }
+    kube = KubeMetrics(m.registry)  # what the Kubernetes tasks add (engram_sidecar.kube)
+    wrappers = [*vars(m).values(), *vars(kube).values()]
+    labels = {w._name: tuple(w._labelnames) for w in wrappers if isinstance(w, MetricWrapperBase)}
     out = {}
     for family in m.registry.collect():
         exposed = family.name + "_total" if family.type == "counter" else family.name

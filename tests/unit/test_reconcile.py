@@ -345,11 +345,12 @@ def test_reconcile_refuses_a_switchover_to_a_non_replica() -> None:
     assert decision.actions == (AbortSwitchover(target=D, reason=decision.sentence),)
 
 
-def test_reconcile_switchover_waits_for_the_primary_to_report() -> None:
+def test_reconcile_switchover_first_resends_to_a_silent_primary() -> None:
     decision = tick(world(spec=SpaceSpec(target_primary=B), reports=HEALTHY[1:]))
     assert decision.sentence == (
-        "switching space orders over to node-b: waiting for primary node-a to report its sequence"
+        "re-sent the epoch 3 assignment of space orders to node-a (reports nothing)"
     )
+    assert any(isinstance(a, PushAssignment) and a.nodes == (A,) for a in decision.actions)
 
 
 def test_reconcile_clears_a_completed_switchover() -> None:
@@ -450,9 +451,12 @@ def test_reconcile_tells_a_returning_deposed_primary_to_step_down() -> None:
     )
 
 
-def test_reconcile_waits_for_members_to_report() -> None:
+def test_reconcile_resends_to_a_live_member_that_reports_nothing() -> None:
     decision = tick(world(reports=HEALTHY[:2]))
-    assert decision.sentence == "space orders: waiting for node-c to report at epoch 3"
+    assert decision.sentence == (
+        "re-sent the epoch 3 assignment of space orders to node-c (reports nothing)"
+    )
+    assert any(isinstance(a, PushAssignment) and a.nodes == (C,) for a in decision.actions)
 
 
 def test_reconcile_says_when_it_cannot_replace_a_lost_replica() -> None:

@@ -359,7 +359,7 @@ def _with_header(data: bytes, **fields: int) -> bytes:
     [
         ({"magic": 0x12345678}, MalformedFrame, "bad magic"),
         ({"version": 2}, MalformedFrame, "version 2"),
-        ({"type": 20}, UnknownMessageType, "type 20"),
+        ({"type": 24}, UnknownMessageType, "type 24"),
         ({"type": 99}, UnknownMessageType, "type 99"),
         ({"flags": 0x0002}, MalformedFrame, "unknown flag bits 0x0002"),
         ({"flags": FLAG_COMPRESSED}, MalformedFrame, "compressed flag set on HEARTBEAT"),

@@ -1,0 +1,239 @@
+"""`engram-replication operator`: the kopf handlers and the process around them.
+
+Handlers stay thin. kopf starts one daemon per MemorySpace when the object appears or the
+operator (re)starts, and stops it when the object is deleted, the operator exits, or kopf peering
+pauses this instance in favour of a peer. The daemon builds a `SpaceDriver` from the object's
+status and calls `tick()` once per node refresh (every 0.25 s; watch events alone could not
+notice a node that silently stops). Everything else lives in the driver and the pure core.
+
+HA: with `--peering NAME`, replicas coordinate through the namespaced KopfPeering object NAME.
+kopf pauses every instance that sees a live peer of higher priority, and — by design — pauses
+*all* instances of equal priority, so each instance needs its own priority. By default it is
+minus the start time in microseconds: the longest-running instance leads, a restarted or added
+replica stands by instead of taking over, and `--dev` (priority 666) outranks them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+import kopf
+from aiohttp import web
+
+from engram_operator.kube_api import KubeApi, connection_info
+from engram_operator.kube_driver import SpaceDriver
+from engram_operator.kube_metrics import OperatorMetrics, serve
+from engram_operator.kube_nodes import NodeMonitor, parse_selector
+from engram_operator.kube_sidecar import SidecarClient
+from engram_operator.placement import describe
+from engram_operator.verdict import DEFAULT_TIMING
+from engram_sidecar.contract import API_GROUP, API_VERSION, PLURAL, SpaceId, validate_space_id
+
+log = logging.getLogger("engram_operator.kube")
+
+DEV_PRIORITY: Final = 666  # kopf's own `--dev` priority
+# A stopped daemon ends its current tick and exits: within half a second, unless the tick is a
+# switchover's handover, which may need its catch-up bound (5 s) to finish or give the space back.
+# Only past this does kopf cancel it.
+STOP_GRACE: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OperatorOptions:
+    namespace: str
+    token_file: Path
+    node_selector: str = ""
+    peering: str | None = None
+    standalone: bool = False
+    dev: bool = False
+    priority: int | None = None
+    peering_lifetime: int = 10
+    metrics_host: str = "0.0.0.0"  # scraped from other pods
+    metrics_port: int = 0
+    kubeconfig: Path | None = None
+    api_url: str | None = None
+    log_level: str = "INFO"
+
+
+def identity() -> str:
+    """Who this instance is, in peering records and API user agents: the pod, or host and pid."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def priority(opts: OperatorOptions) -> int:
+    if opts.priority is not None:
+        return opts.priority
+    if opts.dev:
+        return DEV_PRIORITY
+    return -(time.time_ns() // 1000)
+
+
+def settings(opts: OperatorOptions) -> kopf.OperatorSettings:
+    s = kopf.OperatorSettings()
+    s.peering.lifetime = opts.peering_lifetime
+    s.peering.priority = priority(opts)
+    s.persistence.finalizer = f"{API_GROUP}/operator"
+    # kopf posts its own log lines as Events from this level up; ours are posted explicitly.
+    s.posting.level = logging.WARNING
+    # One exact namespace and a CRD installed before us (by the chart): no need to watch the
+    # cluster's namespaces and CRDs, and no RBAC for them.
+    s.scanning.disabled = True
+    s.watching.connect_timeout = 5.0
+    s.watching.server_timeout = 300
+    s.watching.reconnect_backoff = 0.5
+    return s
+
+
+class Operator:
+    """One operator process: shared clients, the node monitor, and the handler registry."""
+
+    def __init__(self, opts: OperatorOptions, kopf_settings: kopf.OperatorSettings) -> None:
+        self.opts = opts
+        self.settings = kopf_settings
+        self.identity = identity()
+        self.metrics = OperatorMetrics()
+        self.api = KubeApi(self.credentials, user_agent=f"engram-operator ({self.identity})")
+        token = opts.token_file.read_text().strip()
+        self.sidecars = SidecarClient(token, probe_timeout=DEFAULT_TIMING.probe_timeout)
+        self.metrics_runner: web.AppRunner | None = None
+        self.nodes = NodeMonitor(
+            api=self.api,
+            sidecars=self.sidecars,
+            namespace=opts.namespace,
+            selector=parse_selector(opts.node_selector),
+        )
+
+    async def close_metrics(self) -> None:
+        runner, self.metrics_runner = self.metrics_runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def credentials(self) -> kopf.ConnectionInfo:
+        return connection_info(
+            settings=self.settings, kubeconfig=self.opts.kubeconfig, api_url=self.opts.api_url
+        )
+
+    def registry(self) -> kopf.OperatorRegistry:
+        registry = kopf.OperatorRegistry()
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return self.credentials()
+
+        @kopf.daemon(
+            API_GROUP,
+            API_VERSION,
+            PLURAL,
+            id="reconcile",
+            registry=registry,
+            cancellation_backoff=STOP_GRACE,
+            cancellation_timeout=2.0,
+        )
+        async def reconcile_space(
+            name: str,
+            namespace: str | None,
+            body: kopf.Body,
+            stopped: kopf.DaemonStopped,
+            **_: Any,
+        ) -> None:
+            await self.run_space(name, namespace or self.opts.namespace, body, stopped)
+
+        @kopf.on.cleanup(registry=registry)
+        async def close(**_: Any) -> None:
+            # Before kopf waits for leftover tasks: a scraper's keep-alive connection would
+            # otherwise hold the exit up for kopf's 5 s.
+            await self.close_metrics()
+            await self.api.close()
+            await self.sidecars.close()
+
+        return registry
+
+    async def run_space(
+        self, name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped
+    ) -> None:
+        """The daemon of one space: a tick per node refresh until kopf stops it."""
+        try:
+            space = validate_space_id(name)
+        except ValueError as err:  # contract's InvalidSpaceId is a ValueError
+            log.warning("MemorySpace %s/%s ignored: %s", namespace, name, err)
+            await stopped.wait()
+            return
+        driver = SpaceDriver(
+            namespace=namespace,
+            name=space,
+            api=self.api,
+            sidecars=self.sidecars,
+            nodes=self.nodes,
+            metrics=self.metrics,
+        )
+        driver.adopt(body)
+        self.nodes.attach(SpaceId(space), driver.state.placement)
+        self.metrics.active_spaces.inc()
+        placed = driver.state.placement
+        log.info("space %s: reconciling (%s)", space, describe(placed) if placed else "not placed")
+        try:
+            while not stopped:
+                # Right after a node refresh: the first tick never decides on an empty view.
+                await self.nodes.next_tick(timeout=2 * DEFAULT_TIMING.check_interval)
+                if stopped:
+                    break
+                try:
+                    await driver.tick(body)
+                except Exception:  # one bad tick must not end the daemon (no crash loop)
+                    self.metrics.reconcile_errors.inc()
+                    log.exception("space %s: tick failed", space)
+        finally:
+            self.metrics.active_spaces.dec()
+            await self.nodes.detach(space)
+            log.info("space %s: stopped reconciling (%s)", space, stopped.reason or "cancelled")
+
+
+async def run(opts: OperatorOptions) -> int:
+    """Run the operator until SIGINT/SIGTERM (kopf handles the signals)."""
+    kopf_settings = settings(opts)
+    op = Operator(opts, kopf_settings)
+    if opts.metrics_port:
+        op.metrics_runner = await serve(op.metrics, host=opts.metrics_host, port=opts.metrics_port)
+    peering = None if opts.standalone or not opts.peering else opts.peering
+    if peering is None and not opts.standalone:
+        log.warning("no --peering: running standalone; run a single replica of this operator")
+    log.info(
+        "operator %s: namespace %s, peering %s (priority %d)",
+        op.identity,
+        opts.namespace,
+        peering or "off",
+        kopf_settings.peering.priority,
+    )
+    try:
+        await kopf.operator(
+            registry=op.registry(),
+            settings=kopf_settings,
+            namespaces=[opts.namespace],
+            clusterwide=False,
+            standalone=peering is None,
+            peering_name=peering,
+            priority=kopf_settings.peering.priority,
+            identity=cast("Any", op.identity),  # kopf's Identity is a NewType of str
+        )
+    finally:
+        await op.close_metrics()
+    return 0
+
+
+def main(opts: OperatorOptions) -> int:
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(run(opts))
+    except (OSError, ValueError, kopf.LoginError) as err:
+        log.error("engram-replication operator: %s", err)
+        return 1

@@ -1,0 +1,56 @@
+"""The operator's Prometheus metrics: its own registry, served by prometheus-client's handler.
+
+Owns the metric names and their meaning (docs/operator.md lists them) and nothing else: the driver
+counts, this module only holds the counters. The registry is injected so tests get a fresh one.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from engram_sidecar.contract import METRICS_PREFIX
+
+# A tick is one lease read, one decision and (rarely) a few API writes and sidecar pushes; the
+# buckets span the healthy case (~1 ms) to a handover that waits out its catch-up bound (5 s).
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class OperatorMetrics:
+    """The operator's metrics, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.promotions = Counter(
+            METRICS_PREFIX + "promotions_total",
+            "Promotions of a replica to primary (failovers and switchovers) by this operator.",
+            ["space"],
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            METRICS_PREFIX + "reconcile_errors_total",
+            "Reconcile ticks that failed (API or sidecar errors); the next tick retries.",
+            registry=self.registry,
+        )
+        self.decision_duration = Histogram(
+            METRICS_PREFIX + "decision_duration_seconds",
+            "Time of one reconcile tick of one space: observe, decide, and execute the actions.",
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.active_spaces = Gauge(
+            METRICS_PREFIX + "operator_active_spaces",
+            "Spaces this operator instance reconciles now (0 on a paused peer).",
+            registry=self.registry,
+        )
+
+
+async def serve(metrics: OperatorMetrics, *, host: str, port: int) -> web.AppRunner:
+    """Serve `GET /metrics` on host:port until the returned runner is cleaned up."""
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

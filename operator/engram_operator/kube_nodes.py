@@ -1,0 +1,404 @@
+"""The operator's view of the nodes: their Leases, probes, heartbeats and progress reports.
+
+Owns the facts `verdict.judge` and `reconcile` need about nodes, gathered once per operator
+process (not once per space), every `Timing.check_interval`:
+
+* **Leases.** One LIST of the node Leases (label `engram.io/node-lease=true`) per interval. A
+  renewal counts from the moment *this process sees* `spec.renewTime` change, on its own
+  monotonic clock. The first sighting (at start-up, or on taking over from a peer) counts as a
+  renewal too, unless `renewTime` is clearly stale by the wall clock (older than the lease plus
+  FIRST_SIGHT_SLACK, far beyond any clock skew): guessing a Lease younger than it is delays a
+  failover by at most one lease duration, guessing it older could depose a primary that renews
+  fine but that this process can't reach yet. The Lease annotations say where the sidecar listens.
+* **Probes.** When a verdict asks (`probe_due`), `GET /healthz` with the probe timeout.
+* **Heartbeats.** `POST /v1/lease` to every node: it grants the write lease of each space the node
+  leads in a placement we recorded (design §4: a primary whose replicas are down still writes
+  while the control plane vouches for it), and answers `/v1/status`, our member reports. A
+  heartbeat that succeeds counts as a successful probe: it proves the node was alive when it was
+  sent, and — which is what safety needs — the write lease it granted lapses 1.5 s after it was
+  sent, before the node's liveness lease (2 s from then) can expire.
+
+The loop runs only while some space is attached (a space's kopf daemon runs), so a peer paused by
+kopf peering neither heartbeats nor grants: only the active operator vouches for primaries.
+Probes and heartbeats run as background tasks, at most one of each per node in flight, so a hung
+node never delays the lease read that the next tick needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from engram_operator.kube_api import KubeApi, KubeApiError
+from engram_operator.kube_sidecar import SidecarClient, SidecarError
+from engram_operator.model import MemberReport, NodeInfo, Placement
+from engram_operator.verdict import (
+    DEFAULT_TIMING,
+    LeaseObservation,
+    ProbeResult,
+    StoreHealth,
+    Timing,
+    Verdict,
+    judge,
+)
+from engram_sidecar.contract import (
+    ANNOTATION_HTTP,
+    ANNOTATION_REPLICATION,
+    LABEL_NODE_LEASE,
+    LEASE_PREFIX,
+    Epoch,
+    NodeAddresses,
+    NodeName,
+    Sequence,
+    SpaceId,
+)
+
+log = logging.getLogger("engram_operator.kube")
+
+# Before a space's first placement, wait this long at most for every node to be judged once (a
+# renewal seen, or a probe answered), so that an operator that just started doesn't place every
+# new space on whichever node it happened to judge first.
+SETTLE_GRACE: Final = 10.0
+# A Lease first seen with a renewTime older than its duration plus this is treated as never
+# renewed (judged by a probe at once). Clocks on a cluster agree within milliseconds (NTP); 5 s
+# only keeps a badly skewed node from being failed over right after an operator restart.
+FIRST_SIGHT_SLACK: Final = 5.0
+ZONE_LABEL: Final = "topology.kubernetes.io/zone"
+RACK_LABEL: Final = "engram.io/rack"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeRecord:
+    """What a node's Lease says: where it listens, its failure domain, its last renewal."""
+
+    name: NodeName
+    http: str
+    address: str
+    zone: str | None
+    rack: str | None
+    renew_time: str | None
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (equality only) as a dict; raises ValueError on anything else."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.replace("==", "=").partition("=")
+        if not sep or not key.strip() or "!" in key:
+            raise ValueError(f"--node-selector takes key=value pairs, got {part!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_lease(item: Mapping[str, Any], selector: Mapping[str, str]) -> NodeRecord | None:
+    """The node a Lease describes, or None when it is not a usable node Lease."""
+    meta = item.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    labels = meta.get("labels") or {}
+    if not name.startswith(LEASE_PREFIX) or labels.get(LABEL_NODE_LEASE) != "true":
+        return None
+    if any(labels.get(k) != v for k, v in selector.items()):
+        return None
+    annotations = meta.get("annotations") or {}
+    http, address = annotations.get(ANNOTATION_HTTP), annotations.get(ANNOTATION_REPLICATION)
+    if not isinstance(http, str) or not isinstance(address, str) or not http or not address:
+        return None
+    renew = (item.get("spec") or {}).get("renewTime")
+    return NodeRecord(
+        name=NodeName(name[len(LEASE_PREFIX) :]),
+        http=http,
+        address=address,
+        zone=labels.get(ZONE_LABEL),
+        rack=labels.get(RACK_LABEL),
+        renew_time=str(renew) if renew is not None else None,
+    )
+
+
+def _fresh(renew_time: str | None, within: float) -> bool:
+    """Is `renew_time` (RFC 3339) less than `within` seconds old by our wall clock? An
+    unreadable time counts as fresh (see the module docstring: guessing young is safe)."""
+    if not renew_time:
+        return False
+    try:
+        when = datetime.datetime.fromisoformat(renew_time.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return (datetime.datetime.now(datetime.UTC) - when).total_seconds() < within
+
+
+class NodeMonitor:
+    """Leases, probes, heartbeats and reports of every node, shared by all space daemons."""
+
+    def __init__(
+        self,
+        *,
+        api: KubeApi,
+        sidecars: SidecarClient,
+        namespace: str,
+        selector: Mapping[str, str],
+        timing: Timing = DEFAULT_TIMING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api = api
+        self.sidecars = sidecars
+        self.namespace = namespace
+        self.selector = dict(selector)
+        self.timing = timing
+        self.clock = clock
+        self.records: dict[NodeName, NodeRecord] = {}
+        self.renewed_at: dict[NodeName, float] = {}
+        self.probes: dict[NodeName, ProbeResult] = {}
+        self.status: dict[NodeName, dict[str, Any]] = {}
+        self.store = StoreHealth(last_read_ok_at=None)
+        self.placements: dict[SpaceId, Placement | None] = {}
+        self.started_at = clock()
+        self._seen: dict[NodeName, str | None] = {}
+        self._states: dict[NodeName, str] = {}
+        self._inflight: dict[tuple[str, NodeName], asyncio.Task[None]] = {}
+        self._noted: dict[tuple[NodeName, SpaceId], tuple[float, dict[str, Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ticked = asyncio.Event()
+        self._store_error = ""
+
+    # ---- life cycle: the loop runs while a space daemon is attached --------------------------
+
+    def attach(self, space: SpaceId, placement: Placement | None) -> None:
+        self.placements[space] = placement
+        if self._task is None or self._task.done():
+            self._forget()
+            self._task = asyncio.create_task(self._run(), name="engram node monitor")
+
+    def _forget(self) -> None:
+        """Start from nothing: what a paused peer saw before its pause says nothing now."""
+        self.records.clear()
+        self.renewed_at.clear()
+        self.probes.clear()
+        self.status.clear()
+        self._seen.clear()
+        self._states.clear()
+        self._noted.clear()
+        self.store = StoreHealth(last_read_ok_at=None)
+        self.started_at = self.clock()
+
+    async def detach(self, space: SpaceId) -> None:
+        self.placements.pop(space, None)
+        if self.placements or self._task is None:
+            return
+        task, self._task = self._task, None
+        task.cancel()
+        for t in [task, *self._inflight.values()]:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._inflight.clear()
+
+    def set_placement(self, space: SpaceId, placement: Placement | None) -> None:
+        """Record where a space lives now (grants and primary load follow it at once)."""
+        if space in self.placements:
+            self.placements[space] = placement
+
+    async def next_tick(self, timeout: float) -> None:
+        """Wait for the next refresh (or `timeout` seconds)."""
+        event = self._ticked
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    async def _run(self) -> None:
+        while True:
+            started = self.clock()
+            try:
+                await self.refresh()
+            except Exception:  # the loop must outlive one bad refresh
+                log.exception("node refresh failed")
+            event, self._ticked = self._ticked, asyncio.Event()
+            event.set()
+            await asyncio.sleep(max(0.0, self.timing.check_interval - (self.clock() - started)))
+
+    # ---- one refresh ----------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the Leases, then start the probes and heartbeats they call for. A read slower
+        than `store_stale_after` is given up: by then the verdicts would hold anyway."""
+        sent = self.clock()
+        selector = ",".join(
+            f"{k}={v}" for k, v in {LABEL_NODE_LEASE: "true", **self.selector}.items()
+        )
+        try:
+            items = await self.api.list_leases(
+                self.namespace, selector, timeout=self.timing.store_stale_after
+            )
+        except KubeApiError as err:
+            self.store = StoreHealth(last_read_ok_at=self.store.last_read_ok_at, last_error_at=sent)
+            if str(err) != self._store_error:
+                log.warning("cannot read node leases: %s", err)
+            self._store_error = str(err)
+            return
+        if self._store_error:
+            log.info("node leases readable again")
+            self._store_error = ""
+        self.store = StoreHealth(last_read_ok_at=sent, last_error_at=self.store.last_error_at)
+        for item in items:
+            record = parse_lease(item, self.selector)
+            if record is None:
+                continue
+            name = record.name
+            if name not in self._seen:
+                if _fresh(record.renew_time, self.timing.lease_duration + FIRST_SIGHT_SLACK):
+                    self.renewed_at[name] = sent
+                log.info(
+                    "node %s found: http %s, replication %s", name, record.http, record.address
+                )
+            elif record.renew_time != self._seen[name]:
+                self.renewed_at[name] = sent
+            self._seen[name] = record.renew_time
+            self.records[name] = record
+        now = self.clock()
+        for name, verdict in self.verdicts(now).items():
+            self._note_state(verdict)
+            if verdict.probe_due:
+                self._spawn("probe", name, self._probe(name))
+            if name in self.records:
+                self._spawn("heartbeat", name, self._heartbeat(name))
+
+    def _note_state(self, verdict: Verdict) -> None:
+        before = self._states.get(verdict.node)
+        if before != verdict.state:
+            level = logging.INFO if verdict.state == "Alive" else logging.WARNING
+            log.log(level, "node %s is %s: %s", verdict.node, verdict.state, verdict.reason)
+            self._states[verdict.node] = verdict.state
+
+    def _spawn(self, kind: str, node: NodeName, coro: Coroutine[Any, Any, None]) -> None:
+        key = (kind, node)
+        running = self._inflight.get(key)
+        if running is not None and not running.done():
+            coro.close()
+            return
+        self._inflight[key] = asyncio.create_task(coro, name=f"{kind} {node}")
+
+    def _record_probe(self, node: NodeName, result: ProbeResult) -> None:
+        last = self.probes.get(node)
+        if last is None or result.started_at >= last.started_at:
+            self.probes[node] = result
+
+    async def _probe(self, node: NodeName) -> None:
+        sent = self.clock()
+        record = self.records.get(node)
+        # A member whose Lease we never saw has no address: nothing answers, so the probe fails.
+        ok = record is not None and await self.sidecars.healthz(record.http)
+        self._record_probe(node, ProbeResult(ok=ok, started_at=sent))
+
+    async def _heartbeat(self, node: NodeName) -> None:
+        record = self.records[node]
+        epochs = {
+            space: int(p.epoch)
+            for space, p in self.placements.items()
+            if p is not None and p.primary == node
+        }
+        sent = self.clock()
+        try:
+            doc = await self.sidecars.heartbeat(record.http, epochs)
+        except SidecarError:
+            return  # keep its last report: an election needs a dead primary's last sequence
+        self._record_probe(node, ProbeResult(ok=True, started_at=sent))
+        # A view noted from an assignment answer after this heartbeat was sent is newer.
+        spaces = dict(doc.get("spaces") or {})
+        for (n, space), (at, view) in list(self._noted.items()):
+            if n != node:
+                continue
+            if at > sent:
+                spaces[space] = view
+            else:
+                del self._noted[(n, space)]
+        self.status[node] = {**doc, "spaces": spaces}
+
+    def note_view(self, node: NodeName, space: SpaceId, view: Mapping[str, Any]) -> None:
+        """A space view a node just answered (an assignment): fresher than its last heartbeat,
+        so the next tick doesn't re-send what the node has already taken."""
+        self._noted[(node, space)] = (self.clock(), dict(view))
+        doc = self.status.setdefault(node, {})
+        doc["spaces"] = {**(doc.get("spaces") or {}), space: dict(view)}
+
+    # ---- what the space daemons read --------------------------------------------------------
+
+    def known(self) -> list[NodeName]:
+        """Nodes with a Lease, plus members of recorded placements whose Lease is gone."""
+        names = set(self.records)
+        for p in self.placements.values():
+            if p is not None:
+                names.update(p.members)
+        return sorted(names)
+
+    def verdicts(self, now: float) -> dict[NodeName, Verdict]:
+        return {
+            n: judge(
+                LeaseObservation(
+                    node=n,
+                    renewed_at=self.renewed_at.get(n),
+                    duration=self.timing.lease_duration,
+                    probe=self.probes.get(n),
+                ),
+                now=now,
+                store=self.store,
+                timing=self.timing,
+            )
+            for n in self.known()
+        }
+
+    def infos(self) -> tuple[NodeInfo, ...]:
+        return tuple(
+            NodeInfo(name=r.name, address=r.address, zone=r.zone, rack=r.rack)
+            for r in sorted(self.records.values(), key=lambda r: r.name)
+        )
+
+    def addresses(self) -> dict[str, NodeAddresses]:
+        return {n: {"address": r.address, "http": r.http} for n, r in self.records.items()}
+
+    def primary_load(self) -> dict[NodeName, int]:
+        load: dict[NodeName, int] = {}
+        for p in self.placements.values():
+            if p is not None:
+                load[p.primary] = load.get(p.primary, 0) + 1
+        return load
+
+    def unsettled(self, now: float) -> str | None:
+        """Why a first placement should wait: nodes not judged yet (bounded by SETTLE_GRACE)."""
+        if now - self.started_at >= SETTLE_GRACE:
+            return None
+        waiting = [n for n in self.records if n not in self.renewed_at and n not in self.probes]
+        if not waiting and self.store.last_read_ok_at is not None:
+            return None
+        who = ", ".join(sorted(waiting)) or "the node leases"
+        return f"waiting for {who} to be judged before placing"
+
+    def reports(self, space: SpaceId) -> dict[NodeName, MemberReport]:
+        """Each node's last report of `space`, with lag and state as its primary sees them."""
+        lag_view: Mapping[str, Any] = {}
+        for doc in self.status.values():
+            view = (doc.get("spaces") or {}).get(space)
+            if view and view.get("role") == "primary":
+                lag_view = view.get("replicas") or {}
+        out: dict[NodeName, MemberReport] = {}
+        for node, doc in self.status.items():
+            view = (doc.get("spaces") or {}).get(space)
+            if not view or view.get("role") not in ("primary", "replica"):
+                continue
+            role = view["role"]
+            seq = view.get("last_sequence" if role == "primary" else "applied_sequence", 0)
+            lag = lag_view.get(node) or {}
+            out[node] = MemberReport(
+                node=node,
+                role=role,
+                epoch=Epoch(int(view.get("epoch", 0))),
+                applied_sequence=Sequence(int(seq or 0)),
+                lag_seconds=float(lag.get("lag_seconds", 0.0) or 0.0),
+                state=lag.get("state", "Healthy"),
+            )
+        return out

@@ -1,0 +1,477 @@
+"""The sidecar on Kubernetes: its node Lease, its roles read back from the API, its member reports.
+
+Three tasks, each off the data plane's path (every API call has a timeout, kube_client.py):
+
+* **Node Lease.** Every LEASE_RENEW_SECONDS the sidecar renews the `coordination.k8s.io/v1` Lease
+  `engram-node-<node>` (a JSON merge patch; created on 404). It is the node's liveness for the
+  operator and its registry entry: the annotations say where its HTTP API and replication
+  listener are reached (contract.ANNOTATION_HTTP, ANNOTATION_REPLICATION).
+* **Write leases.** A renewal the API server accepted is the control plane vouching for the node
+  (design-notes "write lease"), dated by the wall clock when the request was *sent*: it extends
+  the write lease of each space led here that holds a control-plane grant. A grant lapses 1.5 s
+  after that send, before the operator (2 s after it *saw* the renewal) can judge the Lease
+  expired. Renewals vouch only while continuous: each answered within MAX_RENEW_GAP of the
+  previous accepted one's sending. At start-up or after a gap the operator may be moving this
+  node's spaces, so vouching resumes only after `settle` (LEASE_DURATION) seconds of continuous
+  renewals, from a read of the MemorySpaces (`sync`): it grants the spaces whose status still
+  names this node primary at its epoch and applies any newer placement. Reads without grants
+  restore the node's roles at start-up (contract.assignment_from_status) with no operator push.
+* **Member reports.** As a space's primary, the sidecar patches MemorySpace status with the
+  SIDECAR_STATUS_FIELDS only (design §3): at once (but at most every MIN_REPORT_GAP) when the
+  epoch or a member's state changes, else at most every `status_report_interval` while progress
+  or lag changes, and not at all while nothing does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from engram_sidecar.assignment import Assignment, AssignmentError
+from engram_sidecar.contract import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    LABEL_NODE_LEASE,
+    LEASE_DURATION_SECONDS,
+    LEASE_RENEW_SECONDS,
+    METRICS_PREFIX,
+    PLURAL,
+    MemberStatus,
+    NodeAddresses,
+    assignment_from_status,
+    lease_name,
+    validate_space_id,
+)
+from engram_sidecar.errors import InvalidSpaceId
+from engram_sidecar.kube_client import (
+    KubeApiError,
+    KubeClient,
+    KubeSettings,
+    addresses_from_leases,
+    lease_object,
+    micro_time,
+)
+from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.space import Space
+
+log = logging.getLogger(__name__)
+
+MIN_REPORT_GAP: Final = LEASE_RENEW_SECONDS  # never patch one space's status more often
+# Longest time from one accepted renewal's send to the next one's answer that keeps write leases
+# renewing without a re-read: the rest of LEASE_DURATION is margin for clocks and the operator.
+MAX_RENEW_GAP: Final = LEASE_DURATION_SECONDS - LEASE_RENEW_SECONDS
+# How often MemorySpaces are read again while a led space has no write lease from the control
+# plane (restored from disk) or a placement of this node lacked a member's Lease.
+RESYNC_SECONDS: Final = 2.0
+
+
+class KubeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = METRICS_PREFIX
+        self.lease_renewals = Counter(
+            p + "lease_renewals",
+            "Node Lease renewals, by outcome (ok, created, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.lease_renewed = Gauge(
+            p + "lease_renewed_timestamp_seconds",
+            "Wall-clock time (sent) of the last node Lease renewal the API server accepted.",
+            registry=registry,
+        )
+        self.status_reports = Counter(
+            p + "status_reports",
+            "MemorySpace status patches with member rows, by outcome (ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("ok", "created", "failed"):
+            self.lease_renewals.labels(outcome)
+        for outcome in ("ok", "failed"):
+            self.status_reports.labels(outcome)
+
+
+def member_report(sp: Space, now_ns: int) -> dict[str, Any]:
+    """The SIDECAR_STATUS_FIELDS of `sp`, led here, except membersReportedAt. Primary first."""
+    rows: list[MemberStatus] = [
+        {
+            "node": sp.node,
+            "role": "primary",
+            "appliedSequence": sp.log.last_sequence,
+            "lagEntries": 0,
+            "lagSeconds": 0.0,
+            "state": "Healthy",
+        }
+    ]
+    for r in sp.replicas.values():
+        lag = sp.replica_lag(r, now_ns)
+        row: MemberStatus = {
+            "node": r.node,
+            "role": "replica",
+            "appliedSequence": r.acked,
+            "lagEntries": lag.entries,
+            "lagSeconds": round(lag.seconds, 3),
+            "state": r.state,
+        }
+        if r.catchup is not None:
+            v = r.catchup.view()
+            row["catchUp"] = {
+                "phase": v["phase"],
+                "reason": v["reason"],
+                "entriesDone": v["entries_done"],
+                "entriesTotal": v["entries_total"],
+                "bytesDone": v["bytes_done"],
+                "bytesTotal": v["bytes_total"],
+                "rateEntriesPerSecond": v["rate_entries_per_second"],
+                "etaSeconds": v["eta_seconds"],
+            }
+        rows.append(row)
+    return {
+        "members": rows,
+        "maxLagEntries": max(row.get("lagEntries", 0) for row in rows),
+        "maxLagSeconds": max(row.get("lagSeconds", 0.0) for row in rows),
+        "membersEpoch": sp.assignment_epoch(),
+    }
+
+
+def _material(sp: Space) -> tuple[object, ...]:
+    """What makes a report urgent: the epoch, the members and their states."""
+    return (
+        sp.assignment_epoch(),
+        tuple((r.node, r.state, r.catchup is not None) for r in sp.replicas.values()),
+    )
+
+
+def _progress(sp: Space) -> tuple[int, ...]:
+    return (sp.log.last_sequence, *(r.acked for r in sp.replicas.values()))
+
+
+@dataclass
+class _Report:
+    material: tuple[object, ...] = ()
+    progress: tuple[int, ...] = ()
+    sent_at: float = float("-inf")
+    tried_at: float = float("-inf")
+    failed: bool = False
+
+
+class KubeSidecar:
+    def __init__(
+        self,
+        node: Node,
+        settings: KubeSettings,
+        *,
+        http_address: str,
+        replication_address: str,
+        client: KubeClient | None = None,
+        wall_ns: Callable[[], int] = time.time_ns,
+        settle: float = LEASE_DURATION_SECONDS,
+    ) -> None:
+        self.node = node
+        self.settings = settings
+        self.http_address = http_address  # host:port, both published in the Lease
+        self.replication_address = replication_address
+        self.client = client or KubeClient(settings)
+        self.wall_ns = wall_ns
+        self.metrics = KubeMetrics(node.metrics.registry)
+        self.synced = False  # MemorySpaces read at least once
+        ns = settings.namespace
+        self._leases = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+        self._lease = f"{self._leases}/{lease_name(node.name)}"
+        self._spaces = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{ns}/{PLURAL}"
+        self.settle = settle
+        self._last_ok: float | None = None  # monotonic send time of the last accepted renewal
+        self._run_since = 0.0  # ...and of the first one of the current continuous run
+        self._vouching = False  # renewals extend write leases (a settled run, status read)
+        self._synced_at = float("-inf")
+        self._incomplete = False  # the last read placed this node somewhere it couldn't build
+        self._reports: dict[str, _Report] = {}
+        # CaughtUp records already posted as Events: only newer ones are posted.
+        self._events_after: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._trouble: set[str] = set()  # what is failing now: log transitions, not every try
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._every(LEASE_RENEW_SECONDS, self.tick)),
+            loop.create_task(self._every(MIN_REPORT_GAP, self.report_all)),
+        ]
+        log.info(
+            "node %s: Kubernetes API %s, namespace %s, Lease %s",
+            self.node.name,
+            self.settings.api_url,
+            self.settings.namespace,
+            lease_name(self.node.name),
+        )
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        await self.client.close()
+
+    async def _every(self, period: float, step: Callable[[], Any]) -> None:
+        while True:
+            began = time.monotonic()
+            try:
+                await step()
+            except Exception:
+                log.exception("Kubernetes task %s failed", getattr(step, "__name__", step))
+            await asyncio.sleep(max(0.0, began + period - time.monotonic()))
+
+    def _problem(self, what: str, err: Exception | None) -> None:
+        if err is not None and what not in self._trouble:
+            self._trouble.add(what)
+            log.warning("node %s: %s failed (retrying quietly): %s", self.node.name, what, err)
+        elif err is None and what in self._trouble:
+            self._trouble.discard(what)
+            log.info("node %s: %s works again", self.node.name, what)
+
+    # ---- node Lease and write leases ------------------------------------------------------
+
+    async def tick(self) -> None:
+        sent_ns, sent = self.wall_ns(), time.monotonic()
+        if not await self.renew(sent_ns):
+            if not self.synced:
+                await self.sync(None)  # roles at start-up even when the Lease can't be written
+            return
+        now = time.monotonic()
+        if self._last_ok is None or now - self._last_ok > MAX_RENEW_GAP:
+            # Start-up or a gap: the operator may have judged the Lease expired and be moving
+            # this node's spaces. Vouch again only from a status read made once any such
+            # decision must be on record: after `settle` seconds of continuous renewals.
+            self._run_since, self._vouching = sent, False
+        self._last_ok = sent
+        if not self._vouching:
+            if now - self._run_since >= self.settle:
+                self._vouching = await self.sync(sent_ns)
+            elif not self.synced:
+                await self.sync(None)
+            return
+        now_ns = self.wall_ns()
+        led = [sp for sp in self.node.spaces.values() if sp.role == "primary"]
+        held: dict[str, int] = {
+            sp.id: sp.assignment_epoch() for sp in led if sp.control_lease_until_ns > now_ns
+        }
+        self.node.grant_leases(sent_ns, held)
+        # Led spaces nobody vouched for (restored from disk), members without a Lease: re-read.
+        pending = len(held) < len(led) or self._incomplete
+        if pending and now - self._synced_at >= RESYNC_SECONDS:
+            await self.sync(sent_ns)
+
+    async def renew(self, sent_ns: int) -> bool:
+        body = lease_object(
+            self.node.name,
+            self.settings.namespace,
+            http=self.http_address,
+            replication=self.replication_address,
+            renew_ns=sent_ns,
+        )
+        outcome = "ok"
+        try:
+            try:
+                await self.client.request("PATCH", self._lease, body=body)
+            except KubeApiError as err:
+                if err.status != 404:
+                    raise
+                created = {
+                    **body,
+                    "spec": {**body["spec"], "acquireTime": body["spec"]["renewTime"]},
+                }
+                try:
+                    await self.client.request("POST", self._leases, body=created)
+                    outcome = "created"
+                except KubeApiError as err2:
+                    if err2.status != 409:
+                        raise
+                    # Created meanwhile (a previous incarnation's late request): patch it.
+                    await self.client.request("PATCH", self._lease, body=body)
+        except KubeApiError as err:
+            self.metrics.lease_renewals.labels("failed").inc()
+            self._problem("node Lease renewal", err)
+            return False
+        self.metrics.lease_renewals.labels(outcome).inc()
+        self.metrics.lease_renewed.set(sent_ns / 1e9)
+        self._problem("node Lease renewal", None)
+        return True
+
+    async def sync(self, grant_at_ns: int | None) -> bool:
+        """Apply the placements MemorySpace status gives this node; grant write leases (dated
+        `grant_at_ns`) to the spaces whose status names this node primary at its epoch."""
+        try:
+            leases = await self.client.list(self._leases, label_selector=f"{LABEL_NODE_LEASE}=true")
+            spaces = await self.client.list(self._spaces)
+        except KubeApiError as err:
+            self._problem("reading MemorySpaces", err)
+            return False
+        self._problem("reading MemorySpaces", None)
+        self.synced, self._synced_at = True, time.monotonic()
+        addresses = addresses_from_leases(leases)
+        addresses[self.node.name] = {"address": self.replication_address, "http": self.http_address}
+        vouched: dict[str, int] = {}
+        self._incomplete = False
+        for obj in spaces:
+            status, spec = obj.get("status") or {}, obj.get("spec") or {}
+            name = (obj.get("metadata") or {}).get("name", "")
+            sp = self._apply(name, status, spec, addresses)
+            if (
+                sp is not None
+                and sp.role == "primary"
+                and status.get("primary") == self.node.name
+                and status.get("epoch") == sp.assignment_epoch()
+            ):
+                vouched[sp.id] = sp.assignment_epoch()
+        if grant_at_ns is not None and vouched:
+            self.node.grant_leases(grant_at_ns, vouched)
+        return True
+
+    def _apply(
+        self,
+        name: str,
+        status: Mapping[str, Any],
+        spec: Mapping[str, Any],
+        addresses: Mapping[str, NodeAddresses],
+    ) -> Space | None:
+        try:
+            sid = validate_space_id(name)
+        except InvalidSpaceId:
+            return None
+        here = self.node.spaces.get(sid)
+        replicas = status.get("replicas")
+        placed = status.get("primary") == self.node.name or (
+            isinstance(replicas, list) and self.node.name in replicas
+        )
+        if not placed and (here is None or here.assignment is None):
+            return None
+        doc = assignment_from_status(status, spec, addresses)
+        if doc is None:
+            # No placement yet, or a member's Lease is missing: retried, and the operator pushes.
+            self._incomplete = self._incomplete or (placed and bool(status.get("primary")))
+            return here
+        try:
+            changed, sp = self.node.assign(sid, Assignment.from_json(doc), grant_lease=False)
+        except (AssignmentError, StaleAssignment) as err:
+            log.debug("space %s: MemorySpace status not applied: %s", sid, err)
+            return here
+        if changed:
+            log.info(
+                "space %s: %s at epoch %d, from MemorySpace status",
+                sid,
+                sp.role,
+                sp.assignment_epoch(),
+            )
+        return sp
+
+    # ---- member reports -------------------------------------------------------------------
+
+    async def report_all(self) -> None:
+        led = {
+            sid: sp
+            for sid, sp in self.node.spaces.items()
+            if sp.role == "primary" and sp.fenced_reason is None and sp.lease_valid()
+        }
+        for sid in set(self._reports) - set(led):
+            del self._reports[sid]
+        interval = self.node.cfg.status_report_interval
+        for sid, sp in led.items():
+            if sp.role != "primary" or sp.fenced_reason is not None:
+                continue  # changed while an earlier report was on its way
+            rep = self._reports.setdefault(sid, _Report())
+            now = time.monotonic()
+            if now - rep.tried_at < (interval if rep.failed else MIN_REPORT_GAP):
+                continue
+            material, progress = _material(sp), _progress(sp)
+            lagging = any(r.acked < sp.log.last_sequence for r in sp.replicas.values())
+            urgent = material != rep.material
+            if not urgent and (
+                (progress == rep.progress and not lagging) or now - rep.sent_at < interval
+            ):
+                continue
+            rep.tried_at = now
+            await self.post_caught_up(sp)
+            if await self.report(sp):
+                rep.material, rep.progress, rep.sent_at, rep.failed = material, progress, now, False
+            else:
+                rep.failed = True
+
+    async def post_caught_up(self, sp: Space) -> None:
+        """A ReplicaCaughtUp Event on the MemorySpace for each catch-up finished since last time."""
+        done = [r for r in sp.caught_up if int(str(r["at_ns"])) > self._events_after.get(sp.id, 0)]
+        for rec in done:
+            at = micro_time(int(str(rec["at_ns"])))
+            event = {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{sp.id}.", "namespace": self.settings.namespace},
+                "involvedObject": {
+                    "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                    "kind": KIND,
+                    "name": sp.id,
+                    "namespace": self.settings.namespace,
+                },
+                "reason": "ReplicaCaughtUp",
+                "message": (
+                    f"replica {rec['replica']} caught up by {rec['path']}: {rec['entries']} "
+                    f"entries, {rec['bytes']} bytes in {rec['seconds']} s ({rec['reason']})"
+                ),
+                "type": "Normal",
+                "firstTimestamp": at.split(".")[0] + "Z",
+                "lastTimestamp": at.split(".")[0] + "Z",
+                "count": 1,
+                "source": {"component": "engram-sidecar", "host": self.node.name},
+            }
+            try:
+                await self.client.request(
+                    "POST", f"/api/v1/namespaces/{self.settings.namespace}/events", body=event
+                )
+            except KubeApiError as err:
+                self._problem(f"ReplicaCaughtUp event for space {sp.id}", err)
+                return
+            self._events_after[sp.id] = int(str(rec["at_ns"]))
+
+    async def report(self, sp: Space) -> bool:
+        now_ns = self.wall_ns()
+        status = member_report(sp, now_ns)
+        status["membersReportedAt"] = micro_time(now_ns)
+        try:
+            await self.client.request(
+                "PATCH", f"{self._spaces}/{sp.id}/status", body={"status": status}
+            )
+        except KubeApiError as err:
+            self.metrics.status_reports.labels("failed").inc()
+            self._problem(f"status report of space {sp.id}", err)
+            return False
+        self.metrics.status_reports.labels("ok").inc()
+        self._problem(f"status report of space {sp.id}", None)
+        return True
+
+
+def advertised_addresses(node: Node, http_port: int) -> tuple[str, str]:
+    """(HTTP, replication) host:port as published in the Lease, with the ports actually bound."""
+    cfg = node.cfg
+    http = cfg.advertise_http_address or f"{cfg.http_host}:{http_port}"
+    repl = cfg.advertise_address or f"{cfg.replication_host}:{node.replication_port}"
+    for what, addr in (("advertise_http_address", http), ("advertise_address", repl)):
+        if addr.rsplit(":", 1)[0] in ("0.0.0.0", "::", "[::]", ""):
+            log.warning(
+                "node %s: publishing %s in its Lease, which peers can't dial; set %s "
+                "(e.g. to the pod IP)",
+                node.name,
+                addr,
+                what,
+            )
+    return http, repl

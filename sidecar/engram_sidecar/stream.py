@@ -1,0 +1,319 @@
+"""One replica stream (space x replica) on a peer connection: what to send next, and why.
+
+Modes: `probe` right after (re)connecting, until the replica's first ACK says where it is; then
+`live` (batches from its cursor, pipelined) or `snapshot` (the primary's retained log in
+throttled chunks, then live from the snapshot's end). The path is `catchup.choose_path`'s. The
+cursor moves only on acks, so a failed replica never loses entries (engram-facts §5.6).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Literal
+
+from engram_sidecar import catchup
+from engram_sidecar.contract import Epoch, NodeName, Sequence
+from engram_sidecar.errors import SequenceError
+from engram_sidecar.messages import (
+    Ack,
+    Heartbeat,
+    Nack,
+    NackReason,
+    SnapshotAck,
+    SnapshotBegin,
+    SnapshotEnd,
+)
+from engram_sidecar.metrics import Metrics
+from engram_sidecar.space import Space
+from engram_sidecar.wire_batch import encode_snapshot_chunk
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["probe", "live", "snapshot"]
+CHUNK_BYTES = 256 * 1024
+CHUNKS_IN_FLIGHT = 4
+
+
+class StreamRefused(Exception):
+    """The replica refused in a way only a new connection can fix."""
+
+
+class Stream:
+    def __init__(
+        self,
+        space: Space,
+        peer: NodeName,
+        *,
+        metrics: Metrics,
+        bucket: catchup.TokenBucket,
+        threshold: int,
+        heartbeat_interval: float,
+        window: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.space = space
+        self.peer = peer
+        self.metrics = metrics
+        self.bucket = bucket
+        self.threshold = threshold
+        self.heartbeat_interval = heartbeat_interval
+        self.window = window
+        self.clock = clock
+        self.mode: Mode = "probe"
+        self.next_send = 1
+        self.inflight = 0
+        self.last_sent_at = 0.0
+        self.paused_until = 0.0
+        self.snap_first = self.snap_last = self.snap_next = 0
+        self.snap_out: deque[int] = deque()  # last sequence of each chunk in flight
+        self.snap_end_sent = False
+        self.snap_reason: str | None = None  # set when a snapshot is due but not begun
+
+    @property
+    def acked(self) -> int:
+        prog = self.space.replicas.get(self.peer)
+        return prog.acked if prog is not None else 0
+
+    def reset(self) -> None:
+        """A new connection: learn where the replica is before sending anything else."""
+        self.mode = "probe"
+        self.inflight = 0
+        self.next_send = self.acked + 1
+        self.last_sent_at = 0.0
+        self.snap_out.clear()
+        self.snap_reason = None
+
+    # ---- sending --------------------------------------------------------------------------
+
+    def fill(self, write: Callable[[bytes], None], now: float) -> float | None:
+        """Write what this stream may send now. Returns seconds until a throttled retry."""
+        sp = self.space
+        if sp.role != "primary" or now < self.paused_until:
+            return None
+        retry = None
+        if self.mode == "live":
+            self._fill_live(write, now)
+        elif self.mode == "snapshot":
+            if self.snap_reason is not None:
+                self._begin_snapshot(write, self.snap_reason, now)
+            retry = self._fill_snapshot(write, now)
+        if (
+            self.inflight == 0
+            and not self.snap_out
+            and now - self.last_sent_at >= self.heartbeat_interval
+        ):
+            hb = Heartbeat(
+                sp.wire_id,
+                Epoch(sp.epoch),
+                Sequence(sp.log.last_sequence),
+                sp.log.last_timestamp_ns,
+                time.time_ns(),
+            ).encode()
+            write(hb)
+            self.metrics.bytes.labels("out").inc(len(hb))
+            self.last_sent_at = now
+        return retry
+
+    def _fill_live(self, write: Callable[[bytes], None], now: float) -> None:
+        sp = self.space
+        while self.inflight < self.window:
+            try:
+                got = sp.batch_at(self.next_send)
+            except SequenceError:
+                # The entries this replica needs were released (retention): only a snapshot
+                # can bring it back.
+                self._begin_snapshot(write, "its next entry is no longer retained", now)
+                return
+            if got is None:
+                return
+            frame, last = got
+            write(frame)
+            self.metrics.batches_sent.labels(sp.id, self.peer).inc()
+            self.metrics.entries_shipped.labels(sp.id, self.peer).inc(last - self.next_send + 1)
+            self.metrics.bytes.labels("out").inc(len(frame))
+            self.next_send = last + 1
+            self.inflight += 1
+            self.last_sent_at = now
+
+    def _begin_snapshot(self, write: Callable[[bytes], None], reason: str, now: float) -> None:
+        sp = self.space
+        wal = sp.log
+        self.snap_first, self.snap_last = wal.first_sequence, wal.last_sequence
+        self.snap_next, self.snap_end_sent = self.snap_first, False
+        self.snap_reason = None
+        self.snap_out.clear()
+        total = wal.size_bytes
+        self.mode = "snapshot"
+        self._progress("snapshot", reason, total)
+        write(
+            SnapshotBegin(
+                sp.wire_id,
+                Epoch(sp.epoch),
+                Sequence(self.snap_first),
+                Sequence(self.snap_last),
+                tuple(wal.history),
+                total,
+                wal.segment_bytes,
+            ).encode()
+        )
+        self.metrics.catchups.labels(sp.id, "snapshot").inc()
+        self.last_sent_at = now
+        log.info(
+            "space %s: replica %s gets a snapshot of %d..%d (%s)",
+            sp.id,
+            self.peer,
+            self.snap_first,
+            self.snap_last,
+            reason,
+        )
+
+    def _fill_snapshot(self, write: Callable[[bytes], None], now: float) -> float | None:
+        sp = self.space
+        while len(self.snap_out) < CHUNKS_IN_FLIGHT and self.snap_next <= self.snap_last:
+            r = sp.log.read(
+                self.snap_next, max_entries=100_000, max_bytes=CHUNK_BYTES, upto=self.snap_last
+            )
+            if not self.bucket.try_take(len(r.data)):
+                return self.bucket.wait_time(len(r.data))
+            frame = encode_snapshot_chunk(
+                space=sp.wire_id,
+                epoch=sp.epoch,
+                first_seq=r.first_sequence,
+                last_seq=r.last_sequence,
+                count=r.count,
+                entries=r.data,
+            )
+            write(frame)
+            self.metrics.bytes.labels("out").inc(len(frame))
+            self.metrics.catchup_bytes.labels(sp.id, self.peer).inc(len(r.data))
+            prog = self._prog()
+            if prog is not None:
+                prog.done_bytes += len(r.data)
+            self.snap_out.append(r.last_sequence)
+            self.snap_next = r.last_sequence + 1
+            self.last_sent_at = now
+        if self.snap_next > self.snap_last and not self.snap_out and not self.snap_end_sent:
+            write(
+                SnapshotEnd(
+                    sp.wire_id, Epoch(sp.epoch), Sequence(self.snap_first), Sequence(self.snap_last)
+                ).encode()
+            )
+            self.snap_end_sent = True
+            self.last_sent_at = now
+        return None
+
+    # ---- what the replica says ------------------------------------------------------------
+
+    def on_ack(self, ack: Ack) -> None:
+        sp = self.space
+        if ack.epoch > sp.epoch:
+            sp.note_epoch(ack.epoch)
+        sp.on_ack(self.peer, ack.sequence, ack.timestamp_ns)
+        if self.mode == "probe":
+            self._choose()
+            return
+        if self.mode != "live":
+            return
+        outstanding = self.next_send - 1 - self.acked
+        self.inflight = 0 if outstanding <= 0 else -(-outstanding // sp.batch_max_entries)
+        self._maybe_caught_up()
+
+    def _choose(self) -> None:
+        sp = self.space
+        nxt = self.acked + 1
+        choice = catchup.choose_path(
+            replica_next=nxt,
+            primary_first=sp.log.first_sequence,
+            primary_last=sp.log.last_sequence,
+            threshold=self.threshold,
+        )
+        if choice.path == "snapshot":
+            self.mode = "snapshot"
+            self.snap_reason = choice.reason  # fill() sends SNAPSHOT_BEGIN
+            return
+        self.mode = "live"
+        self.next_send = nxt
+        self.inflight = 0
+        gap = sp.log.last_sequence - self.acked
+        if gap > sp.batch_max_entries:
+            self._progress("incremental", choice.reason, 0)
+            self.metrics.catchups.labels(sp.id, "incremental").inc()
+
+    def on_snapshot_ack(self, msg: SnapshotAck) -> None:
+        prog = self._prog()
+        if prog is not None:
+            prog.done_sequence = int(msg.sequence)
+        while self.snap_out and self.snap_out[0] <= msg.sequence:
+            self.snap_out.popleft()
+        if msg.installed:
+            sp = self.space
+            sp.on_ack(self.peer, msg.sequence, time.time_ns())
+            self.mode = "live"
+            self.next_send = int(msg.sequence) + 1
+            self.inflight = 0
+            self._maybe_caught_up()
+
+    def on_nack(self, nack: Nack) -> None:
+        sp = self.space
+        self.metrics.nacks.labels("in", nack.reason.name).inc()
+        log.info("space %s: %s refused: %s %s", sp.id, self.peer, nack.reason.name, nack.message)
+        if nack.reason is NackReason.STALE_EPOCH:
+            sp.note_epoch(nack.epoch)
+            sp.fence(f"replica {self.peer} holds a newer epoch ({nack.message})")
+        elif nack.reason is NackReason.GAP and self.mode == "live":
+            self.next_send = max(1, int(nack.resend_from))
+            self.inflight = 0
+        elif nack.reason in (NackReason.UNKNOWN_SPACE, NackReason.NOT_REPLICA):
+            self.paused_until = self.clock() + 0.2
+            self.reset()
+        else:
+            raise StreamRefused(f"{self.peer} refused: {nack.reason.name}: {nack.message}")
+
+    # ---- progress -------------------------------------------------------------------------
+
+    def _prog(self) -> catchup.Progress | None:
+        rep = self.space.replicas.get(self.peer)
+        return rep.catchup if rep is not None else None
+
+    def _progress(self, path: catchup.Path, reason: str, total_bytes: int) -> None:
+        rep = self.space.replicas.get(self.peer)
+        if rep is None:
+            return
+        rep.catchup = catchup.Progress(
+            path,
+            reason,
+            self.acked,
+            self.space.log.last_sequence,
+            total_bytes=total_bytes,
+            clock=self.clock,
+        )
+
+    def _maybe_caught_up(self) -> None:
+        prog = self._prog()
+        rep = self.space.replicas.get(self.peer)
+        if prog is None or rep is None or self.acked < prog.target:
+            return
+        took = self.clock() - prog.started_at
+        record: dict[str, object] = {
+            "replica": self.peer,
+            "path": prog.path,
+            "entries": prog.total_entries,
+            "bytes": prog.done_bytes,
+            "seconds": round(took, 3),
+            "reason": prog.reason,
+            "at_ns": time.time_ns(),
+        }
+        self.space.caught_up.append(record)
+        log.info(
+            "space %s: replica %s caught up by %s: %d entries, %d bytes in %.2f s",
+            self.space.id,
+            self.peer,
+            prog.path,
+            prog.total_entries,
+            prog.done_bytes,
+            took,
+        )
+        rep.catchup = None
