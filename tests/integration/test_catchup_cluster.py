@@ -255,3 +255,29 @@ async def test_catchup_live_replica_lag_stays_under_1s_during_snapshot(cluster: 
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert lags and max(lags) < 1.0, f"live replica lag during the snapshot: max {max(lags):.2f} s"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_catchup_new_replica_of_a_1m_entry_space_ends_byte_identical(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_nodes(2, fsync="none", max_entries_per_request=10_000)
+    space = "million"
+    await cluster.assign(space, "n0", [], to=["n0"])
+    body = [{"i": i, "pad": "x" * 40} for i in range(5000)]
+
+    async def fill(batches: int) -> None:
+        for _ in range(batches):
+            r = await cluster.write_ndjson("n0", space, body, timeout=60)
+            assert r.status == 200, r
+
+    await asyncio.wait_for(asyncio.gather(*(fill(50) for _ in range(4))), 300)
+    assert (await cluster.space_view("n0", space))["last_sequence"] == 1_000_000
+    await cluster.assign(space, "n0", ["n1"], to=["n0", "n1"])
+    await fill(4)  # live writes while the new replica catches up
+    await cluster.wait_replicated(space, "n0", timeout=240)
+    assert await _catchups(cluster, "n0", space, "snapshot") >= 1
+    record = await _last_caught_up(cluster, space, "n1")
+    assert record is not None and record["path"] == "snapshot"
+    cluster.assert_wal_identical(space, "n0", ["n1"])
