@@ -48,6 +48,9 @@ def _die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+die_with_parent = _die_with_parent  # for other modules' preexec_fn
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on now (and not handed out before)."""
     for _ in range(100):
@@ -343,14 +346,28 @@ class BenchCluster:
         *,
         ack_policy: str = "async",
         epoch: int = 1,
+        compression: bool = False,
+        via: Mapping[str, str] | None = None,
     ) -> None:
-        """PUT the assignment to every member; raises unless each answers 200."""
-        doc = {
+        """PUT the assignment to every member; raises unless each answers 200.
+
+        `via` maps a replica's name to the host:port the primary should dial instead of the
+        replica's own listener (a delay proxy in front of it).
+        """
+        reps = []
+        for r in replicas:
+            m = self.nodes[r].member()
+            if via and r in via:
+                m["address"] = via[r]
+            reps.append(m)
+        doc: dict[str, Any] = {
             "epoch": epoch,
             "primary": self.nodes[primary].member(),
-            "replicas": [self.nodes[r].member() for r in replicas],
+            "replicas": reps,
             "ackPolicy": ack_policy,
         }
+        if compression:
+            doc["compression"] = True
         for n in (primary, *replicas):
             status, body = await self.request(
                 "PUT", n, f"/v1/spaces/{space}/assignment", json_body=doc, headers=self.auth()
@@ -401,6 +418,38 @@ class BenchCluster:
             for client in lean.values():
                 await client.close()
 
+    # ---- process control and metrics ----------------------------------------------------------
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP the node: its sockets stay open, it reads and answers nothing."""
+        os.kill(self.nodes[name].pid, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        os.kill(self.nodes[name].pid, signal.SIGCONT)
+
+    async def stop_node(self, name: str) -> None:
+        """SIGTERM (SIGKILL after STOP_TIMEOUT): the node shuts down; its data stays."""
+        await self.nodes[name].stop()
+
+    async def restart(self, name: str) -> None:
+        """Start a stopped node again on the same ports and data directory; wait for /readyz."""
+        node = self.nodes[name]
+        await node.stop()
+        node.spawn()
+        await self.wait_ready(node)
+
+    async def metric(self, node: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+        """One sample from the node's /metrics (Prometheus text), summed over series matching
+        `labels`; 0.0 when there is none yet."""
+        async with self.session.get(
+            self.nodes[node].url + "/metrics", timeout=aiohttp.ClientTimeout(total=5.0)
+        ) as r:
+            status = r.status
+            text = await r.text()
+        if status != 200:
+            raise BenchError(f"GET /metrics on {node}: HTTP {status}")
+        return metric_value(text, name, labels or {})
+
     async def space_view(self, node: str, space: str) -> dict[str, Any]:
         status, body = await self.request("GET", node, f"/v1/spaces/{space}", timeout=5.0)
         if status != 200 or not isinstance(body, dict):
@@ -441,6 +490,27 @@ class BenchCluster:
                     return
             await asyncio.sleep(0.02)
         raise BenchError(f"replicas of {space} never connected to {primary}")
+
+
+def metric_value(text: str, name: str, labels: Mapping[str, str]) -> float:
+    """Sum of the samples of `name` in Prometheus text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, brace, rest = head.partition("{")
+        if metric != name:
+            continue
+        have: dict[str, str] = {}
+        if brace:
+            for part in rest.rstrip("}").split(","):
+                k, eq, v = part.partition("=")
+                if eq:
+                    have[k.strip()] = v.strip().strip('"')
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 # ---- a lean HTTP/1.1 client for load generation --------------------------------------------------
@@ -600,9 +670,62 @@ def relay_to(ports):
         w.close()
     return relay
 
+def delay_to(port, delay_us):
+    delay = delay_us / 1e6
+
+    async def pump(src, dst, loop):
+        # One FIFO per direction and one writer task: every chunk leaves `delay` after it
+        # arrived, in order (timer heaps do not order equal deadlines).
+        queue = asyncio.Queue()
+
+        async def deliver():
+            while True:
+                due, data = await queue.get()
+                if data is None:
+                    dst.close()
+                    return
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                dst.write(data)
+                if dst.transport.get_write_buffer_size() > 4194304:
+                    await dst.drain()
+
+        task = asyncio.create_task(deliver())
+        try:
+            while True:
+                data = await src.read(262144)
+                if not data:
+                    break
+                queue.put_nowait((loop.time() + delay, data))
+        except (ConnectionError, OSError):
+            pass
+        queue.put_nowait((loop.time() + delay, None))
+        try:
+            await task
+        except (ConnectionError, OSError):
+            pass
+
+    async def proxy(r, w):
+        w.get_extra_info("socket").setsockopt(6, 1, 1)
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            w.close()
+            return
+        uw.get_extra_info("socket").setsockopt(6, 1, 1)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(pump(r, uw, loop), pump(ur, w, loop))
+    return proxy
+
 async def main():
     role = sys.argv[1]
-    handler = sink if role == "sink" else relay_to([int(p) for p in sys.argv[2:]])
+    if role == "sink":
+        handler = sink
+    elif role == "delay":
+        handler = delay_to(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        handler = relay_to([int(p) for p in sys.argv[2:]])
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
@@ -613,8 +736,10 @@ asyncio.run(main())
 
 
 class RawProcess:
-    """One raw helper process: `sink` (answers each frame with 64 bytes) or `relay` (forwards each
-    frame to every sink port and answers once all of them have)."""
+    """One raw helper process: `sink` (answers each frame with 64 bytes), `relay` (forwards each
+    frame to every sink port and answers once all of them have), or `delay` (a TCP proxy to the
+    port given first that holds every chunk, both ways, for the microseconds given second:
+    ``RawProcess("delay", target_port, delay_us)``)."""
 
     def __init__(self, role: str, *ports: int) -> None:
         self.role = role

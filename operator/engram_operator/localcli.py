@@ -239,8 +239,7 @@ async def _demo(
     )
     await asyncio.sleep(2.0)
     say(table(loop))
-    say(f"demo: restarting {victim}; it rejoins as a replica and catches up once the primaries'")
-    say("      reconnect backoff (100 ms -> 1 s -> 10 s, jittered) lets them redial it")
+    say(f"demo: restarting {victim}; it rejoins as a replica and catches up")
     procs.start(victim)
     restarted = time.monotonic()
 
