@@ -64,18 +64,7 @@ async def client_handshake(
     """Authenticate to a server. Returns frames that arrived after WELCOME (normally none)."""
     hs = ClientHandshake(secret=secret, node=node, expect_server=expect)
     writer.write(hs.start())
-    while True:
-        frames = await next_frames(reader, decoder, timeout)
-        for i, f in enumerate(frames):
-            out = hs.receive(f)
-            if out:
-                writer.write(out)
-                await writer.drain()
-            if hs.failed:
-                assert hs.error is not None
-                raise hs.error
-            if hs.done:
-                return frames[i + 1 :]
+    return await _drive(hs, reader, writer, decoder, timeout)
 
 
 async def server_handshake(
@@ -88,6 +77,19 @@ async def server_handshake(
     timeout: float,
 ) -> tuple[NodeName, list[Frame]]:
     hs = ServerHandshake(secret=secret, node=node)
+    rest = await _drive(hs, reader, writer, decoder, timeout)
+    assert hs.peer is not None
+    return hs.peer, rest
+
+
+async def _drive(
+    hs: ClientHandshake | ServerHandshake,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    decoder: FrameDecoder,
+    timeout: float,
+) -> list[Frame]:
+    """Feed frames to a handshake until it is done; returns the frames that came after it."""
     while True:
         frames = await next_frames(reader, decoder, timeout)
         for i, f in enumerate(frames):
@@ -99,5 +101,4 @@ async def server_handshake(
                 assert hs.error is not None
                 raise hs.error
             if hs.done:
-                assert hs.peer is not None
-                return hs.peer, frames[i + 1 :]
+                return frames[i + 1 :]
