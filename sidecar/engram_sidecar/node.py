@@ -78,7 +78,7 @@ class Node:
         # One catch-up budget for the whole node, shared by every catching-up stream.
         self.bucket = TokenBucket(
             rate=float(cfg.catchup_bytes_per_second),
-            burst=float(max(4 * CHUNK_BYTES, cfg.catchup_bytes_per_second // 10)),
+            burst=float(max(CHUNK_BYTES, cfg.catchup_bytes_per_second // 10)),
             clock=clock,
         )
         self.replication_port = 0
@@ -271,6 +271,11 @@ class Node:
                     )
                     self.links[r.node] = link
                     link.start()
+                    # The peer moved: every other space shipping to it follows the new address,
+                    # or its stream would die with the retired link.
+                    for other in self.spaces.values():
+                        if other is not sp and other.role == "primary" and r.node in other.replicas:
+                            link.add(other)
                 link.add(sp)
             sp.on_sealed = self._wake_links
         self._retire_idle_links()

@@ -134,6 +134,9 @@ class Stream:
             self.metrics.batches_sent.labels(sp.id, self.peer).inc()
             self.metrics.entries_shipped.labels(sp.id, self.peer).inc(last - self.next_send + 1)
             self.metrics.bytes.labels("out").inc(len(frame))
+            prog = self._prog()
+            if prog is not None:
+                prog.done_bytes += len(frame)
             self.next_send = last + 1
             self.inflight += 1
             self.last_sent_at = now

@@ -268,7 +268,18 @@ async def test_promql_prometheus_evaluates_every_query_and_no_alert_fires(
         assert len(rules) == len(rule_exprs())
         bad = {r["name"]: r.get("lastError") for r in rules if r.get("health") != "ok"}
         assert not bad, f"rules failing to evaluate: {bad}"
-        active = (await _api(cluster, base, "/api/v1/alerts"))["alerts"]  # pending or firing
-        assert not active, f"alerts on a healthy cluster: {active}"
+        # A transient condition on a loaded machine (a lag blip, a peer dialled before its
+        # assignment) may make an alert pending for a moment; on a healthy cluster none stays.
+        seen: list[Any] = []
+
+        async def quiet() -> bool:
+            active = (await _api(cluster, base, "/api/v1/alerts"))["alerts"]  # pending or firing
+            seen[:] = active
+            return not active
+
+        try:
+            await cluster.wait_until(quiet, timeout=15, what="no active alerts", interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"alerts on a healthy cluster: {seen}") from None
     finally:
         _stop(proc)

@@ -10,6 +10,7 @@ import contextlib
 import time
 
 import pytest
+from tests.faultproxy import FaultProxy
 from tests.integration.cluster import (
     Cluster,
     IntegrationError,
@@ -272,3 +273,20 @@ async def test_quorum_without_majority_fails_fast_and_acks_nothing(
     cluster.assert_wal_identical(space, "n0", ["n1", "n2"])
     last = (await cluster.space_view("n0", space))["last_sequence"]
     cluster.assert_wal_valid("n1", space, last)
+
+
+async def test_peer_address_change_moves_every_space_to_the_new_link(cluster: Cluster) -> None:
+    # One link per peer node: when a later assignment names the replica at a new address, the
+    # spaces already shipping to it must follow, not die with the retired link.
+    await cluster.start_nodes(2)
+    n1 = cluster["n1"]
+    async with FaultProxy("127.0.0.1", n1.replication_port, seed=3) as proxy:
+        await cluster.assign("alpha", "n0", ["n1"])
+        await cluster.assign("bravo", "n0", ["n1"], addresses={"n1": f"127.0.0.1:{proxy.port}"})
+        log = WriteLog()
+        await write_batches(cluster, "n0", "alpha", [payloads("alpha", 0, 50)], log)
+        await write_batches(cluster, "n0", "bravo", [payloads("bravo", 0, 50)], log)
+        assert not log.refused
+        await cluster.wait_replicated("alpha", "n0", timeout=15)
+        await cluster.wait_replicated("bravo", "n0", timeout=15)
+        assert proxy.stats["frames_up"] > 0
