@@ -170,3 +170,29 @@ def iter_entries(data: bytes | bytearray | memoryview, *, where: str = "<buffer>
         out.append(Entry(h.sequence, h.epoch, h.timestamp_ns, h.entry_type, bytes(body)))
         pos += HEADER_SIZE + h.payload_size
     return out
+
+
+def walk_entries(
+    data: bytes | bytearray | memoryview, *, where: str = "<buffer>", check_payloads: bool = True
+) -> list[EntryHeader]:
+    """The headers of a run of stored entries, every header CRC (and payload CRC) checked.
+
+    Lighter than `iter_entries`: no payload copies, one pass. WalCorruption on the first bad one.
+    """
+    out: list[EntryHeader] = []
+    with memoryview(data) as view:
+        pos, end = 0, len(view)
+        while pos < end:
+            h = decode_header(view, pos)
+            if isinstance(h, str):
+                raise WalCorruption(where, pos, h)
+            stop = pos + HEADER_SIZE + h.payload_size
+            if stop > end:
+                raise WalCorruption(where, pos, "entry runs past the end of the data")
+            if check_payloads:
+                bad = check_payload(h, view[pos + HEADER_SIZE : stop])
+                if bad is not None:
+                    raise WalCorruption(where, pos, bad)
+            out.append(h)
+            pos = stop
+    return out

@@ -270,7 +270,7 @@ class Receiver:
             )
         data = _skip_entries(batch.entries, wal.next_sequence - batch.first_seq)
         try:
-            first, last = wal.append_stored(data)
+            first, last = wal.append_stored(data, payloads_checked=True)
         except WalError as err:
             log.error("space %s: cannot apply batch: %s", space.id, err)
             return self._nack(NackReason.INTERNAL, None, str(err)[:200], space=space)

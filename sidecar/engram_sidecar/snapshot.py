@@ -52,7 +52,7 @@ class SnapshotBuilder:
         )
 
     def append(self, data: bytes) -> int:
-        _, last = self.log.append_stored(data)
+        _, last = self.log.append_stored(data, payloads_checked=True)
         return last
 
     def durable(self) -> int:

@@ -23,7 +23,16 @@ from typing import Final, Literal
 
 from engram_sidecar import epochs as epoch_history
 from engram_sidecar.contract import SpaceId, validate_space_id
-from engram_sidecar.entry import HEADER_SIZE, Entry, decode_header, encode_entry, iter_entries
+from engram_sidecar.entry import (
+    HEADER_SIZE,
+    Entry,
+    EntryHeader,
+    check_payload,
+    decode_header,
+    encode_entry,
+    iter_entries,
+    walk_entries,
+)
 from engram_sidecar.errors import SequenceError, WalClosed, WalCorruption, WalIOError
 from engram_sidecar.segment import (
     INDEX_EVERY,
@@ -83,6 +92,8 @@ class SpaceLog:
         self._segments: list[Segment] = []
         self._fd = -1  # active segment, opened for append
         self._rfds: dict[Path, int] = {}
+        # (sequence, segment, offset) just past the last read: sequential reads skip the seek.
+        self._next_read: tuple[int, Segment, int] | None = None
         self._failed: BaseException | None = None
         self.durable_sequence = 0
         self.last_timestamp_ns = 0
@@ -211,14 +222,17 @@ class SpaceLog:
         self._write(b"".join(parts), first, seq - 1, epoch, ts)
         return first, seq - 1
 
-    def append_stored(self, data: bytes) -> tuple[int, int]:
+    def append_stored(self, data: bytes, *, payloads_checked: bool = False) -> tuple[int, int]:
         """Append entries already encoded by a primary (a replica applying a batch).
 
-        Every entry is checked (CRCs, sequences continuing from next_sequence, epochs not going
-        back) before a byte is written, so a bad batch leaves the log untouched.
+        Every entry is checked (header CRCs, sequences continuing from next_sequence, epochs not
+        going back) before a byte is written, so a bad batch leaves the log untouched. Payload
+        CRCs too, unless the caller just checked them (`Batch.from_frame` does).
         """
         self._check_usable()
-        entries = iter_entries(data, where=f"batch for space {self.space}")
+        entries = walk_entries(
+            data, where=f"batch for space {self.space}", check_payloads=not payloads_checked
+        )
         if not entries:
             raise SequenceError("batch of no entries")
         first = entries[0].sequence
@@ -236,7 +250,7 @@ class SpaceLog:
         self._write_entries(data, entries)
         return first, entries[-1].sequence
 
-    def _write_entries(self, data: bytes, entries: list[Entry]) -> None:
+    def _write_entries(self, data: bytes, entries: list[EntryHeader]) -> None:
         # Record every epoch change inside the batch, then write the bytes.
         for e in entries:
             if e.epoch > self.last_epoch:
@@ -423,7 +437,11 @@ class SpaceLog:
             return ReadResult(from_sequence, from_sequence - 1, 0, b"")
         seg = self._segment_for(from_sequence)
         fd = self._rfd(seg)
-        off = seek_offset(seg, from_sequence, fd)
+        hint = self._next_read
+        if hint is not None and hint[0] == from_sequence and hint[1] is seg:
+            off = hint[2]  # shipping reads where the last read ended: no index walk
+        else:
+            off = seek_offset(seg, from_sequence, fd)
         last_in_seg = min(seg.last_sequence, end_seq, from_sequence + max_entries - 1)
         want = min(seg.size - off, max(max_bytes, HEADER_SIZE))
         data = os.pread(fd, want, off)
@@ -442,14 +460,15 @@ class SpaceLog:
                 data = os.pread(fd, size, off)  # one entry larger than max_bytes
             if h.sequence != seq:
                 raise WalCorruption(where, off + pos, f"sequence {h.sequence}, expected {seq}")
+            # Payload CRC in the same pass: never serve a bad entry, and walk the bytes once.
+            with memoryview(data) as view:
+                bad = check_payload(h, view[pos + HEADER_SIZE : pos + size])
+            if bad is not None:
+                raise WalCorruption(where, off + pos, bad)
             pos += size
             seq += 1
-        chunk = data[:pos]
-        try:
-            iter_entries(chunk, where=where)  # payload CRCs: never serve a bad entry
-        except WalCorruption as err:  # its offset is within `chunk`; report the file's
-            raise WalCorruption(where, off + err.offset, err.reason) from None
-        return ReadResult(from_sequence, seq - 1, seq - from_sequence, chunk)
+        self._next_read = (seq, seg, off + pos)
+        return ReadResult(from_sequence, seq - 1, seq - from_sequence, data[:pos])
 
     def read_entries(self, from_sequence: int, *, limit: int = 1000) -> list[Entry]:
         out: list[Entry] = []
@@ -469,6 +488,7 @@ class SpaceLog:
 
         Returns how many entries were dropped. The cut is durable before this returns.
         """
+        self._next_read = None
         self._check_usable()
         if sequence >= self.last_sequence:
             return 0
@@ -504,6 +524,7 @@ class SpaceLog:
 
     def delete_before(self, sequence: int) -> int:
         """Delete sealed segments holding only entries below `sequence`. Returns bytes freed."""
+        self._next_read = None
         freed = 0
         keep: list[Segment] = []
         for i, seg in enumerate(self._segments):
