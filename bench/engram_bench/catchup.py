@@ -13,7 +13,7 @@ Per path, while an open-loop writer offers `BACKGROUND` entries/s to the space t
 
 Reported: the gap the primary saw, the path, catch-up time (the sidecar's own record, and from
 r2's /readyz to the record), bytes, r1's lag and the write P99 before and during catch-up.
-Baseline, same run: the raw loopback pipeline (`replication._raw_pipeline`): how long moving
+Baseline, same run: the raw loopback pipeline (`pipeline.raw_pipeline`): how long moving
 the same number of entries takes with no HTTP, CRC, WAL or fsync.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from engram_bench.cluster import BenchCluster, BenchError, bench_dir, ndjson_body
 from engram_bench.load import LoadResult, Sampler, error_text, http_send, open_loop
-from engram_bench.replication import _raw_pipeline
+from engram_bench.pipeline import raw_pipeline
 from engram_bench.report import Section, fmt_ms, percentile
 
 PAYLOAD: Final = 100
@@ -174,7 +174,7 @@ async def _main(quick: bool) -> dict[str, Any]:
             for path in PATHS:
                 await c.assign(f"cu-{path}", f"p-{path}", ["r1", "r2"])
                 await c.wait_streaming(f"cu-{path}", f"p-{path}")
-            data["raw_per_s"] = await _raw_pipeline(1, b.raw_s)
+            data["raw_per_s"] = await raw_pipeline(1, b.raw_s)
             data["runs"] = {path: await _one(c, path, b) for path in PATHS}
     return data
 

@@ -13,7 +13,7 @@ the counters are per node, and nothing else runs on these nodes meanwhile).
 
 Baselines, same run: the entries' stored size (64-byte header + payload each: what an
 uncompressed stream must carry at least), and the raw loopback pipeline's entries/s
-(`replication._raw_pipeline`, one sink).
+(`pipeline.raw_pipeline`, one sink).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from engram_bench.cluster import BenchCluster, bench_dir
 from engram_bench.load import closed_loop, error_text, http_send, open_loop
-from engram_bench.replication import _raw_pipeline
+from engram_bench.pipeline import raw_pipeline
 from engram_bench.report import Section, fmt_ms, fmt_rate, ratio
 
 PAYLOAD: Final = 100
@@ -117,7 +117,7 @@ async def _main(quick: bool) -> dict[str, Any]:
             await c.assign("comp-on", "p", ["r"], compression=True)
             for sp in ("comp-off", "comp-on"):
                 await c.wait_streaming(sp, "p")
-            data["raw_per_s"] = await _raw_pipeline(1, b.raw_s)
+            data["raw_per_s"] = await raw_pipeline(1, b.raw_s)
             data["off"] = await _mode(c, "comp-off", b)
             data["on"] = await _mode(c, "comp-on", b)
     return data

@@ -9,7 +9,7 @@ Per fan-out:
   while the lag of every replica is sampled every 50 ms: write P99 and the worst replica's lag.
 
 Baseline, same run: writer → relay process → N sink processes over asyncio TCP
-(`replication._raw_pipeline`): the same bytes per entry and 100-entry frames, acked once every
+(`pipeline.raw_pipeline`): the same bytes per entry and 100-entry frames, acked once every
 sink has; no HTTP, JSON, CRC or WAL. Every process shares the machine's cores, so fan-out to 4
 replicas is also 6 busy processes on them.
 """
@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from engram_bench.cluster import BenchCluster, bench_dir, ndjson_body
 from engram_bench.load import Sampler, closed_loop, error_text, http_send, open_loop
-from engram_bench.replication import _raw_pipeline
+from engram_bench.pipeline import raw_pipeline
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
 
 PAYLOAD: Final = 100
@@ -102,7 +102,7 @@ async def _main(quick: bool) -> dict[str, Any]:
                 for phase in ("max", "fixed"):
                     await c.assign(f"fan{k}-{phase}", "p", replicas)
                     await c.wait_streaming(f"fan{k}-{phase}", "p")
-                raw = await _raw_pipeline(k, b.raw_s)
+                raw = await raw_pipeline(k, b.raw_s)
                 top = await _max(c, f"fan{k}-max", replicas, b)
                 fixed = await _fixed(c, f"fan{k}-fixed", replicas, b)
                 rows.append({"replicas": k, "raw_per_s": raw, **top, "fixed": fixed})

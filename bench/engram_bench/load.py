@@ -46,16 +46,28 @@ def schedule(start: float, rate: float, n: int) -> list[float]:
 
 
 def http_send(
-    client: LeanHttp, method: str, path: str, body: bytes = b"", *, timeout: float = 10.0
+    client: LeanHttp,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    timeout: float = 10.0,
+    messages: dict[str, str] | None = None,
 ) -> Send:
-    """A send that makes one HTTP request through `client`; its status code is the label."""
+    """A send that makes one HTTP request through `client`; its status code is the label.
+
+    With `messages`, the first answer body of each non-200 status is kept there (for notes).
+    """
 
     async def send() -> str:
         try:
-            code, _ = await client.request(method, path, body, timeout=timeout)
+            code, answer = await client.request(method, path, body, timeout=timeout)
         except HttpError:
             return "HttpError"
-        return str(code)
+        status = str(code)
+        if messages is not None and code != 200 and status not in messages:
+            messages[status] = answer[:300].decode(errors="replace")
+        return status
 
     return send
 
@@ -71,6 +83,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)  # from the intended send time
     achieved_per_s: float = 0.0
     unfinished: int = 0
+    messages: dict[str, str] = field(default_factory=dict)  # first answer body per error status
 
     def p(self, q: float) -> float:
         return percentile(self.latencies, q)
@@ -88,6 +101,7 @@ class LoadResult:
             "ok": self.ok,
             "errors": dict(self.errors),
             "unfinished": self.unfinished,
+            "messages": self.messages,
             "achieved_per_s": self.achieved_per_s,
             "sustained": self.sustained,
             "p50_s": self.p(50),

@@ -36,15 +36,12 @@ not tmpfs). Goals are reported, never asserted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
-import struct
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -61,19 +58,20 @@ from engram_bench.cluster import (
     ndjson_body,
     rss_bytes,
 )
+from engram_bench.load import LoadResult, error_text, http_send, raw_fsync
+from engram_bench.load import open_loop as load_open_loop
+from engram_bench.pipeline import PAYLOAD, RAW_WINDOW, WIRE_BATCH, nodelay, raw_frame, raw_pipeline
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
 from engram_sidecar.contract import NodeName, SpaceId, space_wire_id
+from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_sidecar.entry import encode_entry
 from engram_sidecar.messages import Ack, Nack, decode_message
 from engram_sidecar.transport import client_handshake, next_frames, tune_socket
 from engram_sidecar.wire import FrameDecoder
 from engram_sidecar.wire_batch import encode_batch
 
-PAYLOAD: Final = 100  # bytes per stored payload; 164 bytes per entry with its header
-WIRE_BATCH: Final = 100  # entries per BATCH frame (the sidecar's batch_max_entries default)
 TPUT_REQUEST: Final = 1_000  # entries per HTTP request in the throughput runs
 TPUT_CONCURRENCY: Final = 8
-RAW_WINDOW: Final = 32  # frames in flight in the raw pipeline (the sidecar's max_inflight_batches)
 LAT_REQUESTS_PER_S: Final = 1_000
 LOADS: Final = (1_000, 10_000, 50_000, 100_000)
 LAG_SHARE: Final = 0.8
@@ -115,44 +113,6 @@ QUICK: Final = Budget(0.6, 0.3, 0.4, 0.2, 0.8, 0.3, 150, LOADS[:2], (), (LAG_SHA
 # ---- open-loop load ------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadResult:
-    offered_per_s: float
-    entries_per_request: int
-    request_rate: float
-    scheduled: int
-    ok: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)  # from the intended send time
-    achieved_per_s: float = 0.0
-    unfinished: int = 0
-    messages: dict[str, str] = field(default_factory=dict)  # first answer body per error status
-
-    def p(self, q: float) -> float:
-        return percentile(self.latencies, q)
-
-    @property
-    def sustained(self) -> bool:
-        return self.achieved_per_s >= 0.95 * self.offered_per_s and not self.errors
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "offered_per_s": self.offered_per_s,
-            "entries_per_request": self.entries_per_request,
-            "request_rate": self.request_rate,
-            "scheduled": self.scheduled,
-            "ok": self.ok,
-            "errors": dict(self.errors),
-            "unfinished": self.unfinished,
-            "messages": self.messages,
-            "achieved_per_s": self.achieved_per_s,
-            "p50_s": self.p(50),
-            "p99_s": self.p(99),
-            "p999_s": self.p(99.9),
-            "max_s": max(self.latencies, default=float("nan")),
-        }
-
-
 async def open_loop(
     client: LeanHttp,
     method: str,
@@ -164,55 +124,17 @@ async def open_loop(
     duration: float,
     timeout: float = 10.0,
 ) -> LoadResult:
-    """Send `request_rate` requests/s for `duration` s on a fixed schedule (open loop).
-
-    Latency runs from each request's intended send time; a request that fails or times out counts
-    as an error, with the time it took. Achieved rate = acknowledged entries / (last
-    acknowledgement − first intended send).
-    """
-    n = max(1, round(duration * request_rate))
-    res = LoadResult(
-        offered_per_s=request_rate * entries_per_request,
+    """`load.open_loop` over one HTTP request kind, keeping the first body of each error."""
+    messages: dict[str, str] = {}
+    send = http_send(client, method, path, body, timeout=timeout, messages=messages)
+    res = await load_open_loop(
+        send,
         entries_per_request=entries_per_request,
         request_rate=request_rate,
-        scheduled=n,
+        duration=duration,
+        timeout=timeout,
     )
-    start = time.perf_counter() + 0.01
-    last_ok = start
-
-    async def one(intended: float) -> None:
-        nonlocal last_ok
-        try:
-            code, answer = await client.request(method, path, body, timeout=timeout)
-            status = str(code)
-            if code != 200 and status not in res.messages:
-                res.messages[status] = answer[:300].decode(errors="replace")
-        except (HttpError, OSError, TimeoutError) as err:
-            status = type(err).__name__
-        done = time.perf_counter()
-        res.latencies.append(done - intended)
-        if status == "200":
-            res.ok += 1
-            last_ok = max(last_ok, done)
-        else:
-            res.errors[status] += 1
-
-    tasks: list[asyncio.Task[None]] = []
-    for i in range(n):
-        intended = start + i / request_rate
-        delay = intended - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(intended)))
-    _, pending = await asyncio.wait(tasks, timeout=timeout + 2.0)
-    for t in pending:
-        t.cancel()
-    res.unfinished = len(pending)
-    if pending:
-        res.errors["unfinished"] += len(pending)
-        gave_up = time.perf_counter()
-        res.latencies.extend(gave_up - (start + i / request_rate) for i in range(len(pending)))
-    res.achieved_per_s = res.ok * entries_per_request / max(last_ok - start, 1e-9)
+    res.messages.update(messages)
     return res
 
 
@@ -275,69 +197,9 @@ async def _throughput(
     )
 
 
-def _raw_frame(entries: int) -> bytes:
-    body = b"".join(
-        encode_entry(
-            sequence=s, timestamp_ns=time.time_ns(), entry_type=1, epoch=1, payload=b"p" * PAYLOAD
-        )
-        for s in range(1, entries + 1)
-    )
-    head = bytearray(64)
-    struct.pack_into("<I", head, 52, len(body))
-    return bytes(head) + body
-
-
-def _nodelay(w: asyncio.StreamWriter) -> None:
-    sock = w.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _raw_pipeline(sinks: int, duration: float) -> float:
-    """Entries/s through writer → relay → `sinks` sink processes, acked end to end."""
-    frame = _raw_frame(WIRE_BATCH)
-    async with contextlib.AsyncExitStack() as stack:
-        ports = [(await stack.enter_async_context(RawProcess("sink"))).port for _ in range(sinks)]
-        relay = await stack.enter_async_context(RawProcess("relay", *ports))
-        r, w = await asyncio.wait_for(asyncio.open_connection(HOST, relay.port), 5.0)
-        _nodelay(w)
-        acked = 0
-        more = asyncio.Event()
-
-        async def reader() -> None:
-            nonlocal acked
-            while True:
-                await r.readexactly(64)
-                acked += 1
-                more.set()
-
-        task = asyncio.create_task(reader())
-        sent = 0
-        t0 = time.perf_counter()
-        stop_at = t0 + duration
-        try:
-            while time.perf_counter() < stop_at:
-                while sent - acked < RAW_WINDOW:
-                    w.write(frame)
-                    sent += 1
-                await w.drain()
-                more.clear()
-                await asyncio.wait_for(more.wait(), 10.0)
-            while acked < sent:
-                more.clear()
-                await asyncio.wait_for(more.wait(), 10.0)
-            elapsed = time.perf_counter() - t0
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            w.close()
-    return acked * WIRE_BATCH / elapsed
-
-
 async def throughput(c: BenchCluster, b: Budget) -> tuple[Section, float]:
-    raw1 = await _raw_pipeline(1, b.raw_s)
-    raw2 = await _raw_pipeline(2, b.raw_s)
+    raw1 = await raw_pipeline(1, b.raw_s)
+    raw2 = await raw_pipeline(2, b.raw_s)
     one = await _throughput(c, "tput-one", "n0", ["n1"], b.tput_s)
     two = await _throughput(c, "tput-two", "n0", ["n1", "n2"], b.tput_s)
     s = Section(
@@ -402,32 +264,14 @@ async def throughput(c: BenchCluster, b: Budget) -> tuple[Section, float]:
 # ---- latency -------------------------------------------------------------------------------------
 
 
-def _raw_fsync(path: Path, seconds: float) -> list[float]:
-    entry = encode_entry(sequence=1, timestamp_ns=1, entry_type=1, epoch=1, payload=b"p" * PAYLOAD)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    lat: list[float] = []
-    try:
-        os.write(fd, entry)
-        os.fsync(fd)
-        stop = time.perf_counter() + seconds
-        while True:
-            a = time.perf_counter()
-            os.write(fd, entry)
-            os.fsync(fd)
-            b = time.perf_counter()
-            lat.append(b - a)
-            if b >= stop:
-                return lat
-    finally:
-        os.close(fd)
-
-
 async def latency(c: BenchCluster, b: Budget, scratch: Path) -> Section:
     primary = "n0"
     await c.assign("latency", primary, ["n1"])
     await c.assign("latency-solo", primary, [])
     await c.wait_streaming("latency", primary)
-    fsync = await asyncio.to_thread(_raw_fsync, scratch / "fsync.bin", b.fsync_s)
+    fsync = await asyncio.to_thread(
+        raw_fsync, scratch / "fsync.bin", b.fsync_s, ENTRY_HEADER_SIZE + PAYLOAD
+    )
     client = c.http(primary)
     noop = await open_loop(
         client,
@@ -588,9 +432,7 @@ async def _settle(c: BenchCluster, space: str, primary: str) -> None:
 
 
 def _errors(r: LoadResult) -> str:
-    if not r.errors:
-        return "0"
-    return ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items()))
+    return error_text(r.errors)
 
 
 # ---- lag -----------------------------------------------------------------------------------------
@@ -795,9 +637,9 @@ async def _pooled_rtts(
 
 
 async def _raw_rtts(port: int, n: int, entries: int) -> list[float]:
-    frame = _raw_frame(entries)
+    frame = raw_frame(entries)
     r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5.0)
-    _nodelay(w)
+    nodelay(w)
     rtts: list[float] = []
     try:
         for _ in range(n):
