@@ -206,6 +206,7 @@ class BenchCluster:
         self.nodes: dict[str, BenchNode] = {}
         # space -> (primary, epoch): what the lease renewer vouches for.
         self.leads: dict[str, tuple[str, int]] = {}
+        self.control_plane_id = f"bench-{os.getpid()}"
         self._session: aiohttp.ClientSession | None = None
         self._lean: dict[str, LeanHttp] = {}
         self._lease_task: asyncio.Task[None] | None = None
@@ -338,6 +339,14 @@ class BenchCluster:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    def grant_auth(self) -> dict[str, str]:
+        """Auth plus the control plane's send stamp: an assignment so sent grants a lease."""
+        return {
+            **self.auth(),
+            "X-Engram-Control-Plane": self.control_plane_id,
+            "X-Engram-Sent-Mono-Ns": str(time.monotonic_ns()),
+        }
+
     async def assign(
         self,
         space: str,
@@ -370,7 +379,7 @@ class BenchCluster:
             doc["compression"] = True
         for n in (primary, *replicas):
             status, body = await self.request(
-                "PUT", n, f"/v1/spaces/{space}/assignment", json_body=doc, headers=self.auth()
+                "PUT", n, f"/v1/spaces/{space}/assignment", json_body=doc, headers=self.grant_auth()
             )
             if status != 200:
                 raise BenchError(f"assignment of {space} to {n}: HTTP {status} {body}")
@@ -378,7 +387,7 @@ class BenchCluster:
 
     async def assign_raw(self, space: str, node: str, doc: Mapping[str, Any]) -> None:
         status, body = await self.request(
-            "PUT", node, f"/v1/spaces/{space}/assignment", json_body=doc, headers=self.auth()
+            "PUT", node, f"/v1/spaces/{space}/assignment", json_body=doc, headers=self.grant_auth()
         )
         if status != 200:
             raise BenchError(f"assignment of {space} to {node}: HTTP {status} {body}")
@@ -403,7 +412,13 @@ class BenchCluster:
                     client = lean.get(node)
                     if client is None or client.port != n.http_port:
                         client = lean[node] = LeanHttp(HOST, n.http_port)
-                    body = json.dumps({"granted_at_ns": time.time_ns(), "epochs": epochs})
+                    body = json.dumps(
+                        {
+                            "control_plane": self.control_plane_id,
+                            "sent_mono_ns": time.monotonic_ns(),
+                            "epochs": epochs,
+                        }
+                    )
                     with contextlib.suppress(HttpError, OSError, TimeoutError):
                         await client.request(
                             "POST",

@@ -584,7 +584,13 @@ def _batches(space: str, count: int, entries: int) -> list[tuple[bytes, int]]:
         out.append(
             (
                 encode_batch(
-                    space=wire, epoch=1, first_seq=seq, last_seq=last, count=entries, entries=body
+                    space=wire,
+                    epoch=1,
+                    first_seq=seq,
+                    last_seq=last,
+                    count=entries,
+                    entries=body,
+                    prev_epoch=0 if seq == 1 else 1,
                 ),
                 last,
             )

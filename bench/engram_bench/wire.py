@@ -79,6 +79,7 @@ def run(*, quick: bool) -> Section:
                 last_seq=ENTRIES,
                 count=ENTRIES,
                 entries=body,
+                prev_epoch=0,
                 compress=compress,
             )
 

@@ -10,21 +10,78 @@ import base64
 import binascii
 import hmac
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from engram_sidecar.assignment import Assignment, AssignmentError
+from engram_sidecar.assignment import MAX_EPOCH, Assignment, AssignmentError
+from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
 from engram_sidecar.contract import validate_space_id
-from engram_sidecar.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD
-from engram_sidecar.errors import InvalidSpaceId, WalError
-from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD, Entry, iter_entries
+from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
+from engram_sidecar.matching import epoch_at
+from engram_sidecar.node import Grant, Node, StaleAssignment
 from engram_sidecar.space import NotWritable, Space
+from engram_sidecar.wal import SpaceLog
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
 _TYPE_BY_NUMBER: dict[int, str] = {int(v): k for k, v in ENTRY_TYPE_NAMES.items()}
+# Deeper than any real payload, and far enough under the interpreter's recursion limit that a
+# document that passed can be re-encoded anywhere in a handler without a RecursionError.
+MAX_JSON_DEPTH: Final = 128
+MAX_SEQUENCE: Final = MAX_EPOCH  # sequences are u64 on disk and wire; int64 for every consumer
+_READ_CHUNK: Final = 1 << 20  # WAL bytes read per step of GET …/entries
+
+
+class JsonError(ValueError):
+    """A body is not JSON this API accepts; the message says why."""
+
+
+def load_json(raw: bytes | str) -> Any:
+    """Parse JSON strictly and with bounded nesting: every handler's one way to read a body.
+
+    json.loads recurses per level, so 100000 `[` raise RecursionError (a 500, not a 400); the
+    depth is bounded here instead. NaN and Infinity are not JSON (RFC 8259): stored, they would
+    be served back as a body no strict client can parse.
+    """
+    try:
+        doc = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise JsonError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:
+        raise JsonError(str(err)) from None
+    if not _nesting_within(doc, MAX_JSON_DEPTH):
+        raise JsonError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return doc
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's body through `load_json` (aiohttp's size limit applies to the read)."""
+    return load_json(await request.read())
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _nesting_within(doc: Any, limit: int) -> bool:
+    """True if no array or object in `doc` sits more than `limit` levels deep. No recursion."""
+    level = [doc]
+    for _ in range(limit):
+        level = [c for v in level for c in _children(v) if isinstance(c, dict | list)]
+        if not level:
+            return True
+    return False
+
+
+def _children(value: Any) -> Iterable[Any]:
+    if isinstance(value, dict):
+        return value.values()
+    return value if isinstance(value, list) else ()
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
@@ -45,7 +102,12 @@ def _space(request: web.Request) -> Space | web.Response:
 
 
 def _parse_entries(
-    raw: bytes, content_type: str, default_type: str | None, max_entries: int
+    raw: bytes,
+    content_type: str,
+    default_type: str | None,
+    max_entries: int,
+    *,
+    max_payload: int = MAX_PAYLOAD,
 ) -> list[tuple[int, bytes]]:
     """Entries of a write request as (type, payload bytes). Raises ValueError with the reason."""
     if content_type == "application/x-ndjson":
@@ -55,13 +117,16 @@ def _parse_entries(
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                load_json(line)
             except ValueError as err:
                 raise ValueError(f"line {i + 1}: not JSON: {err}") from err
-            out.append((etype, line.strip()))
+            payload = line.strip()
+            if len(payload) > max_payload:
+                raise ValueError(f"line {i + 1}: payload over {max_payload} bytes")
+            out.append((etype, payload))
     else:
         try:
-            doc = json.loads(raw)
+            doc = load_json(raw)
         except ValueError as err:
             raise ValueError(f"body is not valid JSON: {err}") from err
         if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
@@ -80,9 +145,9 @@ def _parse_entries(
                 except (binascii.Error, TypeError) as err:
                     raise ValueError(f"entries[{i}].payload_b64 is not base64: {err}") from err
             else:
-                payload = json.dumps(e["payload"], separators=(",", ":")).encode()
-            if len(payload) > MAX_PAYLOAD:
-                raise ValueError(f"entries[{i}]: payload over {MAX_PAYLOAD} bytes")
+                payload = _compact(e["payload"], f"entries[{i}].payload")
+            if len(payload) > max_payload:
+                raise ValueError(f"entries[{i}]: payload over {max_payload} bytes")
             out.append((etype, payload))
     if not out:
         raise ValueError("no entries in the request")
@@ -91,10 +156,35 @@ def _parse_entries(
     return out
 
 
+def _compact(value: Any, where: str) -> bytes:
+    try:
+        # 1e400 parses as inf, which json.dumps would write as the non-JSON token Infinity.
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err} (a number too large for a double)") from err
+
+
 def _entry_type(value: Any, where: str) -> int:
     if isinstance(value, str) and value in ENTRY_TYPE_NAMES:
         return int(ENTRY_TYPE_NAMES[value])
     raise ValueError(f"{where} must be one of {', '.join(ENTRY_TYPE_NAMES)}, got {value!r}")
+
+
+def _frame_overflow(records: list[tuple[int, bytes]], max_frame_bytes: int) -> str | None:
+    """Why the entries can't travel in one replication frame, or None if they can.
+
+    Config keeps every request within a frame as sent; JSON payloads are re-encoded when stored
+    (`\u00e9` escapes, number forms), which can grow them past it. Such a write would be
+    acknowledged and then never reach a replica, so it is refused here.
+    """
+    need = batch_body_bytes(sum(len(p) for _, p in records), len(records))
+    if need <= max_frame_bytes:
+        return None
+    return (
+        f"the entries need {need} bytes in a replication frame (payloads as stored, "
+        f"{ENTRY_HEADER_SIZE} bytes of header each, {BATCH_BODY_RESERVE} of batch overhead); "
+        f"the limit is max_frame_bytes ({max_frame_bytes}). Split the write"
+    )
 
 
 async def post_entries(request: web.Request) -> web.Response:
@@ -125,6 +215,9 @@ async def post_entries(request: web.Request) -> web.Response:
         )
     except ValueError as err:
         return _error(400, "bad_request", str(err))
+    overflow = _frame_overflow(records, node.cfg.max_frame_bytes)
+    if overflow is not None:
+        return _error(413, "too_large", overflow)
     try:
         first, last, epoch = await node.write(sp, records)
     except NotWritable as err:
@@ -144,33 +237,89 @@ async def get_entries(request: web.Request) -> web.Response:
     sp = _space(request)
     if isinstance(sp, web.Response):
         return sp
+    cap = request.app[NODE_KEY].cfg.max_response_bytes
     try:
         start = int(request.query.get("from", "1"))
         limit = int(request.query.get("limit", "100"))
     except ValueError:
         return _error(400, "bad_request", "from and limit must be integers")
+    try:
+        max_bytes = int(request.query.get("max_bytes", str(cap)))
+    except ValueError:
+        return _error(400, "bad_request", "max_bytes must be an integer")
     if start < 1 or not 1 <= limit <= 10_000:
         return _error(400, "bad_request", "from must be >= 1 and limit 1..10000")
-    if start < sp.log.first_sequence and sp.log.last_sequence >= sp.log.first_sequence:
-        return _error(410, "gone", f"entries before {sp.log.first_sequence} are no longer kept")
+    if start > MAX_SEQUENCE:
+        return _error(400, "bad_request", f"from must be at most {MAX_SEQUENCE}")
+    if not 1 <= max_bytes <= cap:
+        return _error(400, "bad_request", f"max_bytes must be 1..{cap} (max_response_bytes)")
+    log = sp.log
+    if start < log.first_sequence and log.last_sequence >= log.first_sequence:
+        return _error(410, "gone", f"entries before {log.first_sequence} are no longer kept")
+    start = max(start, log.first_sequence)
     try:
-        entries = sp.log.read_entries(max(start, sp.log.first_sequence), limit=limit)
+        items, next_seq = _read_page(_entries_from(log, start, limit), max_bytes, start)
+    except SequenceError:
+        # Retention released the range between the check above and the read.
+        return _error(410, "gone", f"entries before {log.first_sequence} are no longer kept")
     except WalError as err:
         return _error(500, "wal_error", str(err))
-    out = []
+    more = next_seq <= log.last_sequence
+    # Assembled by hand so each entry is encoded once, and its size known as it is added.
+    body = (
+        '{"entries": [' + ", ".join(items) + f'], "last_sequence": {log.last_sequence}, '
+        f'"next_sequence": {next_seq}, "more": {json.dumps(more)}}}'
+    )
+    return web.Response(text=body, content_type="application/json")
+
+
+def _entries_from(log: SpaceLog, start: int, limit: int) -> Iterable[Entry]:
+    """Up to `limit` entries from `start`, read from the WAL a chunk at a time, as consumed."""
+    seq, left = start, limit
+    while left > 0 and seq <= log.last_sequence:
+        r = log.read(seq, max_entries=left, max_bytes=_READ_CHUNK)
+        if r.count == 0:
+            return
+        yield from iter_entries(r.data)
+        seq, left = r.last_sequence + 1, left - r.count
+
+
+def _read_page(entries: Iterable[Entry], max_bytes: int, start: int) -> tuple[list[str], int]:
+    """Encoded entries whose list stays within `max_bytes`, cut at an entry boundary, and the
+    sequence to continue from. The first entry is kept even if larger: a reader must progress.
+    """
+    items: list[str] = []
+    used = 0
+    next_seq = start
     for e in entries:
-        item: dict[str, Any] = {
-            "sequence": e.sequence,
-            "epoch": e.epoch,
-            "timestamp_ns": e.timestamp_ns,
-            "type": _TYPE_BY_NUMBER.get(e.entry_type, str(e.entry_type)),
-        }
-        try:
-            item["payload"] = json.loads(e.payload)
-        except ValueError:
-            item["payload_b64"] = base64.b64encode(e.payload).decode()
-        out.append(item)
-    return web.json_response({"entries": out, "last_sequence": sp.log.last_sequence})
+        item = _encode_entry(e)
+        cost = len(item) + (2 if items else 0)  # ASCII (ensure_ascii): characters are bytes
+        if items and used + cost > max_bytes:
+            return items, e.sequence
+        items.append(item)
+        used += cost
+        next_seq = e.sequence + 1
+        if used >= max_bytes:
+            break
+    return items, next_seq
+
+
+def _encode_entry(e: Entry) -> str:
+    item: dict[str, Any] = {
+        "sequence": e.sequence,
+        "epoch": e.epoch,
+        "timestamp_ns": e.timestamp_ns,
+        "type": _TYPE_BY_NUMBER.get(e.entry_type, str(e.entry_type)),
+    }
+    try:
+        item["payload"] = load_json(e.payload)
+        return json.dumps(item, allow_nan=False)
+    except ValueError:
+        # Not JSON, too deep, or a number out of a double's range (an NDJSON line is stored as
+        # sent): the bytes, so the answer stays JSON every client can parse.
+        item.pop("payload", None)
+        item["payload_b64"] = base64.b64encode(e.payload).decode()
+        return json.dumps(item)
 
 
 async def get_space(request: web.Request) -> web.Response:
@@ -200,13 +349,15 @@ async def put_assignment(request: web.Request) -> web.Response:
         return _error(401, "unauthorized", "PUT assignment needs Authorization: Bearer <token>")
     name = request.match_info["space"]
     try:
-        doc = await request.json()
+        doc = await read_json(request)
         a = Assignment.from_json(doc)
-        changed, sp = node.assign(name, a)
+        changed, sp = node.assign(name, a, grant=_pushed_grant(request))
     except (ValueError, AssignmentError, InvalidSpaceId) as err:
         return _error(400, "bad_request", str(err))
     except StaleAssignment as err:
         return _error(409, "stale_epoch", str(err))
+    except EngramError as err:  # the assignment or the log could not be stored
+        return _error(507, "storage_error", f"cannot apply the assignment: {err}")
     return web.json_response({"changed": changed, **node.space_view(sp)})
 
 
@@ -216,27 +367,55 @@ def _authorized(request: web.Request) -> bool:
     return hmac.compare_digest(auth.encode(), want.encode())
 
 
+def _pushed_grant(request: web.Request) -> Grant | None:
+    """The control plane's send stamp on a pushed assignment (headers), if it sent one."""
+    source = request.headers.get("X-Engram-Control-Plane", "")
+    sent = request.headers.get("X-Engram-Sent-Mono-Ns", "")
+    if not source or not sent.isdigit() or len(sent) > 20:
+        return None
+    return Grant(source=source[:128], sent_ns=int(sent))
+
+
 async def post_lease(request: web.Request) -> web.Response:
-    """Control-plane heartbeat: renews write leases, answers with the node's status."""
+    """Control-plane heartbeat: renews write leases, answers with the node's status.
+
+    Body: {"control_plane": id, "sent_mono_ns": its monotonic clock at send, "epochs": {space:
+    epoch}}. Without the first two (an older control plane) nothing is granted: a grant that
+    can't be judged late or not is not trusted.
+    """
     node = request.app[NODE_KEY]
     if not _authorized(request):
         return _error(401, "unauthorized", "POST /v1/lease needs Authorization: Bearer <token>")
     try:
-        doc = await request.json()
-        granted = doc["granted_at_ns"]
+        doc = await read_json(request)
+        if not isinstance(doc, dict):
+            raise ValueError("the body must be a JSON object")
         epochs = doc.get("epochs", {})
-        if not isinstance(granted, int) or not isinstance(epochs, dict):
-            raise ValueError("granted_at_ns must be an integer and epochs an object")
-        if not all(isinstance(v, int) for v in epochs.values()):
-            raise ValueError("epochs must map space ids to integers")
-    except (ValueError, KeyError, TypeError) as err:
+        source = doc.get("control_plane", "")
+        sent = doc.get("sent_mono_ns", 0)
+        if not isinstance(epochs, dict) or not all(
+            isinstance(v, int) and 0 < v <= MAX_EPOCH for v in epochs.values()
+        ):
+            raise ValueError("epochs must map space ids to epochs (integers 1..2^63-1)")
+        if not isinstance(source, str) or not isinstance(sent, int) or not 0 <= sent <= MAX_EPOCH:
+            raise ValueError("control_plane must be a string and sent_mono_ns an integer >= 0")
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         return _error(400, "bad_request", f"lease body: {err}")
-    grants = node.grant_leases(granted, epochs)
+    if source and epochs:
+        grants = node.grant_leases(Grant(source=source[:128], sent_ns=sent), epochs)
+    else:
+        grants = {sid: False for sid in epochs}
     return web.json_response({"granted": grants, **node.status()})
 
 
 async def post_fence(request: web.Request) -> web.Response:
-    """Switchover step 1: `epoch` has begun elsewhere; stop writes, report the final sequence."""
+    """`epoch` has begun (a promotion or switchover is under way): on any member, record it
+    durably, so frames of older epochs are refused from now on; a primary stops acknowledging.
+
+    Answers the last entry this node holds durably, (last_epoch, last_sequence): taken after
+    the fence, so no write of an older epoch can be acknowledged through this node afterwards.
+    The control plane elects among such answers (design §4). Idempotent for the same epoch.
+    """
     node = request.app[NODE_KEY]
     if not _authorized(request):
         return _error(401, "unauthorized", "POST fence needs Authorization: Bearer <token>")
@@ -244,21 +423,31 @@ async def post_fence(request: web.Request) -> web.Response:
     if isinstance(sp, web.Response):
         return sp
     try:
-        doc = await request.json()
+        doc = await read_json(request)
         epoch = doc["epoch"]
-        if not isinstance(epoch, int) or epoch < 1:
-            raise ValueError("epoch must be a positive integer")
-    except (ValueError, KeyError, TypeError) as err:
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= MAX_EPOCH:
+            raise ValueError("epoch must be an integer 1..2^63-1")
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         return _error(400, "bad_request", f"fence body: {err}")
-    if epoch <= sp.accepted_epoch:
-        return _error(409, "stale_epoch", f"epoch {epoch} is not above {sp.accepted_epoch}")
-    sp.note_epoch(epoch)
+    if epoch < sp.accepted_epoch:
+        return _error(409, "stale_epoch", f"epoch {epoch} is below {sp.accepted_epoch}")
+    try:
+        sp.note_epoch(epoch)
+        if sp.role == "primary" and epoch > sp.assignment_epoch():
+            sp.fence(f"control plane began epoch {epoch}")
+        await sp.commit.wait_durable(sp.log.last_sequence)
+    except (OSError, EngramError) as err:
+        sp.note_storage_error(err)
+        return _error(507, "storage_error", f"cannot record epoch {epoch}: {err}")
     node.metrics.epoch.labels(sp.id).set(sp.accepted_epoch)
+    durable = sp.log.durable_sequence
     return web.json_response(
         {
-            "last_sequence": sp.log.last_sequence,
             "epoch": sp.accepted_epoch,
+            "last_sequence": durable,
+            "last_epoch": epoch_at(sp.log.history, durable),
             "fenced": sp.fenced_reason,
+            "role": sp.role,
         }
     )
 

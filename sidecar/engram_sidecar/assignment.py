@@ -7,15 +7,17 @@ in `<data>/<space>/assignment.json` so a restarted node resumes its roles withou
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from engram_sidecar.contract import NodeName
-from engram_sidecar.segment import fsync_dir
+from engram_sidecar.segment import replace_atomically
 
 AckPolicy = Literal["async", "one", "quorum"]
+# Epochs are u64 in entry and frame headers, but int64 wherever else they go (Kubernetes status,
+# JSON readers that use signed 64-bit integers): accept only what every one of them holds.
+MAX_EPOCH = 2**63 - 1
 ACK_POLICIES: tuple[AckPolicy, ...] = ("async", "one", "quorum")
 
 
@@ -78,8 +80,8 @@ class Assignment:
         if unknown:
             raise AssignmentError(f"unknown field(s): {', '.join(sorted(unknown))}")
         epoch = doc.get("epoch")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-            raise AssignmentError("epoch must be an integer >= 1")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= MAX_EPOCH:
+            raise AssignmentError(f"epoch must be an integer 1..{MAX_EPOCH}")
         primary = _member(doc.get("primary"), "primary")
         reps = doc.get("replicas", [])
         if not isinstance(reps, list):
@@ -120,15 +122,10 @@ def split_hostport(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def save(path: Path, assignment: Assignment, accepted_epoch: int) -> None:
-    tmp = path.with_suffix(".tmp")
+def save(path: Path, assignment: Assignment, accepted_epoch: int, *, space: str = "") -> None:
+    """Replace the saved assignment durably. Raises StorageError (full disk, I/O error)."""
     data = json.dumps({"assignment": assignment.to_json(), "acceptedEpoch": accepted_epoch})
-    with tmp.open("w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    replace_atomically(path, data.encode(), space=space)
 
 
 def load(path: Path) -> tuple[Assignment, int] | None:

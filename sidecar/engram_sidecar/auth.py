@@ -213,7 +213,7 @@ class ClientHandshake(_Handshake):
         except WireError as exc:
             return self._fail(f"malformed CHALLENGE: {exc}", cause=exc)
         self._peer = ch.node
-        if not 1 <= ch.version <= PROTOCOL_VERSION:
+        if ch.version != PROTOCOL_VERSION:  # v2 only: v1 has no log matching
             return self._fail(f"server {ch.node} chose protocol version {ch.version}")
         if self._expect is not None and ch.node != self._expect:
             return self._fail(f"dialled {self._expect} but reached {ch.node}")
@@ -285,7 +285,7 @@ class ServerHandshake(_Handshake):
             hello = Hello.from_frame(frame)
         except WireError as exc:
             return self._fail(f"malformed HELLO: {exc}", cause=exc)
-        if hello.version < 1:
+        if hello.version < PROTOCOL_VERSION:
             return self._fail(f"client {hello.node} speaks protocol version {hello.version}")
         self._peer = hello.node
         self._client_nonce = hello.nonce

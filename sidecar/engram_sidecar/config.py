@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from engram_sidecar.contract import ENV_PREFIX, LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
+from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_sidecar.errors import ConfigError
 
 # Docker-link style variables Kubernetes adds for every Service in the namespace, e.g.
@@ -28,6 +29,19 @@ _SERVICE_LINK = re.compile(
 )
 _SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
 _NODE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+# Room in a BATCH body beyond its entries: the message's own prefix (the previous entry's epoch,
+# 8 bytes in protocol v2), with space for it to grow without a config that worked turning bad.
+BATCH_BODY_RESERVE = 4096
+
+
+def batch_body_bytes(payload_bytes: int, entries: int) -> int:
+    """Bytes a BATCH body needs for `entries` entries holding `payload_bytes` of payload.
+
+    A body larger than a receiver's `max_frame_bytes` is refused at its header, and the primary
+    would resend the same batch forever: the link is wedged. So whatever a write request may
+    carry must fit this bound (checked at start-up against the request limits, and per request).
+    """
+    return payload_bytes + entries * ENTRY_HEADER_SIZE + BATCH_BODY_RESERVE
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,14 @@ class SidecarConfig:
     max_frame_bytes: int = 16 * 1024 * 1024
     max_request_bytes: int = 8 * 1024 * 1024
     max_entries_per_request: int = 10_000
+    # Largest body of GET …/entries (its entries as encoded); the max_bytes query parameter may
+    # ask for less.
+    max_response_bytes: int = 8 * 1024 * 1024
+    # Replication listener, before authentication (engram_sidecar.admission): open connections
+    # in all, handshakes in progress per source address, and one deadline per handshake.
+    max_peer_connections: int = 256
+    max_peer_handshakes_per_source: int = 32
+    handshake_timeout: float = 5.0
     connect_timeout: float = 5.0
     io_timeout: float = 10.0
     keepalive: float = 10.0
@@ -159,6 +181,10 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         "max_frame_bytes",
         "max_request_bytes",
         "max_entries_per_request",
+        "max_response_bytes",
+        "max_peer_connections",
+        "max_peer_handshakes_per_source",
+        "handshake_timeout",
         "connect_timeout",
         "io_timeout",
         "keepalive",
@@ -191,7 +217,24 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("segment_bytes", "use at least 4096")
     if not cfg.backoff_steps or any(s <= 0 for s in cfg.backoff_steps):
         raise bad("backoff_steps", "a comma-separated list of positive seconds")
+    if cfg.max_peer_handshakes_per_source > cfg.max_peer_connections:
+        raise bad("max_peer_handshakes_per_source", "must be at most max_peer_connections")
+    why = _request_fits_frame(cfg)
+    if why is not None:
+        raise bad("max_request_bytes", why)
     return cfg
+
+
+def _request_fits_frame(cfg: SidecarConfig) -> str | None:
+    need = batch_body_bytes(cfg.max_request_bytes, cfg.max_entries_per_request)
+    if need <= cfg.max_frame_bytes:
+        return None
+    return (
+        f"a request's entries must fit one frame: max_request_bytes + "
+        f"{ENTRY_HEADER_SIZE} × max_entries_per_request ({cfg.max_entries_per_request}) + "
+        f"{BATCH_BODY_RESERVE} = {need} must be at most max_frame_bytes ({cfg.max_frame_bytes}). "
+        "Lower max_request_bytes or max_entries_per_request, or raise max_frame_bytes on every node"
+    )
 
 
 def load_config(

@@ -6,13 +6,13 @@ leave a deposed primary unable to find where its log diverged.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
-import os
 from pathlib import Path
 
 from engram_sidecar.errors import WalCorruption
-from engram_sidecar.segment import fsync_dir
+from engram_sidecar.segment import replace_atomically
 
 History = list[tuple[int, int]]  # (epoch, first sequence), epochs strictly increasing
 
@@ -31,17 +31,10 @@ def load(path: Path) -> History:
     return hist
 
 
-def store(path: Path, history: History) -> None:
-    tmp = path.with_suffix(".tmp")
+def store(path: Path, history: History, *, space: str = "") -> None:
+    """Replace the stored history durably. Raises StorageError (full disk, I/O error)."""
     data = json.dumps({"epochs": [[e, s] for e, s in history]}).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    replace_atomically(path, data, space=space)
 
 
 def record(history: History, epoch: int, first_sequence: int) -> History | None:
@@ -49,6 +42,18 @@ def record(history: History, epoch: int, first_sequence: int) -> History | None:
     if history and epoch <= history[-1][0]:
         return None
     return [*history, (epoch, first_sequence)]
+
+
+def epoch_at(history: History, sequence: int) -> int:
+    """The epoch that wrote the entry at `sequence`: the latest epoch begun at or before it.
+
+    0 for sequence 0 (the empty prefix every log shares) and for sequences before the first
+    recorded epoch. Works for entries released by retention: only the history is consulted.
+    Epochs begun after the log's last entry (a promotion with no write yet) start above it and
+    so never answer for an existing entry.
+    """
+    i = bisect.bisect_right(history, sequence, key=lambda h: h[1])
+    return history[i - 1][0] if i > 0 else 0
 
 
 def cut_after(history: History, sequence: int) -> History:

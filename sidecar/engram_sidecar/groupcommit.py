@@ -7,6 +7,11 @@ So with 64 concurrent writers the disk sees a handful of fsyncs, not 64.
 
 Policies: `always` (an append returns once durable), `interval` (a background task fsyncs every
 `interval` seconds; appends return once written), `none` (fsync only at rotation and close).
+
+A truncation may run on the loop while an fsync runs in its thread. The fsync's result then
+counts for nothing (the log's generation moved on), and a writer whose entries the truncation
+cut gets WalTruncated instead of an acknowledgement, even if new entries later reuse its
+sequences and become durable.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from engram_sidecar.errors import WalIOError
+from engram_sidecar.errors import StorageError, WalIOError, WalTruncated
 from engram_sidecar.wal import FsyncPolicy, SpaceLog
 
 log = logging.getLogger(__name__)
@@ -25,11 +30,19 @@ log = logging.getLogger(__name__)
 
 class GroupCommit:
     def __init__(
-        self, wal: SpaceLog, *, policy: FsyncPolicy = "always", interval: float = 0.05
+        self,
+        wal: SpaceLog,
+        *,
+        policy: FsyncPolicy = "always",
+        interval: float = 0.05,
+        fsync: Callable[[int], None] | None = None,
     ) -> None:
         self.wal = wal
         self.policy = policy
         self.interval = interval
+        # Runs in a worker thread; injectable so a test can hold an fsync open. None: os.fsync,
+        # looked up at each call.
+        self._fsync = fsync
         self._inflight: asyncio.Future[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.fsyncs = 0
@@ -60,9 +73,25 @@ class GroupCommit:
             await self.wait_durable(last)
         return first, last
 
-    async def wait_durable(self, sequence: int) -> None:
-        """Return once `sequence` is durable; raises WalIOError if the fsync failed."""
-        while self.wal.durable_sequence < sequence:
+    async def wait_durable(self, sequence: int, *, generation: int | None = None) -> None:
+        """Return once `sequence` is durable.
+
+        Raises WalIOError (StorageError) if the fsync failed, and WalTruncated if a truncation
+        cut `sequence` while waiting: whatever holds that sequence now is not what was written.
+        `generation`: the log's generation right after the append, for a caller that starts
+        waiting later (a task); by default, the generation now.
+        """
+        if generation is None:
+            generation = self.wal.generation
+        while True:
+            kept = self.wal.cut_since(generation)
+            if kept is not None and kept < sequence:
+                raise WalTruncated(
+                    f"space {self.wal.space}: entry {sequence} was cut (log truncated after "
+                    f"{kept}) before an fsync covered it; it is not durable and must not be acked"
+                )
+            if self.wal.durable_sequence >= sequence:
+                return
             if self._inflight is None:
                 self._inflight = asyncio.ensure_future(self._sync_once())
             fut = self._inflight
@@ -70,16 +99,16 @@ class GroupCommit:
 
     async def _sync_once(self) -> None:
         try:
-            fd, target = self.wal.sync_handle()
+            ticket = self.wal.sync_handle()
             try:
-                await asyncio.to_thread(os.fsync, fd)
+                await asyncio.to_thread(self._fsync or os.fsync, ticket.fd)
             except OSError as err:
                 self.wal.fail(err)
-                raise WalIOError(f"space {self.wal.space}: fsync failed: {err}") from err
+                raise StorageError("fsync", ticket.path, err, space=self.wal.space) from err
             finally:
-                os.close(fd)
+                os.close(ticket.fd)
             self.fsyncs += 1
-            self.wal.mark_durable(target)
+            self.wal.mark_durable(ticket)
         finally:
             self._inflight = None
 
@@ -89,6 +118,8 @@ class GroupCommit:
             if self.wal.durable_sequence < self.wal.last_sequence:
                 try:
                     await self.wait_durable(self.wal.last_sequence)
+                except WalTruncated:
+                    continue  # the next tick syncs what the log holds now
                 except WalIOError:
                     log.exception("space %s: interval fsync failed", self.wal.space)
                     return

@@ -59,7 +59,7 @@ from engram_sidecar.kube_client import (
     lease_object,
     micro_time,
 )
-from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.node import Grant, Node, StaleAssignment
 from engram_sidecar.space import Space
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,14 @@ class KubeSidecar:
     # ---- node Lease and write leases ------------------------------------------------------
 
     async def tick(self) -> None:
-        sent_ns, sent = self.wall_ns(), time.monotonic()
+        # The write lease runs from when the renewal was sent, on the node's monotonic clock:
+        # the operator counts the Lease from no earlier, so no wall clock needs to agree.
+        sent_ns, sent = self.wall_ns(), self.node.clock()
         if not await self.renew(sent_ns):
             if not self.synced:
                 await self.sync(None)  # roles at start-up even when the Lease can't be written
             return
-        now = time.monotonic()
+        now = self.node.clock()
         if self._last_ok is None or now - self._last_ok > MAX_RENEW_GAP:
             # Start-up or a gap: the operator may have judged the Lease expired and be moving
             # this node's spaces. Vouch again only from a status read made once any such
@@ -258,20 +260,19 @@ class KubeSidecar:
         self._last_ok = sent
         if not self._vouching:
             if now - self._run_since >= self.settle:
-                self._vouching = await self.sync(sent_ns)
+                self._vouching = await self.sync(sent)
             elif not self.synced:
                 await self.sync(None)
             return
-        now_ns = self.wall_ns()
         led = [sp for sp in self.node.spaces.values() if sp.role == "primary"]
         held: dict[str, int] = {
-            sp.id: sp.assignment_epoch() for sp in led if sp.control_lease_until_ns > now_ns
+            sp.id: sp.assignment_epoch() for sp in led if sp.lease_valid(self.node.clock())
         }
-        self.node.grant_leases(sent_ns, held)
+        self.node.grant_leases(Grant(sent_by_us=sent), held)
         # Led spaces nobody vouched for (restored from disk), members without a Lease: re-read.
         pending = len(held) < len(led) or self._incomplete
         if pending and now - self._synced_at >= RESYNC_SECONDS:
-            await self.sync(sent_ns)
+            await self.sync(sent)
 
     async def renew(self, sent_ns: int) -> bool:
         body = lease_object(
@@ -309,9 +310,10 @@ class KubeSidecar:
         self._problem("node Lease renewal", None)
         return True
 
-    async def sync(self, grant_at_ns: int | None) -> bool:
-        """Apply the placements MemorySpace status gives this node; grant write leases (dated
-        `grant_at_ns`) to the spaces whose status names this node primary at its epoch."""
+    async def sync(self, grant_at: float | None) -> bool:
+        """Apply the placements MemorySpace status gives this node; grant write leases (from
+        `grant_at`, the monotonic send time of the renewal that earned them) to the spaces whose
+        status names this node primary at its epoch."""
         try:
             leases = await self.client.list(self._leases, label_selector=f"{LABEL_NODE_LEASE}=true")
             spaces = await self.client.list(self._spaces)
@@ -335,8 +337,8 @@ class KubeSidecar:
                 and status.get("epoch") == sp.assignment_epoch()
             ):
                 vouched[sp.id] = sp.assignment_epoch()
-        if grant_at_ns is not None and vouched:
-            self.node.grant_leases(grant_at_ns, vouched)
+        if grant_at is not None and vouched:
+            self.node.grant_leases(Grant(sent_by_us=grant_at), vouched)
         return True
 
     def _apply(
@@ -363,7 +365,7 @@ class KubeSidecar:
             self._incomplete = self._incomplete or (placed and bool(status.get("primary")))
             return here
         try:
-            changed, sp = self.node.assign(sid, Assignment.from_json(doc), grant_lease=False)
+            changed, sp = self.node.assign(sid, Assignment.from_json(doc))
         except (AssignmentError, StaleAssignment) as err:
             log.debug("space %s: MemorySpace status not applied: %s", sid, err)
             return here

@@ -1,4 +1,4 @@
-"""Wire protocol v1, message layer: the body of every frame type but BATCH (see wire_batch).
+"""Wire protocol v2, message layer: the body of every frame type but BATCH (see wire_batch).
 
 Each message is a frozen dataclass with `encode() -> bytes` (a whole frame) and
 `from_frame(frame)` (validates the header fields the type uses, the ones it must leave zero, and
@@ -25,7 +25,7 @@ from engram_sidecar.wire import (
 )
 from engram_sidecar.wire_batch import Batch
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 NONCE_SIZE: Final = 32
 PROOF_SIZE: Final = 32  # HMAC-SHA256
 MAX_NODE_NAME: Final = 253  # bytes of UTF-8; a DNS name, the longest pod name
@@ -35,9 +35,10 @@ NO_EPOCH: Final = Epoch(0)
 
 _HELLO: Final = struct.Struct("<H32s")  # version, nonce; node name follows
 _CHALLENGE: Final = struct.Struct("<H32s32s")  # version, nonce, proof; node name follows
-_ACK: Final = struct.Struct("<QQ")  # sequence, timestamp_ns
-_HEARTBEAT: Final = struct.Struct("<QQQ")  # last_seq, last_timestamp_ns, sent_ns
-_NACK: Final = struct.Struct("<HQ")  # reason, resend_from; message follows
+# sequence (matched and durable), timestamp_ns, then the replica's log end: last_seq, last_epoch
+_ACK: Final = struct.Struct("<QQQQ")
+_HEARTBEAT: Final = struct.Struct("<QQQQ")  # last_seq, last_timestamp_ns, sent_ns, last_epoch
+_NACK: Final = struct.Struct("<HQQ")  # reason, resend_from, epoch_hint; message follows
 _SNAPSHOT_ACK: Final = struct.Struct("<QB")  # sequence held, installed flag
 
 
@@ -49,6 +50,12 @@ class NackReason(enum.IntEnum):
     UNAUTHENTICATED = 5  # handshake failed or not done
     NOT_REPLICA = 6  # the receiver is not a replica of this space at this epoch
     INTERNAL = 7  # the receiver failed (disk full, bug); retry later
+    # The entry before the batch is not the one the receiver holds at that sequence. The receiver
+    # names its own entry (epoch_hint, resend_from - 1) at or below it; the sender backs up.
+    DIVERGED = 8
+
+
+_RESEND_REASONS: Final = frozenset({NackReason.GAP, NackReason.DIVERGED})
 
 
 def _check_header(
@@ -177,55 +184,81 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Replica → primary: every entry up to `sequence` is applied and durable.
+    """Replica → primary: every entry up to `sequence` is durable and matches the primary's log.
 
-    `timestamp_ns` is the replica's wall clock when sending (for RTT and clock-skew readings).
+    `sequence` counts only entries proven identical to the primary's at this epoch (log
+    matching), so an ack can never vouch for a divergent tail. (`last_epoch`, `last_seq`) is the
+    replica's last entry whatever its standing: where a primary starts shipping after a
+    reconnect. `timestamp_ns` is the replica's wall clock when sending (RTT and skew readings).
     """
 
     space: bytes
     epoch: Epoch
     sequence: Sequence
     timestamp_ns: int
+    last_seq: Sequence = NO_SEQUENCE
+    last_epoch: Epoch = NO_EPOCH
 
     def encode(self) -> bytes:
         _need_space("ACK", self.space)
-        body = _ACK.pack(self.sequence, self.timestamp_ns)
+        if self.sequence > self.last_seq:
+            raise ValueError(f"ACK of sequence {self.sequence} beyond last_seq {self.last_seq}")
+        body = _ACK.pack(self.sequence, self.timestamp_ns, self.last_seq, self.last_epoch)
         return encode_frame(MessageType.ACK, body, epoch=self.epoch, space=self.space)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Self:
         _check_header(frame, MessageType.ACK, connection=False)
         _check_length(frame, _ACK.size)
-        seq, ts = _ACK.unpack(frame.body)
-        return cls(frame.space, Epoch(frame.epoch), Sequence(seq), ts)
+        seq, ts, last, last_epoch = _ACK.unpack(frame.body)
+        if seq > last:
+            raise MalformedFrame(f"ACK of sequence {seq} beyond the log's last entry {last}")
+        return cls(
+            frame.space, Epoch(frame.epoch), Sequence(seq), ts, Sequence(last), Epoch(last_epoch)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Primary → replica when idle: where the log ends, so an idle, caught-up space reads lag 0."""
+    """Primary → replica when idle: where the log ends, so an idle, caught-up space reads lag 0.
+
+    (`last_epoch`, `last_seq`) names the primary's last shipped entry: a replica holding that
+    same entry has proven its whole log up to it (log matching) without a batch to carry it.
+    """
 
     space: bytes
     epoch: Epoch
     last_seq: Sequence
     last_timestamp_ns: int  # timestamp of entry `last_seq` (0 if the log is empty)
     sent_ns: int  # sender's wall clock when sending
+    last_epoch: Epoch = NO_EPOCH
 
     def encode(self) -> bytes:
         _need_space("HEARTBEAT", self.space)
-        body = _HEARTBEAT.pack(self.last_seq, self.last_timestamp_ns, self.sent_ns)
+        if self.last_epoch > self.epoch:
+            raise ValueError(f"HEARTBEAT last_epoch {self.last_epoch} above epoch {self.epoch}")
+        body = _HEARTBEAT.pack(self.last_seq, self.last_timestamp_ns, self.sent_ns, self.last_epoch)
         return encode_frame(MessageType.HEARTBEAT, body, epoch=self.epoch, space=self.space)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Self:
         _check_header(frame, MessageType.HEARTBEAT, connection=False)
         _check_length(frame, _HEARTBEAT.size)
-        last, last_ts, sent = _HEARTBEAT.unpack(frame.body)
-        return cls(frame.space, Epoch(frame.epoch), Sequence(last), last_ts, sent)
+        last, last_ts, sent, last_epoch = _HEARTBEAT.unpack(frame.body)
+        if last_epoch > frame.epoch:
+            raise MalformedFrame(f"HEARTBEAT last_epoch {last_epoch} above its epoch {frame.epoch}")
+        return cls(
+            frame.space, Epoch(frame.epoch), Sequence(last), last_ts, sent, Epoch(last_epoch)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Nack:
     """A refusal. `space` is zero for connection-level refusals; `resend_from` is 0 for "none".
+
+    For GAP and DIVERGED, (`epoch_hint`, `resend_from - 1`) is the receiver's own entry at or
+    below the batch's previous entry: the sender resends from there if its log holds the same
+    entry, and backs up further if not (log matching, design §4).
 
     `encode` truncates `message` to MAX_NACK_MESSAGE bytes on a character boundary: a refusal
     must never fail to send because its diagnostic was long.
@@ -236,13 +269,16 @@ class Nack:
     message: str = ""
     space: bytes = NO_SPACE
     epoch: Epoch = NO_EPOCH
+    epoch_hint: Epoch = NO_EPOCH
 
     def encode(self) -> bytes:
-        if self.reason is NackReason.GAP and self.resend_from < 1:
-            raise ValueError("a GAP nack must say where to resend from (resend_from >= 1)")
+        if self.reason in _RESEND_REASONS and self.resend_from < 1:
+            raise ValueError(
+                f"a {self.reason.name} nack must say where to resend from (resend_from >= 1)"
+            )
         text = self.message.encode("utf-8")[:MAX_NACK_MESSAGE]
         text = text.decode("utf-8", "ignore").encode("utf-8")
-        body = _NACK.pack(self.reason, self.resend_from) + text
+        body = _NACK.pack(self.reason, self.resend_from, self.epoch_hint) + text
         return encode_frame(MessageType.NACK, body, epoch=self.epoch, space=self.space)
 
     @classmethod
@@ -251,18 +287,18 @@ class Nack:
         _check_length(frame, _NACK.size, at_least=True)
         if len(frame.body) > _NACK.size + MAX_NACK_MESSAGE:
             raise MalformedFrame(f"NACK message over {MAX_NACK_MESSAGE} bytes")
-        code, resend = _NACK.unpack_from(frame.body)
+        code, resend, hint = _NACK.unpack_from(frame.body)
         try:
             reason = NackReason(code)
         except ValueError:
             raise MalformedFrame(f"unknown NACK reason {code}") from None
-        if reason is NackReason.GAP and resend < 1:
-            raise MalformedFrame("GAP NACK without a resend_from sequence")
+        if reason in _RESEND_REASONS and resend < 1:
+            raise MalformedFrame(f"{reason.name} NACK without a resend_from sequence")
         try:
             text = frame.body[_NACK.size :].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise MalformedFrame(f"NACK message is not UTF-8: {exc}") from None
-        return cls(reason, Sequence(resend), text, frame.space, Epoch(frame.epoch))
+        return cls(reason, Sequence(resend), text, frame.space, Epoch(frame.epoch), Epoch(hint))
 
 
 @dataclass(frozen=True, slots=True)

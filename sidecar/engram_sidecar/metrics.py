@@ -34,6 +34,7 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 WRITE_ERROR_REASONS = ("not_primary", "unavailable", "not_acknowledged", "wal")
+STORAGE_ERROR_KINDS = ("DiskFull", "StorageError")  # errors.StorageKind
 STATE_VALUES = {"Healthy": 3, "CatchingUp": 2, "Lagging": 2, "Degraded": 1, "Failed": 0}
 
 
@@ -172,7 +173,15 @@ class Metrics:
             ["space"],
             registry=r,
         )
+        self.late_grants = Counter(
+            P + "late_grants",
+            "Write-lease grants refused because they arrived late (this node was stopped or "
+            "overloaded while they waited).",
+            registry=r,
+        )
         self.add_catchup_metrics()
+        self.add_storage_metrics()
+        self.add_admission_metrics()
 
     def forget_space(self, space: str, replicas: list[str]) -> None:
         for g in (
@@ -245,6 +254,56 @@ class Metrics:
             self.catchup_remaining,
         ):
             _remove(m, space, replica)
+
+    def add_storage_metrics(self) -> None:
+        r, P = self.registry, "engram_replication_"
+        self.storage_errors = Counter(
+            P + "storage_errors",
+            "Failed disk operations (write, fsync, create, rename) on the space's files, by "
+            "kind: DiskFull (ENOSPC, EDQUOT) or StorageError (anything else).",
+            ["space", "kind"],
+            registry=r,
+        )
+        self.storage_healthy = Gauge(
+            P + "storage_healthy",
+            "1 while the space's last disk operation succeeded, 0 after a storage error.",
+            ["space"],
+            registry=r,
+        )
+
+    def storage_failed(self, space: str, kind: str) -> None:
+        """A StorageError for `space` (kind: StorageError.kind)."""
+        self.storage_errors.labels(space, kind).inc()
+        self.storage_healthy.labels(space).set(0)
+
+    def storage_ok(self, space: str) -> None:
+        self.storage_healthy.labels(space).set(1)
+
+    def forget_storage(self, space: str) -> None:
+        _remove(self.storage_healthy, space)
+        for kind in STORAGE_ERROR_KINDS:
+            _remove(self.storage_errors, space, kind)
+
+    def add_admission_metrics(self) -> None:
+        """The replication listener's connection caps (engram_sidecar.admission)."""
+        r, P = self.registry, "engram_replication_"
+        self.connections_refused = Counter(
+            P + "connections_refused",
+            "Incoming replication connections closed at accept because a cap was reached, by "
+            "reason: max_connections or max_handshakes_per_source.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("max_connections", "max_handshakes_per_source"):
+            self.connections_refused.labels(reason)  # exported as 0 before the first refusal
+        self.peer_connections = Gauge(
+            P + "peer_connections",
+            "Incoming replication connections open, by state: handshake or authenticated.",
+            ["state"],
+            registry=r,
+        )
+        for state in ("handshake", "authenticated"):
+            self.peer_connections.labels(state).set(0)
 
 
 def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:

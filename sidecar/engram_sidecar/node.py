@@ -13,21 +13,22 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from prometheus_client import CollectorRegistry
 
 from engram_sidecar import assignment as assignment_file
-from engram_sidecar import epochs as epoch_history
 from engram_sidecar import snapshot
 from engram_sidecar.assignment import Assignment
 from engram_sidecar.catchup import TokenBucket
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.contract import NodeName, SpaceId, validate_space_id
-from engram_sidecar.errors import WalError
+from engram_sidecar.errors import EngramError, WalError
+from engram_sidecar.grants import GrantClock
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.lag import LagThresholds, classify, transition_message
+from engram_sidecar.matching import epoch_at
 from engram_sidecar.metrics import STATE_VALUES, Metrics
 from engram_sidecar.receiver import Receiver
 from engram_sidecar.shipper import PeerLink
@@ -38,8 +39,19 @@ from engram_sidecar.wal import FsyncPolicy, WalStore
 log = logging.getLogger(__name__)
 
 
-# A grant older than this on arrival is refused (the control plane's probe timeout, 0.5 s).
-MAX_GRANT_AGE_NS = 500_000_000
+# A grant that arrived later than this beyond the fastest recent one is refused (design-notes
+# "Write lease": the one timing assumption, the control plane's bound on message delay).
+MAX_GRANT_DELAY_NS = 500_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Who vouched and when: the control plane's id and monotonic send time (pushed grants), or
+    this node's own monotonic send time of the request that earned it (`sent_by_us`)."""
+
+    source: str = ""
+    sent_ns: int = 0
+    sent_by_us: float | None = None
 
 
 class StaleAssignment(Exception):
@@ -81,6 +93,7 @@ class Node:
             burst=float(max(CHUNK_BYTES, cfg.catchup_bytes_per_second // 10)),
             clock=clock,
         )
+        self.grant_clock = GrantClock(MAX_GRANT_DELAY_NS)
         self.replication_port = 0
         self._monitor: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
@@ -133,15 +146,29 @@ class Node:
                 clock=self.clock,
             )
             sp.lease_seconds = self.cfg.write_lease_seconds
+            sp.on_storage_change = self._storage_metric(sid)
+            self.metrics.storage_ok(sid)
             self.spaces[sid] = sp
             self._by_wire[sp.wire_id] = sp
         return sp
 
-    def assign(self, space: str, a: Assignment, *, grant_lease: bool = True) -> tuple[bool, Space]:
+    def _storage_metric(self, sid: SpaceId) -> Callable[[str], None]:
+        def update(state: str) -> None:
+            if state == "ok":
+                self.metrics.storage_ok(sid)
+            else:
+                self.metrics.storage_failed(sid, state)
+
+        return update
+
+    def assign(
+        self, space: str, a: Assignment, *, grant: Grant | None = None
+    ) -> tuple[bool, Space]:
         """Apply an assignment. Returns (changed, space). Raises StaleAssignment on old epochs.
 
-        `grant_lease=False`: the assignment was read back (from the Kubernetes API), not pushed
-        by the control plane, so like one reloaded from disk it vouches for nothing.
+        `grant`: the control plane pushed it with its send stamp, so it also vouches for the
+        primary's write lease. An assignment read back (from the Kubernetes API or from disk)
+        carries none and vouches for nothing.
         """
         sid = validate_space_id(space)
         sp = self.spaces.get(sid)
@@ -163,74 +190,12 @@ class Node:
                 f"{sid}; a new primary needs a new epoch"
             )
         sp = self._space(sid)
-        old_epoch = sp.assignment.epoch if sp.assignment is not None else 0
         self._adopt(sp, a)
-        if sp.role == "primary" and grant_lease:
+        if sp.role == "primary" and grant is not None:
             # The control plane just vouched for this node. An assignment reloaded from disk at
-            # start-up does not: a restarted primary waits for a heartbeat or its replicas.
-            sp.grant_lease(sp.wall_ns())
-        if sp.role == "replica" and a.epoch != old_epoch and sp.log.last_sequence > 0:
-            self._start_fork_check(sp, a)
+            # start-up does not: a restarted primary waits for a heartbeat.
+            self.grant_leases(grant, {sid: a.epoch})
         return True, sp
-
-    def _start_fork_check(self, sp: Space, a: Assignment) -> None:
-        sp.fork_checked = False
-        task = asyncio.get_running_loop().create_task(self._fork_check(sp, a))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
-
-    async def _fork_check(self, sp: Space, a: Assignment) -> None:
-        """Cut this replica's log back to where it agrees with the new primary's (design §4).
-
-        Asks the primary for its epoch history over HTTP and applies the leader-epoch rule. Entries
-        dropped are counted, logged and reported; they were never acknowledged under `quorum`.
-        """
-        if not a.primary.http:
-            log.warning(
-                "space %s: primary %s has no http address; skipping fork check",
-                sp.id,
-                a.primary.node,
-            )
-            sp.fork_checked = True
-            return
-        url = f"http://{a.primary.http}/v1/spaces/{sp.id}/epochs"
-        for attempt in range(600):  # ~2 minutes, then give up loudly
-            if sp.assignment is not a:
-                return  # superseded by a newer assignment, which runs its own check
-            try:
-                async with (
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s,
-                    s.get(url) as resp,
-                ):
-                    doc = await resp.json() if resp.status == 200 else None
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                doc = None
-            if doc is not None and int(doc.get("epoch", 0)) >= a.epoch:
-                leader = [(int(e), int(q)) for e, q in doc["epochs"]]
-                fork = epoch_history.fork_point(
-                    local=sp.log.history,
-                    local_last=sp.log.last_sequence,
-                    leader=leader,
-                    leader_last=int(doc["last_sequence"]),
-                )
-                if fork < sp.log.last_sequence:
-                    dropped = sp.log.truncate_after(fork)
-                    self.metrics.truncated_entries.labels(sp.id).inc(dropped)
-                    sp.dropped_entries += dropped
-                    log.warning(
-                        "space %s: dropped %d divergent entries after %d to follow %s at epoch %d",
-                        sp.id,
-                        dropped,
-                        fork,
-                        a.primary.node,
-                        a.epoch,
-                    )
-                sp.fork_checked = True
-                return
-            await asyncio.sleep(min(0.05 * (attempt + 1), 0.2))
-        log.error(
-            "space %s: could not reach primary %s to check the fork point", sp.id, a.primary.node
-        )
 
     def _adopt(self, sp: Space, a: Assignment) -> None:
         old = sp.assignment
@@ -297,29 +262,36 @@ class Node:
         for link in self.links.values():
             link.wake()
 
-    def grant_leases(self, granted_at_ns: int, epochs: dict[str, int]) -> dict[str, bool]:
-        """A control-plane heartbeat: renew the write lease of each space led here at `epoch`.
+    def grant_leases(self, grant: Grant, epochs: dict[str, int]) -> dict[str, bool]:
+        """A control-plane grant: renew the write lease of each space led here at `epoch`.
 
-        A grant that arrives more than MAX_GRANT_AGE after it was sent is refused: it sat in a
-        queue (this process was stopped, or overloaded), and the control plane may have acted
-        on our silence since.
+        A pushed grant runs from its arrival, unless `GrantClock` can tell it arrived late (it
+        sat in a queue while this process was stopped or overloaded, and the control plane may
+        have acted on our silence since): then it is refused. A grant earned by a request this
+        node sent itself (a Lease renewal) runs from that request's send time.
         """
         out = {}
-        late = time.time_ns() - granted_at_ns > MAX_GRANT_AGE_NS
-        if late:
-            log.warning(
-                "refused a write-lease grant %.2f s old", (time.time_ns() - granted_at_ns) / 1e9
-            )
-        for sid, epoch in epochs.items():
+        since = self.clock() if grant.sent_by_us is None else grant.sent_by_us
+        late = False
+        if grant.sent_by_us is None:
+            arrived = int(since * 1e9)
+            lateness = self.grant_clock.lateness_ns(grant.source, grant.sent_ns, arrived)
+            late = lateness > self.grant_clock.max_delay_ns
             if late:
-                out[sid] = False
-                continue
+                self.metrics.late_grants.inc()
+                log.warning("refused a write-lease grant that arrived %.2f s late", lateness / 1e9)
+        for sid, epoch in epochs.items():
             sp = self.lookup(sid)
-            if sp is not None and sp.role == "primary" and sp.accepted_epoch == epoch:
-                sp.grant_lease(granted_at_ns)
-                out[sid] = True
-            else:
-                out[sid] = False
+            ok = (
+                not late
+                and sp is not None
+                and sp.role == "primary"
+                and sp.assignment_epoch() == epoch
+                and sp.accepted_epoch == epoch
+            )
+            if ok and sp is not None:
+                sp.grant_lease(since)
+            out[sid] = ok
         return out
 
     def lookup(self, space: str) -> Space | None:
@@ -333,18 +305,32 @@ class Node:
     async def write(self, sp: Space, records: list[tuple[int, bytes]]) -> tuple[int, int, int]:
         t0 = time.perf_counter()
         sp.check_writable()
+        a = sp.assignment
         epoch = sp.accepted_epoch
-        first, last = sp.log.append(records, epoch=epoch)
-        sp.on_append()
-        self.metrics.last_sequence.labels(sp.id).set(last)
-        if sp.commit.policy == "always":
-            await sp.commit.wait_durable(last)
+        try:
+            first, last = sp.log.append(records, epoch=epoch)
+            sp.on_append()
+            self.metrics.last_sequence.labels(sp.id).set(last)
+            if sp.commit.policy == "always":
+                await sp.commit.wait_durable(last)
+                sp.on_append()  # durable now, so shippable
+        except EngramError as err:
+            sp.note_storage_error(err)
+            raise
+        sp.clear_storage_error()
         await sp.wait_replicated(last, self.cfg.ack_timeout)
-        if sp.fenced_reason is not None:
+        # Ack only what is still true: the waits above took time, in which this node may have
+        # been deposed, fenced, or lost its lease. Any of those and the write may not last.
+        try:
+            sp.check_writable()
+            if sp.assignment is not a or sp.accepted_epoch != epoch:
+                raise NotWritable(f"space {sp.id}: the assignment changed during the write")
+        except NotWritable as err:
             raise NotWritable(
-                f"space {sp.id} was fenced before the write was acknowledged: {sp.fenced_reason}",
+                f"{err.reason}; the entries {first}..{last} are in this node's log but NOT "
+                "acknowledged",
                 code="not_acknowledged",
-            )
+            ) from None
         self.metrics.entries_written.labels(sp.id).inc(len(records))
         self.metrics.write_latency.labels(sp.id).observe(time.perf_counter() - t0)
         return first, last, epoch
@@ -362,7 +348,7 @@ class Node:
         sp.commit.start()
         sp.log = wal
         sp.sealed_upto = wal.last_sequence
-        sp.fork_checked = True  # the snapshot is the primary's own log
+        sp.matched_upto = wal.last_sequence  # the snapshot is the primary's own log
         self._retired.add(asyncio.get_running_loop().create_task(old_commit.stop()))
         log.info(
             "space %s: installed a snapshot; log now %d..%d",
@@ -469,6 +455,11 @@ class Node:
             "first_sequence": sp.log.first_sequence,
             "last_sequence": sp.log.last_sequence,
             "applied_sequence": sp.applied_sequence,
+            # The epoch of the entry at applied_sequence: with it, the control plane ranks
+            # candidates by (last_epoch, applied_sequence), never by sequence alone.
+            "last_epoch": epoch_at(sp.log.history, sp.applied_sequence),
+            "matched_sequence": sp.matched_sequence if sp.role == "replica" else None,
+            "storage": sp.storage.view(),
             "ack_policy": a.ack_policy if a else None,
             "primary": a.primary.node if a else None,
             "fenced": sp.fenced_reason,

@@ -1,9 +1,11 @@
 """Replica side of replication: the listener that authenticates peers and applies their batches.
 
-Per frame: CRC (decoder), authentication (handshake first), space (known here?), epoch (not
-stale), then sequence: a duplicate is acked again without writing, an overlap is trimmed to what
-is new, a gap is answered with NACK GAP carrying resend-from. Applied entries go to the local WAL
-under its fsync policy; the ACK carries the highest contiguous durable sequence.
+Per frame: CRC (decoder), authentication (handshake first), space (known here?), sender (only
+the assignment's primary, at the assignment's epoch), then log matching (`matching`): the batch
+applies only after the entry it follows; entries already held are compared by epoch, and a
+divergent tail is cut. A gap or a mismatch is answered with NACK GAP/DIVERGED naming this log's
+entry to resume after. Applied entries go to the local WAL under its fsync policy; the ACK
+carries the highest durable sequence proven identical to the primary's (`Space.matched_sequence`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,19 @@ import logging
 import time
 from collections.abc import Callable
 
+from engram_sidecar import matching
+from engram_sidecar.admission import Admission, Refused
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.contract import Epoch, NodeName, Sequence
 from engram_sidecar.entry import HEADER_SIZE
-from engram_sidecar.errors import ChecksumMismatch, EngramError, SequenceError, WalError, WireError
+from engram_sidecar.errors import (
+    ChecksumMismatch,
+    EngramError,
+    SequenceError,
+    WalError,
+    WalTruncated,
+    WireError,
+)
 from engram_sidecar.messages import (
     Ack,
     Heartbeat,
@@ -31,7 +42,14 @@ from engram_sidecar.messages import (
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.snapshot import SnapshotBuilder
 from engram_sidecar.space import Space
-from engram_sidecar.transport import PeerClosed, next_frames, server_handshake, tune_socket
+from engram_sidecar.transport import (
+    ClosedSilently,
+    PeerClosed,
+    next_frames,
+    peer_source,
+    server_handshake,
+    tune_socket,
+)
 from engram_sidecar.wire import Frame, FrameDecoder, MessageType
 from engram_sidecar.wire_batch import Batch, BatchMismatch
 
@@ -61,6 +79,10 @@ class Receiver:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._admission = Admission(
+            max_connections=cfg.max_peer_connections,
+            max_handshakes_per_source=cfg.max_peer_handshakes_per_source,
+        )
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -83,33 +105,47 @@ class Receiver:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            ticket = self._admission.admit(peer_source(writer))
+        except Refused as err:
+            # Before a byte is read: over a cap, a socket costs no more than its accept.
+            self.metrics.connections_refused.labels(err.reason).inc()
+            log.debug("refused a replication connection: %s", err)
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
         self._writers.add(writer)
+        self._count_connections()
         peer = "?"
         try:
             tune_socket(writer, self.cfg.keepalive)
-            decoder = FrameDecoder(max_body=self.cfg.max_frame_bytes)
             try:
-                peer, early = await server_handshake(
+                peer = await server_handshake(
                     reader,
                     writer,
-                    decoder,
                     secret=self.secret,
                     node=self.node,
-                    timeout=self.cfg.io_timeout,
+                    timeout=self.cfg.handshake_timeout,
                 )
+            except ClosedSilently:
+                return  # a connect-and-close with nothing sent is a primary's liveness probe
             except PeerClosed as err:
-                if decoder.buffered or (err.args and "no data" in str(err.args[0])):
-                    self.metrics.auth_failures.inc()
-                # A connect-and-close with nothing sent is a primary's liveness probe.
+                # Cut off mid-handshake or at its deadline: not logged above debug, or a flood
+                # of trickling sockets would flood the log too.
+                self.metrics.auth_failures.inc()
+                log.debug("replication handshake from %s dropped: %s", ticket.source, err)
                 return
             except WireError as err:
                 self.metrics.auth_failures.inc()
                 log.warning("refused replication peer: %s", err)
                 return
-            await self._serve(NodeName(peer), reader, writer, decoder, early)
+            self._admission.authenticated(ticket)
+            self._count_connections()
+            # The handshake read exactly its own frames: this decoder starts at a frame boundary.
+            decoder = FrameDecoder(max_body=self.cfg.max_frame_bytes)
+            await self._serve(NodeName(peer), reader, writer, decoder, [])
         except PeerClosed:
             pass
         except asyncio.CancelledError:
@@ -126,11 +162,18 @@ class Receiver:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._admission.release(ticket)
+            self._count_connections()
             self._conns.discard(task)
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    def _count_connections(self) -> None:
+        adm = self._admission
+        self.metrics.peer_connections.labels("handshake").set(adm.handshaking)
+        self.metrics.peer_connections.labels("authenticated").set(adm.open - adm.handshaking)
 
     async def _serve(
         self,
@@ -168,6 +211,34 @@ class Receiver:
         space = self.lookup(frame.space)
         if space is None or space.assignment is None:
             return self._nack(NackReason.UNKNOWN_SPACE, frame, "space not assigned to this node")
+        refusal = self._admit(peer, frame, space)
+        if refusal:
+            return refusal
+        msg = decode_message(frame, max_batch_size=self.cfg.max_frame_bytes)
+        if isinstance(msg, Heartbeat):
+            space.primary_last_seq = max(space.primary_last_seq, int(msg.last_seq))
+            space.primary_last_ts_ns = msg.last_timestamp_ns
+            wal = space.log
+            if msg.last_seq <= wal.last_sequence and matching.epoch_at(
+                wal.history, int(msg.last_seq)
+            ) == int(msg.last_epoch):
+                space.matched_upto = max(space.matched_upto, int(msg.last_seq))
+            return self._ack(space)
+        if frame.msg_type in _SNAPSHOT_TYPES:
+            return await self._snapshot(space, frame, msg)
+        if isinstance(msg, Batch):
+            return await self._apply(space, msg, writer, acks)
+        return b""
+
+    def _admit(self, peer: NodeName, frame: Frame, space: Space) -> bytes:
+        """Refuse any frame but one from this assignment's primary at this assignment's epoch.
+
+        A higher epoch proves the control plane moved on: it fences this node if it leads, and
+        nothing is applied or acknowledged until the matching assignment arrives, so an ack can
+        never vouch for entries this node holds from an older primary (issue 11, finding 1).
+        """
+        a = space.assignment
+        assert a is not None
         if frame.epoch < space.accepted_epoch:
             return self._nack(
                 NackReason.STALE_EPOCH,
@@ -175,33 +246,58 @@ class Receiver:
                 f"epoch {frame.epoch} is older than {space.accepted_epoch} on {self.node}",
                 epoch=space.accepted_epoch,
             )
-        if space.role == "primary" and frame.epoch == space.accepted_epoch:
-            return self._nack(
-                NackReason.NOT_REPLICA, frame, f"{self.node} is the primary at epoch {frame.epoch}"
-            )
         if frame.epoch > space.accepted_epoch:
-            space.note_epoch(frame.epoch)
-        snap = frame.msg_type in _SNAPSHOT_TYPES
-        if not space.fork_checked and not snap:  # a snapshot replaces the log: no fork to find
+            try:
+                space.note_epoch(frame.epoch)
+            except EngramError as err:
+                space.note_storage_error(err)
+                return self._nack(NackReason.INTERNAL, frame, f"cannot record epoch: {err}"[:200])
+        if frame.epoch != a.epoch:
             return self._nack(
-                NackReason.NOT_REPLICA, frame, f"{self.node} is still finding its fork point"
+                NackReason.NOT_REPLICA,
+                frame,
+                f"{self.node} has no assignment at epoch {frame.epoch} yet (holds {a.epoch})",
             )
-        msg = decode_message(frame, max_batch_size=self.cfg.max_frame_bytes)
-        if isinstance(msg, Heartbeat):
-            space.primary_last_seq = max(space.primary_last_seq, int(msg.last_seq))
-            space.primary_last_ts_ns = msg.last_timestamp_ns
-            return self._ack(space)
-        if snap:
-            return await self._snapshot(space, frame, msg)
-        if isinstance(msg, Batch):
-            return await self._apply(space, msg, writer, acks)
+        if space.role != "replica":
+            return self._nack(
+                NackReason.NOT_REPLICA,
+                frame,
+                f"{self.node} is {space.role} of this space at epoch {frame.epoch}",
+            )
+        if peer != a.primary.node:
+            return self._nack(
+                NackReason.NOT_REPLICA,
+                frame,
+                f"{peer} is not the primary at epoch {a.epoch}; {a.primary.node} is",
+            )
         return b""
 
     async def _snapshot(self, space: Space, frame: Frame, msg: object) -> bytes:
-        """Build a snapshot beside the live log; install it on SNAPSHOT_END."""
+        """Build a snapshot beside the live log; install it on SNAPSHOT_END.
+
+        A SNAPSHOT_BEGIN of the same primary, epoch, start and history as the snapshot being
+        built resumes it: the answer names the last entry it holds durably and the primary
+        continues from there. A catch-up cut by a dropped connection or a corrupt frame so
+        loses at most the chunks in flight, never the whole transfer (issue 11, item 7).
+        """
         b = space.snapshot_builder
         try:
             if isinstance(msg, SnapshotBegin):
+                key = (int(msg.epoch), int(msg.first_seq), tuple(msg.epochs))
+                if (
+                    b is not None
+                    and space.snapshot_key == key
+                    and b.log.last_sequence <= msg.last_seq
+                ):
+                    b.last = int(msg.last_seq)
+                    log.info(
+                        "space %s: resuming the snapshot at %d of %d..%d",
+                        space.id,
+                        b.log.last_sequence,
+                        msg.first_seq,
+                        msg.last_seq,
+                    )
+                    return self._snap_ack(space, b.log.last_sequence, installed=False)
                 if b is not None:
                     b.abandon()
                 space.snapshot_builder = b = SnapshotBuilder(
@@ -213,6 +309,7 @@ class Receiver:
                     history=list(msg.epochs),
                     segment_bytes=msg.segment_bytes,
                 )
+                space.snapshot_key = key
                 log.info(
                     "space %s: receiving a snapshot of %d..%d (%d bytes)",
                     space.id,
@@ -224,12 +321,16 @@ class Receiver:
             if b is None:
                 return self._nack(NackReason.INTERNAL, frame, "no snapshot in progress")
             if isinstance(msg, Batch):
-                if msg.first_seq != b.log.next_sequence:
+                have = b.log.last_sequence
+                if msg.first_seq > have + 1:
                     raise SequenceError(
-                        f"chunk starts at {msg.first_seq}, snapshot expects {b.log.next_sequence}"
+                        f"chunk starts at {msg.first_seq}, snapshot expects {have + 1}"
                     )
-                b.append(msg.entries)
-                await asyncio.to_thread(b.durable)
+                if msg.last_seq > have:  # a resent chunk may overlap what is held
+                    b.append(_skip_entries(msg.entries, have + 1 - int(msg.first_seq)))
+                    await asyncio.to_thread(b.durable)
+                    if space.snapshot_builder is not b:
+                        return b""  # replaced meanwhile by a newer SNAPSHOT_BEGIN
                 return self._snap_ack(space, b.log.last_sequence, installed=False)
             if isinstance(msg, SnapshotEnd):
                 b.finish()
@@ -256,45 +357,106 @@ class Receiver:
         writer: asyncio.StreamWriter,
         acks: set[asyncio.Task[None]],
     ) -> bytes:
+        """Log matching (design §4): append only after the entry the batch follows.
+
+        The entry at `first_seq - 1` must have `prev_epoch` here too. Entries this log already
+        holds are compared by epoch, never assumed equal by sequence: the first that differs
+        and everything after it is a divergent tail, cut before the batch's entries go in.
+        """
         wal = space.log
         space.primary_last_seq = max(space.primary_last_seq, int(batch.last_seq))
-        if batch.last_seq <= wal.last_sequence:
-            return self._ack(space)  # a duplicate: already have it
-        if batch.first_seq > wal.next_sequence:
-            return self._nack(
-                NackReason.GAP,
-                None,
-                f"expected {wal.next_sequence}",
-                space=space,
-                resend_from=wal.next_sequence,
-            )
-        data = _skip_entries(batch.entries, wal.next_sequence - batch.first_seq)
         try:
-            first, last = wal.append_stored(data, payloads_checked=True)
-        except WalError as err:
+            wal.forget_unwritten_epochs()
+        except (WalError, OSError) as err:
+            space.note_storage_error(err)
+            return self._nack(NackReason.INTERNAL, None, str(err)[:200], space=space)
+        verdict = matching.check_prev(
+            history=wal.history,
+            last=wal.last_sequence,
+            prev_seq=int(batch.first_seq) - 1,
+            prev_epoch=int(batch.prev_epoch),
+        )
+        if verdict is not None:
+            reason = NackReason.GAP if verdict.gap else NackReason.DIVERGED
+            return self._nack(
+                reason,
+                None,
+                verdict.why,
+                space=space,
+                resend_from=verdict.resend_from,
+                hint=verdict.epoch_hint,
+            )
+        skip = 0
+        if batch.first_seq <= wal.last_sequence:
+            epochs = matching.entry_epochs(batch.entries)
+            skip, diverged_at = matching.overlap(
+                history=wal.history,
+                last=wal.last_sequence,
+                first_seq=int(batch.first_seq),
+                epochs=epochs,
+            )
+            if diverged_at is not None:
+                self._cut(space, diverged_at - 1, int(batch.epoch))
+        try:
+            if skip < batch.count:
+                data = _skip_entries(batch.entries, skip)
+                first, last = wal.append_stored(data, payloads_checked=True)
+                self.metrics.entries_applied.labels(space.id).inc(last - first + 1)
+            generation = wal.generation
+        except (WalError, OSError) as err:
+            space.note_storage_error(err)
             log.error("space %s: cannot apply batch: %s", space.id, err)
             return self._nack(NackReason.INTERNAL, None, str(err)[:200], space=space)
-        self.metrics.entries_applied.labels(space.id).inc(last - first + 1)
+        space.clear_storage_error()
+        space.matched_upto = max(space.matched_upto, int(batch.last_seq))
         if space.commit.policy == "always":
-            t = asyncio.create_task(self._ack_when_durable(space, last, writer))
+            t = asyncio.create_task(
+                self._ack_when_durable(space, int(batch.last_seq), generation, writer)
+            )
             acks.add(t)
             t.add_done_callback(acks.discard)
             return b""
-        return self._ack(space, wal.last_sequence)
+        return self._ack(space)
 
-    async def _ack_when_durable(self, space: Space, seq: int, writer: asyncio.StreamWriter) -> None:
+    def _cut(self, space: Space, keep_upto: int, epoch: int) -> None:
+        dropped = space.log.truncate_after(keep_upto)
+        space.on_truncated(keep_upto)
+        self.metrics.truncated_entries.labels(space.id).inc(dropped)
+        space.dropped_entries += dropped
+        log.warning(
+            "space %s: dropped %d divergent entries after %d to follow %s at epoch %d",
+            space.id,
+            dropped,
+            keep_upto,
+            space.assignment.primary.node if space.assignment else "?",
+            epoch,
+        )
+
+    async def _ack_when_durable(
+        self, space: Space, seq: int, generation: int, writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            await space.commit.wait_durable(seq)
+            await space.commit.wait_durable(seq, generation=generation)
+        except WalTruncated:
+            return  # cut by a newer batch's log matching meanwhile: that batch acks for itself
         except EngramError as err:
+            space.note_storage_error(err)
             log.error("space %s: fsync failed; not acking %d: %s", space.id, seq, err)
             writer.close()
             return
         if not writer.is_closing():
             writer.write(self._ack(space))
 
-    def _ack(self, space: Space, seq: int | None = None) -> bytes:
-        s = space.applied_sequence if seq is None else seq
-        return Ack(space.wire_id, Epoch(space.accepted_epoch), Sequence(s), time.time_ns()).encode()
+    def _ack(self, space: Space) -> bytes:
+        wal = space.log
+        return Ack(
+            space.wire_id,
+            Epoch(space.accepted_epoch),
+            Sequence(space.matched_sequence),
+            time.time_ns(),
+            Sequence(wal.last_sequence),
+            Epoch(matching.epoch_at(wal.history, wal.last_sequence)),
+        ).encode()
 
     def _nack(
         self,
@@ -305,11 +467,12 @@ class Receiver:
         space: Space | None = None,
         resend_from: int = 0,
         epoch: int = 0,
+        hint: int = 0,
     ) -> bytes:
         self.metrics.nacks.labels("out", reason.name).inc()
         sid = space.wire_id if space is not None else (frame.space if frame else bytes(16))
         ep = epoch or (space.accepted_epoch if space else (frame.epoch if frame else 0))
-        return Nack(reason, Sequence(resend_from), message, sid, Epoch(ep)).encode()
+        return Nack(reason, Sequence(resend_from), message, sid, Epoch(ep), Epoch(hint)).encode()
 
 
 def _skip_entries(data: bytes, n: int) -> bytes:

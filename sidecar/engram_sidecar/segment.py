@@ -8,6 +8,7 @@ index (every INDEX_EVERY entries) narrows a seek to a short forward walk.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Final
 
 from engram_sidecar.entry import HEADER_SIZE, MAGIC, EntryHeader, check_payload, decode_header
-from engram_sidecar.errors import WalCorruption
+from engram_sidecar.errors import StorageError, WalCorruption
 
 SEGMENT_RE: Final = re.compile(r"^(\d{20})\.wal$")
 # One index point per 256 entries: a seek walks at most 255 headers, and the index of a full
@@ -156,3 +157,47 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out: a nearly full disk may take only part of a buffer."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def replace_atomically(path: Path, data: bytes, *, space: str = "") -> None:
+    """Make `data` the content of `path`: write a temp file, fsync it, rename, fsync the dir.
+
+    After a crash at any point the file holds the old content or the new, never a mix. A
+    failure raises StorageError naming the step and leaves the old content in place (the
+    temp file is removed, so a full disk isn't left fuller).
+    """
+    tmp = path.with_suffix(".tmp")
+    step, target = "create", tmp
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            step = "write"
+            write_all(fd, data)
+            step = "fsync"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        step = "rename"
+        os.replace(tmp, path)
+        step, target = "fsync directory", path.parent
+        fsync_dir(path.parent)
+    except OSError as err:
+        if step != "fsync directory":
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise StorageError(step, target, err, space=space) from err

@@ -6,25 +6,38 @@ live log keeps serving. Installing is: fsync, write the COMPLETE marker, move th
 `recover()` runs before a space's log is opened: with the marker it finishes an interrupted
 install; without it, it deletes the partial snapshot and restores `wal.old/` if needed. So a
 partial snapshot is never served as if complete.
+
+Every failing OS call raises StorageError (path, errno), so a full disk during catch-up reads as
+a storage problem, not as a broken connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from engram_sidecar import epochs as epoch_history
 from engram_sidecar.contract import SpaceId
-from engram_sidecar.errors import SequenceError
-from engram_sidecar.segment import fsync_dir
+from engram_sidecar.errors import SequenceError, StorageError
+from engram_sidecar.segment import fsync_dir, write_all
 from engram_sidecar.wal import SpaceLog
 
 log = logging.getLogger(__name__)
 
 TMP = "snapshot.tmp"
 MARKER = "COMPLETE"
+
+
+@contextlib.contextmanager
+def _os_errors(op: str, path: Path, space: str = "") -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        raise StorageError(op, path, err, space=space) from err
 
 
 class SnapshotBuilder:
@@ -45,8 +58,9 @@ class SnapshotBuilder:
         self.first, self.last, self.epoch = first, last, epoch
         self.dir = space_dir / TMP
         discard(space_dir)
-        self.dir.mkdir(parents=True)
-        epoch_history.store(self.dir / "epochs.json", history)
+        with _os_errors("create", self.dir, space):
+            self.dir.mkdir(parents=True)
+        epoch_history.store(self.dir / "epochs.json", history, space=space)
         self.log = SpaceLog(
             self.dir, space=space, segment_bytes=segment_bytes, first_sequence=first
         )
@@ -68,11 +82,14 @@ class SnapshotBuilder:
         self.log.sync()
         self.log.close()
         marker = self.dir / MARKER
-        with marker.open("w") as f:
-            f.write(f"{self.first} {self.last}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(self.dir)
+        with _os_errors("write", marker, self.log.space):
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, f"{self.first} {self.last}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.dir)
 
     def abandon(self) -> None:
         self.log.close()
@@ -82,7 +99,8 @@ class SnapshotBuilder:
 def discard(space_dir: Path) -> None:
     tmp = space_dir / TMP
     if tmp.exists() and not (tmp / MARKER).exists():
-        shutil.rmtree(tmp)
+        with _os_errors("delete", tmp):
+            shutil.rmtree(tmp)
 
 
 def install(space_dir: Path) -> None:
@@ -90,6 +108,11 @@ def install(space_dir: Path) -> None:
     tmp = space_dir / TMP
     if not (tmp / MARKER).exists():
         raise SequenceError(f"{tmp}: no complete snapshot to install")
+    with _os_errors("install snapshot into", space_dir):
+        _swap_in(space_dir, tmp)
+
+
+def _swap_in(space_dir: Path, tmp: Path) -> None:
     live, old = space_dir / "wal", space_dir / "wal.old"
     if live.exists() and (tmp / "wal").exists():
         if old.exists():
@@ -113,16 +136,17 @@ def recover(space_dir: Path) -> str | None:
         install(space_dir)
         return "finished installing a complete snapshot"
     said = None
-    if tmp.exists():
-        shutil.rmtree(tmp)
-        said = "discarded a partial snapshot"
-    if old.exists():
-        if live.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, live)
-            said = "restored the log a failed snapshot install had moved"
-        fsync_dir(space_dir)
+    with _os_errors("recover snapshot state of", space_dir):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+            said = "discarded a partial snapshot"
+        if old.exists():
+            if live.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, live)
+                said = "restored the log a failed snapshot install had moved"
+            fsync_dir(space_dir)
     if said:
         log.warning("%s: %s", space_dir, said)
     return said

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engram_sidecar import assignment as assignment_file
+from engram_sidecar import matching
 from engram_sidecar.assignment import Assignment
 from engram_sidecar.catchup import Progress
 from engram_sidecar.contract import NodeName, SpaceId, space_wire_id
@@ -25,6 +26,7 @@ from engram_sidecar.entry import decode_header
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.lag import Lag, ReplicaState, compute_lag
 from engram_sidecar.snapshot import SnapshotBuilder
+from engram_sidecar.storage_health import StorageHealth
 from engram_sidecar.wal import SpaceLog
 from engram_sidecar.wire_batch import encode_batch
 
@@ -39,7 +41,6 @@ class ReplicaProgress:
     node: NodeName
     acked: int = 0  # highest sequence the replica reported durable
     last_contact: float | None = None  # monotonic time of its last ACK
-    last_ack_wall_ns: int = 0  # the replica's wall clock when it sent its last ACK (write lease)
     disconnected_since: float | None = None
     state: ReplicaState = "Healthy"
     lag: Lag = field(default_factory=lambda: Lag(0, 0.0))
@@ -91,9 +92,17 @@ class Space:
         self.clock = clock
         self.assignment: Assignment | None = None
         self.accepted_epoch = 0
-        # A replica whose epoch changed must cut any divergent tail before applying batches.
-        self.fork_checked = True
+        # Replica: the highest sequence proven identical to this assignment's primary's log
+        # (log matching). Reset whenever the primary or epoch changes: what an older primary
+        # shipped is vouched for again only once a batch of the new one matches it.
+        self.matched_upto = 0
+        # The disk's state for this space (ENOSPC, EIO...): shown in status and metrics.
+        self.storage = StorageHealth()
+        self.on_storage_change: Callable[[str], None] = lambda state: None
         self.snapshot_builder: SnapshotBuilder | None = None  # replica: a snapshot arriving
+        # (epoch, first sequence, history) of the snapshot being built: a BEGIN with the same
+        # key resumes it instead of starting over.
+        self.snapshot_key: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self.caught_up: deque[dict[str, object]] = deque(maxlen=20)  # CaughtUp records
         self.dropped_entries = 0  # divergent entries cut when this node was deposed
         self.fenced_reason: str | None = None
@@ -109,10 +118,10 @@ class Space:
         self.primary_last_ts_ns = 0
         self.on_sealed: Callable[[], None] = lambda: None
         self.on_batch: Callable[[int], None] = lambda n: None
-        # Write lease (design §4): wall-clock ns until which the control plane's last grant holds.
+        # Write lease (design §4): until when, on this node's monotonic clock (`clock`), the
+        # control plane's last grant holds. Only the control plane renews it, never replica acks.
         self.lease_seconds = 1.5
-        self.control_lease_until_ns = 0
-        self.wall_ns: Callable[[], int] = time.time_ns
+        self.lease_until = float("-inf")
 
     @property
     def path(self) -> Path:
@@ -136,19 +145,52 @@ class Space:
     def epoch(self) -> int:
         return self.accepted_epoch
 
+    @property
+    def matched_sequence(self) -> int:
+        """What a replica may acknowledge: held durably (as its policy promises) *and* proven to
+        be the primary's entries. A divergent tail beyond `matched_upto` is never vouched for."""
+        return min(self.applied_sequence, self.matched_upto)
+
+    def on_truncated(self, keep_upto: int) -> None:
+        """The log was cut back to `keep_upto`: nothing past it is matched or sealed any more."""
+        self.matched_upto = min(self.matched_upto, keep_upto)
+        self.sealed_upto = min(self.sealed_upto, keep_upto)
+
+    @property
+    def storage_refusal(self) -> str | None:
+        if self.storage.healthy:
+            return None
+        return f"{self.storage.state} on {self.node}: {self.storage.last_error}"
+
+    def note_storage_error(self, err: BaseException) -> None:
+        """A disk failure: logged once per change of state, counted, shown in status."""
+        if self.storage.record(err):
+            log.error("space %s: storage failed (%s): %s", self.id, self.storage.state, err)
+            self.on_storage_change(self.storage.state)
+
+    def clear_storage_error(self) -> None:
+        if self.storage.clear():
+            log.info("space %s: storage works again", self.id)
+            self.on_storage_change("ok")
+
     # ---- assignment -----------------------------------------------------------------------
 
     def apply_assignment(self, a: Assignment) -> None:
         """Adopt `a` (already checked not stale) and persist it before acting on it."""
         assignment_file.save(self.path / "assignment.json", a, max(a.epoch, self.accepted_epoch))
         was_primary = self.role == "primary"
+        old = self.assignment
+        if old is None or old.epoch != a.epoch or old.primary != a.primary:
+            self.matched_upto = 0
+            self.lease_until = float("-inf")
         self.assignment = a
         self.accepted_epoch = max(self.accepted_epoch, a.epoch)
         if self.role == "primary":
             self.fenced_reason = None
-            if not was_primary:
+            if not was_primary or old is None or old.epoch != a.epoch:
+                # Frames carry the epoch in their header: none sealed at the old one may go out.
                 self.log.begin_epoch(a.epoch)
-                self.sealed_upto = self.log.last_sequence
+                self.sealed_upto = self.shippable
                 self._ring.clear()
                 self._ring_bytes = 0
             keep = {r.node for r in a.replicas}
@@ -180,26 +222,17 @@ class Space:
         self.fenced_reason = reason
         self._fail_waiters(f"fenced: {reason}")
 
-    def grant_lease(self, granted_at_ns: int) -> None:
-        """The control plane vouched for this node at `granted_at_ns` (its wall clock)."""
-        until = granted_at_ns + int(self.lease_seconds * 1e9)
-        self.control_lease_until_ns = max(self.control_lease_until_ns, until)
+    def grant_lease(self, since: float) -> None:
+        """The control plane vouched for this node at `since` (this node's monotonic clock).
 
-    def lease_holders(self, now_ns: int) -> int:
-        """Members (this primary included) heard from within the lease, by their send time.
-
-        Acks are dated by the replica's clock when sent, not when we read them: an ack that sat
-        in a buffer while this process was stopped must not renew a lease it no longer deserves.
+        `since` is when the grant arrived (a pushed heartbeat) or when the request that earned
+        it was sent (a Lease renewal this node made): never later than the control plane's own
+        reckoning, so the lease ends here before the control plane counts it gone.
         """
-        horizon = now_ns - int(self.lease_seconds * 1e9)
-        return 1 + sum(1 for r in self.replicas.values() if r.last_ack_wall_ns > horizon)
+        self.lease_until = max(self.lease_until, since + self.lease_seconds)
 
-    def lease_valid(self, now_ns: int | None = None) -> bool:
-        now_ns = self.wall_ns() if now_ns is None else now_ns
-        if now_ns < self.control_lease_until_ns:
-            return True
-        members = 1 + len(self.replicas)
-        return self.lease_holders(now_ns) >= members // 2 + 1
+    def lease_valid(self, now: float | None = None) -> bool:
+        return (self.clock() if now is None else now) < self.lease_until
 
     def check_writable(self) -> None:
         a = self.assignment
@@ -217,17 +250,29 @@ class Space:
             raise NotWritable(f"space {self.id}: epoch {a.epoch} was superseded")
         if not self.lease_valid():
             raise NotWritable(
-                f"space {self.id}: no write lease on {self.node}: no contact with a majority of "
-                f"members or with the control plane in the last {self.lease_seconds:.1f} s"
+                f"space {self.id}: no write lease on {self.node}: no grant from the control "
+                f"plane in the last {self.lease_seconds:.1f} s"
             )
 
     # ---- batching (primary) ---------------------------------------------------------------
 
+    @property
+    def shippable(self) -> int:
+        """The last entry a replica may receive: a durable one when fsync is `always`.
+
+        An entry shipped before it is durable here could outlive this log after a power loss,
+        and a primary restarted at the same epoch would write a different entry at that
+        (epoch, sequence), which log matching could not tell apart.
+        """
+        if self.commit.policy == "always":
+            return self.log.durable_sequence
+        return self.log.last_sequence
+
     def on_append(self) -> None:
-        pending = self.log.last_sequence - self.sealed_upto
+        pending = self.shippable - self.sealed_upto
         if pending <= 0 or not self.replicas:
             if not self.replicas:
-                self.sealed_upto = self.log.last_sequence
+                self.sealed_upto = self.shippable
             return
         if pending >= self.batch_max_entries or not self.inflight():
             self.seal()
@@ -239,8 +284,8 @@ class Space:
         if self._seal_timer is not None:
             self._seal_timer.cancel()
             self._seal_timer = None
-        while self.sealed_upto < self.log.last_sequence:
-            frame, last = self.encode_from(self.sealed_upto + 1)
+        while self.sealed_upto < self.shippable:
+            frame, last = self.encode_from(self.sealed_upto + 1, upto=self.shippable)
             self.on_batch(last - self.sealed_upto)
             self._ring.append((self.sealed_upto + 1, last, frame))
             self._ring_bytes += len(frame)
@@ -255,7 +300,8 @@ class Space:
         comp = bool(self.assignment and self.assignment.compression)
         frame = encode_batch(
             space=self.wire_id,
-            epoch=self.accepted_epoch,
+            epoch=self.assignment_epoch(),
+            prev_epoch=matching.epoch_at(self.log.history, first - 1),
             first_seq=r.first_sequence,
             last_seq=r.last_sequence,
             count=r.count,
@@ -280,11 +326,11 @@ class Space:
 
     # ---- acks (primary) -------------------------------------------------------------------
 
-    def on_ack(self, replica: NodeName, sequence: int, sent_wall_ns: int = 0) -> None:
+    def on_ack(self, replica: NodeName, sequence: int) -> None:
+        """A replica holds `sequence` durably and identical to ours (its ACK at our epoch)."""
         r = self.replicas.get(replica)
         if r is None:
             return
-        r.last_ack_wall_ns = max(r.last_ack_wall_ns, sent_wall_ns)
         r.acked = max(r.acked, min(sequence, self.log.last_sequence))
         r.last_contact = self.clock()
         r.disconnected_since = None

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
-from engram_sidecar import catchup
+from engram_sidecar import catchup, matching
 from engram_sidecar.contract import Epoch, NodeName, Sequence
 from engram_sidecar.errors import SequenceError
 from engram_sidecar.messages import (
@@ -70,7 +70,9 @@ class Stream:
         self.snap_first = self.snap_last = self.snap_next = 0
         self.snap_out: deque[int] = deque()  # last sequence of each chunk in flight
         self.snap_end_sent = False
+        self.snap_started = False  # the replica answered SNAPSHOT_BEGIN: chunks may flow
         self.snap_reason: str | None = None  # set when a snapshot is due but not begun
+        self.refusals = 0  # INTERNAL refusals in a row (backoff), reset by the next ack
 
     @property
     def acked(self) -> int:
@@ -105,12 +107,14 @@ class Stream:
             and not self.snap_out
             and now - self.last_sent_at >= self.heartbeat_interval
         ):
+            shipped = min(sp.sealed_upto, sp.log.last_sequence)
             hb = Heartbeat(
                 sp.wire_id,
-                Epoch(sp.epoch),
-                Sequence(sp.log.last_sequence),
-                sp.log.last_timestamp_ns,
+                Epoch(sp.assignment_epoch()),
+                Sequence(shipped),
+                sp.log.last_timestamp_ns if shipped == sp.log.last_sequence else 0,
                 time.time_ns(),
+                Epoch(matching.epoch_at(sp.log.history, shipped)),
             ).encode()
             write(hb)
             self.metrics.bytes.labels("out").inc(len(hb))
@@ -146,6 +150,7 @@ class Stream:
         wal = sp.log
         self.snap_first, self.snap_last = wal.first_sequence, wal.last_sequence
         self.snap_next, self.snap_end_sent = self.snap_first, False
+        self.snap_started = False
         self.snap_reason = None
         self.snap_out.clear()
         total = wal.size_bytes
@@ -154,7 +159,7 @@ class Stream:
         write(
             SnapshotBegin(
                 sp.wire_id,
-                Epoch(sp.epoch),
+                Epoch(sp.assignment_epoch()),
                 Sequence(self.snap_first),
                 Sequence(self.snap_last),
                 tuple(wal.history),
@@ -175,6 +180,8 @@ class Stream:
 
     def _fill_snapshot(self, write: Callable[[bytes], None], now: float) -> float | None:
         sp = self.space
+        if not self.snap_started:
+            return None  # its answer to SNAPSHOT_BEGIN says where to start (it may resume)
         while len(self.snap_out) < CHUNKS_IN_FLIGHT and self.snap_next <= self.snap_last:
             r = sp.log.read(
                 self.snap_next, max_entries=100_000, max_bytes=CHUNK_BYTES, upto=self.snap_last
@@ -183,7 +190,8 @@ class Stream:
                 return self.bucket.wait_time(len(r.data))
             frame = encode_snapshot_chunk(
                 space=sp.wire_id,
-                epoch=sp.epoch,
+                epoch=sp.assignment_epoch(),
+                prev_epoch=matching.epoch_at(sp.log.history, r.first_sequence - 1),
                 first_seq=r.first_sequence,
                 last_seq=r.last_sequence,
                 count=r.count,
@@ -201,7 +209,10 @@ class Stream:
         if self.snap_next > self.snap_last and not self.snap_out and not self.snap_end_sent:
             write(
                 SnapshotEnd(
-                    sp.wire_id, Epoch(sp.epoch), Sequence(self.snap_first), Sequence(self.snap_last)
+                    sp.wire_id,
+                    Epoch(sp.assignment_epoch()),
+                    Sequence(self.snap_first),
+                    Sequence(self.snap_last),
                 ).encode()
             )
             self.snap_end_sent = True
@@ -214,9 +225,12 @@ class Stream:
         sp = self.space
         if ack.epoch > sp.epoch:
             sp.note_epoch(ack.epoch)
-        sp.on_ack(self.peer, ack.sequence, ack.timestamp_ns)
+        if ack.epoch != sp.assignment_epoch():
+            return  # vouches for another epoch's log, not ours
+        sp.on_ack(self.peer, ack.sequence)
+        self.refusals = 0
         if self.mode == "probe":
-            self._choose()
+            self._choose(int(ack.last_seq), int(ack.last_epoch))
             return
         if self.mode != "live":
             return
@@ -224,9 +238,16 @@ class Stream:
         self.inflight = 0 if outstanding <= 0 else -(-outstanding // sp.batch_max_entries)
         self._maybe_caught_up()
 
-    def _choose(self) -> None:
+    def _choose(self, replica_last: int, replica_last_epoch: int) -> None:
+        """Start after the replica's last entry if ours is the same one, else back up (log
+        matching settles the rest: a wrong guess costs one NACK DIVERGED)."""
         sp = self.space
-        nxt = self.acked + 1
+        nxt = matching.resend_point(
+            history=sp.log.history,
+            last=sp.log.last_sequence,
+            replica_seq=replica_last,
+            replica_epoch=replica_last_epoch,
+        )
         choice = catchup.choose_path(
             replica_next=nxt,
             primary_first=sp.log.first_sequence,
@@ -240,7 +261,7 @@ class Stream:
         self.mode = "live"
         self.next_send = nxt
         self.inflight = 0
-        gap = sp.log.last_sequence - self.acked
+        gap = sp.log.last_sequence - (nxt - 1)
         if gap > sp.batch_max_entries:
             self._progress("incremental", choice.reason, 0)
             self.metrics.catchups.labels(sp.id, "incremental").inc()
@@ -249,11 +270,21 @@ class Stream:
         prog = self._prog()
         if prog is not None:
             prog.done_sequence = int(msg.sequence)
+        if self.mode == "snapshot" and not self.snap_started and not msg.installed:
+            self.snap_started = True
+            self.snap_next = max(self.snap_first, int(msg.sequence) + 1)
+            if self.snap_next > self.snap_first:
+                log.info(
+                    "space %s: replica %s resumes its snapshot after %d",
+                    self.space.id,
+                    self.peer,
+                    msg.sequence,
+                )
         while self.snap_out and self.snap_out[0] <= msg.sequence:
             self.snap_out.popleft()
         if msg.installed:
             sp = self.space
-            sp.on_ack(self.peer, msg.sequence, time.time_ns())
+            sp.on_ack(self.peer, msg.sequence)
             self.mode = "live"
             self.next_send = int(msg.sequence) + 1
             self.inflight = 0
@@ -266,11 +297,25 @@ class Stream:
         if nack.reason is NackReason.STALE_EPOCH:
             sp.note_epoch(nack.epoch)
             sp.fence(f"replica {self.peer} holds a newer epoch ({nack.message})")
-        elif nack.reason is NackReason.GAP and self.mode == "live":
-            self.next_send = max(1, int(nack.resend_from))
+        elif nack.reason in (NackReason.GAP, NackReason.DIVERGED) and self.mode == "live":
+            # Back up, never forward: NACKs of batches sent before an earlier back-up arrive
+            # late, and resending what the replica holds costs only bytes (it skips them).
+            point = matching.resend_point(
+                history=sp.log.history,
+                last=sp.log.last_sequence,
+                replica_seq=int(nack.resend_from) - 1,
+                replica_epoch=int(nack.epoch_hint),
+            )
+            self.next_send = max(1, min(self.next_send, point))
             self.inflight = 0
         elif nack.reason in (NackReason.UNKNOWN_SPACE, NackReason.NOT_REPLICA):
             self.paused_until = self.clock() + 0.2
+            self.reset()
+        elif nack.reason is NackReason.INTERNAL:
+            # A refusal of this space alone (its disk is full, say): pause this stream with a
+            # growing backoff and keep the connection, which every other space shares.
+            self.refusals += 1
+            self.paused_until = self.clock() + min(0.2 * 2 ** min(self.refusals, 5), 5.0)
             self.reset()
         else:
             raise StreamRefused(f"{self.peer} refused: {nack.reason.name}: {nack.message}")

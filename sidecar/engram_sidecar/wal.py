@@ -9,14 +9,23 @@ asyncio group commit that shares one fsync among concurrent writers lives in `gr
 Failure rules: a failed write is rolled back (the file is cut back to its previous end) so no
 partial entry is ever visible; a failed fsync poisons the log until it is reopened, because after
 such a failure the kernel may have dropped the dirty pages and a retry would lie (fsyncgate).
+Every failing OS call surfaces as `StorageError` (path, errno), never as a bare OSError, which
+the replication code would take for a lost connection.
+
+Durability rules: `durable_sequence` only ever covers entries an fsync of this process covered
+(opening fsyncs what a previous process left in the page cache), and never exceeds
+`last_sequence`. Every truncation bumps `generation`; an fsync started before it can't mark
+anything durable after it (`SyncTicket`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -33,11 +42,18 @@ from engram_sidecar.entry import (
     iter_entries,
     walk_entries,
 )
-from engram_sidecar.errors import SequenceError, WalClosed, WalCorruption, WalIOError
+from engram_sidecar.errors import (
+    SequenceError,
+    StorageError,
+    WalClosed,
+    WalCorruption,
+    WalIOError,
+)
 from engram_sidecar.segment import (
     INDEX_EVERY,
     Segment,
     fsync_dir,
+    fsync_file,
     list_segments,
     scan,
     seek_offset,
@@ -49,6 +65,8 @@ log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "interval", "none"]
 DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+# Truncations remembered for `cut_since`; a waiter older than all of them assumes the worst.
+_CUTS_KEPT: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +77,17 @@ class ReadResult:
     last_sequence: int
     count: int
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTicket:
+    """An fsync to run off the loop: a duplicate fd of the active segment, the sequence it makes
+    durable, and the log's generation when it was taken (a truncation since voids it)."""
+
+    fd: int
+    path: Path  # the segment fd refers to, for error messages
+    target: int
+    generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,28 +125,58 @@ class SpaceLog:
         self._next_read: tuple[int, Segment, int] | None = None
         self._failed: BaseException | None = None
         self.durable_sequence = 0
+        # Bumped by every truncation and by close: an fsync ticket from before is stale.
+        self.generation = 0
+        self._cuts: deque[tuple[int, int]] = deque(maxlen=_CUTS_KEPT)  # (generation, kept up to)
+        self._cuts_forgotten = -1  # the newest generation whose cut fell out of _cuts
         self.last_timestamp_ns = 0
         self.history: epoch_history.History = []
         self.recovery = self._open()
 
     # ---- opening and recovery -------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _os_errors(self, op: str, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise StorageError(op, path, err, space=self.space) from err
+
     def _open(self) -> RecoveryReport:
-        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        with self._os_errors("create", self.wal_dir):
+            self.wal_dir.mkdir(parents=True, exist_ok=True)
         self.history = epoch_history.load(self._epochs_path)
         found = list_segments(self.wal_dir)
         if not found:
             path = self.wal_dir / segment_name(self._first_for_new)
-            path.touch()
-            fsync_dir(self.wal_dir)
+            with self._os_errors("create", path):
+                path.touch()
             found = [(self._first_for_new, path)]
         for (first, path), nxt in zip(found, [*found[1:], None], strict=True):
             last = nxt[0] - 1 if nxt is not None else first - 1
             self._segments.append(Segment(path, first, last, path.stat().st_size))
         report = self._recover_tail()
-        self._fd = os.open(self._active.path, os.O_WRONLY | os.O_APPEND)
+        self._sync_what_is_there()
+        with self._os_errors("open", self._active.path):
+            self._fd = os.open(self._active.path, os.O_WRONLY | os.O_APPEND)
         self.durable_sequence = self.last_sequence
         return report
+
+    def _sync_what_is_there(self) -> None:
+        """fsync every segment and the directories that name them, before calling them durable.
+
+        A previous process that crashed (not the machine) leaves entries in the page cache that
+        were never fsynced: readable now, gone after a power cut. Declaring them durable would
+        let this node ack, or be elected on, entries it may lose. fsync of a clean file is cheap.
+        """
+        for seg in self._segments:
+            with self._os_errors("fsync", seg.path):
+                fsync_file(seg.path)
+        # wal/ names the segments, the space dir names wal/ and epochs.json, the data dir names
+        # the space dir: a crash before any of these was fsynced may have left it unnamed.
+        for d in (self.wal_dir, self.dir, self.dir.parent):
+            with self._os_errors("fsync directory", d):
+                fsync_dir(d)
 
     def _recover_tail(self) -> RecoveryReport:
         seg = self._active
@@ -139,7 +198,7 @@ class SpaceLog:
                 off,
                 reason,
             )
-            with seg.path.open("r+b") as f:
+            with self._os_errors("truncate torn tail of", seg.path), seg.path.open("r+b") as f:
                 f.truncate(off)
                 os.fsync(f.fileno())
             if self._on_torn_tail is not None:
@@ -179,7 +238,31 @@ class SpaceLog:
 
     @property
     def last_epoch(self) -> int:
+        """The log's current epoch: the newest in the history, which may have begun (a
+        promotion) with no entry written in it yet. Appends below it are refused."""
         return self.history[-1][0] if self.history else 0
+
+    @property
+    def last_entry_epoch(self) -> int:
+        """The epoch of the last entry (0 for an empty log); may be below `last_epoch`."""
+        return epoch_history.epoch_at(self.history, self.last_sequence)
+
+    @property
+    def last_entry_id(self) -> tuple[int, int]:
+        """(epoch, sequence) of the last entry: what log matching and elections compare."""
+        return self.last_entry_epoch, self.last_sequence
+
+    def epoch_at(self, sequence: int) -> int:
+        """The epoch of the entry at `sequence` (0 for sequence 0), from the epoch history.
+
+        O(log epochs). Answers for entries released by retention too. Raises SequenceError for a
+        sequence this log has not written.
+        """
+        if not 0 <= sequence <= self.last_sequence:
+            raise SequenceError(
+                f"space {self.space}: no entry {sequence}; the log ends at {self.last_sequence}"
+            )
+        return epoch_history.epoch_at(self.history, sequence)
 
     @property
     def size_bytes(self) -> int:
@@ -301,9 +384,7 @@ class SpaceLog:
                 view = view[n:]
         except OSError as err:
             self._rollback(seg, start, err)
-            raise WalIOError(
-                f"space {self.space}: write to {seg.path} failed: {err.strerror or err}"
-            ) from err
+            raise StorageError("write to", seg.path, err, space=self.space) from err
         if seg.index is not None:
             self._index_range(seg, data, start, first)
         seg.size = start + len(data)
@@ -341,12 +422,23 @@ class SpaceLog:
     def _note_epoch(self, epoch: int, first_sequence: int) -> None:
         new = epoch_history.record(self.history, epoch, first_sequence)
         if new is not None:
-            epoch_history.store(self._epochs_path, new)
+            epoch_history.store(self._epochs_path, new, space=self.space)
             self.history = new
 
     def begin_epoch(self, epoch: int) -> None:
         """Record that `epoch` starts at the next sequence (a promotion), durably."""
         self._note_epoch(epoch, self.next_sequence)
+
+    def forget_unwritten_epochs(self) -> bool:
+        """Drop epochs begun here that never got an entry (a primary deposed before its first
+        write). Left in place, such an epoch would make this log refuse, as replica, a newer
+        primary's entries of any lower epoch, forever (issue 11, item 7). True if any went."""
+        new = epoch_history.cut_after(self.history, self.last_sequence)
+        if new == self.history:
+            return False
+        epoch_history.store(self._epochs_path, new, space=self.space)
+        self.history = new
+        return True
 
     def _rotate(self) -> None:
         self.sync()
@@ -356,15 +448,17 @@ class SpaceLog:
             # appends to a valid fd.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as err:
-            raise WalIOError(f"space {self.space}: cannot create {path}: {err}") from err
+            raise StorageError("create", path, err, space=self.space) from err
         os.close(self._fd)
         self._fd = fd
         self._segments.append(Segment(path, self.next_sequence, self.last_sequence, 0, []))
         try:
+            # Until wal/ is fsynced the new file may vanish in a power cut, and with it every
+            # entry about to be written (and acknowledged) into it.
             fsync_dir(self.wal_dir)
         except OSError as err:
             self._failed = err
-            raise WalIOError(f"space {self.space}: fsync of {self.wal_dir} failed: {err}") from err
+            raise StorageError("fsync directory", self.wal_dir, err, space=self.space) from err
 
     # ---- durability -----------------------------------------------------------------------
 
@@ -376,23 +470,39 @@ class SpaceLog:
             os.fsync(self._fd)
         except OSError as err:
             self._failed = err
-            raise WalIOError(
-                f"space {self.space}: fsync failed: {err}; log needs reopening"
-            ) from err
+            raise StorageError("fsync", self._active.path, err, space=self.space) from err
         self.durable_sequence = max(self.durable_sequence, target)
         return self.durable_sequence
 
-    def sync_handle(self) -> tuple[int, int]:
-        """A duplicate fd of the active segment and the sequence an fsync of it makes durable.
+    def sync_handle(self) -> SyncTicket:
+        """A ticket for an fsync run off the loop; pass it back to `mark_durable` when done.
 
         Lets the group commit run fsync in a thread while appends continue on the loop; rotation
         fsyncs the segment it seals, so a sync on the old fd still covers its target.
         """
         self._check_usable()
-        return os.dup(self._fd), self.last_sequence
+        with self._os_errors("dup descriptor of", self._active.path):
+            fd = os.dup(self._fd)
+        return SyncTicket(fd, self._active.path, self.last_sequence, self.generation)
 
-    def mark_durable(self, sequence: int) -> None:
-        self.durable_sequence = max(self.durable_sequence, sequence)
+    def mark_durable(self, ticket: SyncTicket) -> bool:
+        """Apply a completed fsync. False (nothing changes) when the ticket is stale.
+
+        A truncation while the fsync ran may have cut the entries it covered and let others be
+        written under the same sequences, which that fsync never saw.
+        """
+        if ticket.generation != self.generation or self._fd < 0:
+            return False
+        self.durable_sequence = max(self.durable_sequence, min(ticket.target, self.last_sequence))
+        return True
+
+    def cut_since(self, generation: int) -> int | None:
+        """The lowest sequence a truncation since `generation` kept (later ones were cut), or
+        None if none ran. 0 when that is too long ago to know: assume everything was cut."""
+        if generation <= self._cuts_forgotten:
+            return 0
+        kept = [seq for gen, seq in self._cuts if gen > generation]
+        return min(kept) if kept else None
 
     def fail(self, err: BaseException) -> None:
         self._failed = err
@@ -498,9 +608,36 @@ class SpaceLog:
                 f"entry {self.first_sequence}; the replica needs a snapshot"
             )
         dropped = self.last_sequence - sequence
+        self._note_cut(sequence)
+        self.durable_sequence = min(self.durable_sequence, sequence)
+        try:
+            self._cut_files(sequence)
+            new_hist = epoch_history.cut_after(self.history, sequence)
+            if new_hist != self.history:
+                epoch_history.store(self._epochs_path, new_hist, space=self.space)
+                self.history = new_hist
+        except (OSError, StorageError) as err:
+            # Half-cut files and in-memory state may disagree: only recovery can be trusted now.
+            self._failed = err
+            if isinstance(err, StorageError):
+                raise
+            raise StorageError("truncate", self.wal_dir, err, space=self.space) from err
+        log.warning(
+            "space %s: truncated %d entries after sequence %d", self.space, dropped, sequence
+        )
+        return dropped
+
+    def _note_cut(self, sequence: int) -> None:
+        self.generation += 1
+        if len(self._cuts) == self._cuts.maxlen:
+            self._cuts_forgotten = self._cuts[0][0]
+        self._cuts.append((self.generation, sequence))
+
+    def _cut_files(self, sequence: int) -> None:
         seg = self._segment_for(sequence + 1)
         off = seek_offset(seg, sequence + 1, self._rfd(seg)) if not seg.empty else 0
         os.close(self._fd)
+        self._fd = -1
         for later in [s for s in self._segments if s.first_sequence > seg.first_sequence]:
             self._forget(later)
             later.path.unlink()
@@ -512,32 +649,21 @@ class SpaceLog:
         seg.size, seg.last_sequence, seg.index = off, sequence, None
         self._segments = [s for s in self._segments if s.first_sequence <= seg.first_sequence]
         self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
-        self.durable_sequence = min(self.durable_sequence, sequence)
-        new_hist = epoch_history.cut_after(self.history, sequence)
-        if new_hist != self.history:
-            epoch_history.store(self._epochs_path, new_hist)
-            self.history = new_hist
-        log.warning(
-            "space %s: truncated %d entries after sequence %d", self.space, dropped, sequence
-        )
-        return dropped
 
     def delete_before(self, sequence: int) -> int:
         """Delete sealed segments holding only entries below `sequence`. Returns bytes freed."""
         self._next_read = None
         freed = 0
-        keep: list[Segment] = []
-        for i, seg in enumerate(self._segments):
-            sealed = i < len(self._segments) - 1
-            if sealed and seg.last_sequence < sequence:
-                self._forget(seg)
-                freed += seg.size
+        for seg in [s for s in self._segments[:-1] if s.last_sequence < sequence]:
+            self._forget(seg)
+            with self._os_errors("delete", seg.path):
                 seg.path.unlink()
-            else:
-                keep.append(seg)
+            # One at a time: if a later unlink fails, the list still names only real files.
+            self._segments = [s for s in self._segments if s is not seg]
+            freed += seg.size
         if freed:
-            fsync_dir(self.wal_dir)
-        self._segments = keep
+            with self._os_errors("fsync directory", self.wal_dir):
+                fsync_dir(self.wal_dir)
         return freed
 
     def _forget(self, seg: Segment) -> None:
@@ -549,6 +675,7 @@ class SpaceLog:
             os.close(fd)
 
     def close(self) -> None:
+        self.generation += 1  # an fsync still running can't mark a closed (or replaced) log
         if self._fd >= 0:
             if self._failed is None:
                 try:

@@ -1,4 +1,4 @@
-"""Wire protocol v1, framing layer: the 64-byte frame header, frame encoding, incremental decoding.
+"""Wire protocol v2, framing layer: the 64-byte frame header, frame encoding, incremental decoding.
 
 Sans-IO: bytes in, `Frame`s out; no sockets, no event loop. Message bodies (what each frame type
 carries) live in `engram_sidecar.messages` and, for BATCH, `engram_sidecar.wire_batch`; the
@@ -22,12 +22,14 @@ from crc32c import crc32c
 from engram_sidecar.errors import ChecksumMismatch, FrameTooLarge, WireError
 
 MAGIC: Final = 0x52474E45  # b"ENGR" on the wire (little-endian)
-VERSION: Final = 1
+# 2: BATCH bodies carry the previous entry's epoch (log matching), ACK and NACK grew (see
+# docs/wire-format.md "Changes from v1"). A v1 peer fails on the first header: no silent mix.
+VERSION: Final = 2
 
 HEADER: Final = struct.Struct(
     "<"  # little-endian, no padding
     "I"  # 0  magic: 0x52474E45 = b"ENGR"; a stream that is not ours fails on its first frame
-    "B"  # 4  version: frame format version, 1
+    "B"  # 4  version: frame format version, 2
     "B"  # 5  message type (MessageType)
     "H"  # 6  flags: bit 0 = body is zstd-compressed (BATCH only); other bits must be zero
     "Q"  # 8  epoch: the sender's epoch for `space`; 0 on connection-level messages
@@ -57,7 +59,7 @@ _U32_MAX: Final = 2**32 - 1
 
 
 class MessageType(enum.IntEnum):
-    """Frame types of protocol v1. Numbers are permanent; gaps are kept for later messages."""
+    """Frame types of the protocol. Numbers are permanent; gaps are kept for later messages."""
 
     # 1-9: connection set-up (space id zero, epoch zero)
     HELLO = 1
@@ -82,7 +84,7 @@ CONNECTION_TYPES: Final = frozenset(
 
 
 class UnknownMessageType(WireError):
-    """A frame's type byte names no v1 message."""
+    """A frame's type byte names no known message."""
 
 
 class MalformedFrame(WireError):

@@ -1,4 +1,8 @@
-"""Wire protocol v1, BATCH messages: WAL entries as stored, optional zstd, and their checks.
+"""Wire protocol v2, BATCH messages: WAL entries as stored, optional zstd, and their checks.
+
+Body: the epoch of the entry just before the first one (`prev_epoch`, u64 LE; 0 when the batch
+starts the log), then the entries, zstd-compressed when the frame's flag says so. The receiver
+appends only when its own entry at `first_seq - 1` has that epoch (log matching, design §4).
 
 A BATCH is encoded once and the same bytes go to every replica. The receiver bounds
 decompression by the frame's declared content size before allocating, then checks that the body
@@ -7,6 +11,7 @@ is whole, CRC-valid entries whose sequences are exactly the header's contiguous 
 
 from __future__ import annotations
 
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Final, Self
@@ -28,6 +33,8 @@ from engram_sidecar.wire import (
 )
 
 DEFAULT_ZSTD_LEVEL: Final = 3
+PREV_EPOCH: Final = struct.Struct("<Q")  # the body's first field, never compressed
+_NO_EPOCH: Final = Epoch(0)
 
 
 class BatchMismatch(MalformedFrame):
@@ -81,9 +88,12 @@ def encode_batch(
     last_seq: int,
     count: int,
     entries: bytes,
+    prev_epoch: int,
     compress: bool | int = False,
 ) -> bytes:
     """One BATCH frame: `entries` are stored WAL entries, byte for byte, `first_seq..last_seq`.
+
+    `prev_epoch` is the epoch of the sender's entry `first_seq - 1` (0 when first_seq is 1).
 
     Encode once and send the same bytes to every replica. `compress` is False, True (zstd level
     DEFAULT_ZSTD_LEVEL) or a zstd level. Compressed output no smaller than the input is dropped
@@ -96,6 +106,7 @@ def encode_batch(
         raise ValueError(f"{len(entries)} bytes can't hold {count} entries")
     if space == NO_SPACE:
         raise ValueError("a BATCH must name a space (a 16-byte contract.space_wire_id)")
+    prefix = _prev_epoch(prev_epoch, first_seq, epoch)
     body, flags = entries, 0
     if compress is not False:
         level = DEFAULT_ZSTD_LEVEL if compress is True else compress
@@ -104,7 +115,7 @@ def encode_batch(
             body, flags = packed, FLAG_COMPRESSED
     return encode_frame(
         MessageType.BATCH,
-        body,
+        prefix + body,
         epoch=epoch,
         space=space,
         first_seq=first_seq,
@@ -112,6 +123,14 @@ def encode_batch(
         count=count,
         flags=flags,
     )
+
+
+def _prev_epoch(prev_epoch: int, first_seq: int, epoch: int) -> bytes:
+    if not 0 <= prev_epoch <= epoch:
+        raise ValueError(f"prev_epoch {prev_epoch} outside 0..{epoch} (the frame's epoch)")
+    if first_seq == 1 and prev_epoch != 0:
+        raise ValueError("a batch that starts the log has prev_epoch 0")
+    return PREV_EPOCH.pack(prev_epoch)
 
 
 def decompress_body(data: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> bytes:
@@ -186,6 +205,7 @@ class Batch:
     last_seq: Sequence
     count: int
     entries: bytes
+    prev_epoch: Epoch = _NO_EPOCH
 
     def encode(self, *, compress: bool | int = False) -> bytes:
         return encode_batch(
@@ -195,6 +215,7 @@ class Batch:
             last_seq=self.last_seq,
             count=self.count,
             entries=self.entries,
+            prev_epoch=self.prev_epoch,
             compress=compress,
         )
 
@@ -206,7 +227,16 @@ class Batch:
             raise MalformedFrame(f"expected a BATCH frame, got {frame.msg_type.name}")
         if frame.space == NO_SPACE:
             raise MalformedFrame("BATCH must name a space")
-        entries = decompress_body(frame.body, max_size=max_size) if frame.compressed else frame.body
+        if len(frame.body) < PREV_EPOCH.size:
+            raise BatchMismatch(f"BATCH body of {len(frame.body)} bytes has no prev_epoch field")
+        (prev_epoch,) = PREV_EPOCH.unpack_from(frame.body)
+        if prev_epoch > frame.epoch or (frame.first_seq == 1 and prev_epoch != 0):
+            raise BatchMismatch(
+                f"BATCH prev_epoch {prev_epoch} is impossible before entry {frame.first_seq} "
+                f"at frame epoch {frame.epoch}"
+            )
+        raw = frame.body[PREV_EPOCH.size :]
+        entries = decompress_body(raw, max_size=max_size) if frame.compressed else raw
         validate_batch_body(
             entries,
             first_seq=frame.first_seq,
@@ -221,11 +251,19 @@ class Batch:
             Sequence(frame.last_seq),
             frame.count,
             entries,
+            Epoch(prev_epoch),
         )
 
 
 def encode_snapshot_chunk(
-    *, space: bytes, epoch: int, first_seq: int, last_seq: int, count: int, entries: bytes
+    *,
+    space: bytes,
+    epoch: int,
+    first_seq: int,
+    last_seq: int,
+    count: int,
+    entries: bytes,
+    prev_epoch: int,
 ) -> bytes:
     """A SNAPSHOT_CHUNK frame: BATCH layout (stored entries, uncompressed) under the chunk type."""
     bad = _check_batch_range(first_seq, last_seq, count)
@@ -235,7 +273,7 @@ def encode_snapshot_chunk(
         raise ValueError("SNAPSHOT_CHUNK must name a space")
     return encode_frame(
         MessageType.SNAPSHOT_CHUNK,
-        entries,
+        _prev_epoch(prev_epoch, first_seq, epoch) + entries,
         epoch=epoch,
         space=space,
         first_seq=first_seq,

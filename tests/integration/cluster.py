@@ -39,6 +39,7 @@ HOST: Final = "127.0.0.1"
 READY_TIMEOUT: Final = 20.0  # start-up of one node: imports, WAL recovery, listeners
 STOP_TIMEOUT: Final = 10.0  # SIGTERM to exit before SIGKILL
 REQUEST_TIMEOUT: Final = 15.0  # default bound on one HTTP request
+LEASE_EVERY: Final = 0.2  # seconds between the harness's write-lease grants
 LOG_TAIL_LINES: Final = 40
 
 # Settings that make failure detection and recovery fast enough for tests (all are flags).
@@ -275,6 +276,12 @@ class Cluster:
         self.secret_file = write_secret(root / "secret", secret)
         self.nodes: dict[str, Node] = {}
         self._session: aiohttp.ClientSession | None = None
+        # The harness is the control plane: it grants write leases to the primaries it assigned
+        # (node -> {space: epoch}), as the real one does, every LEASE_EVERY seconds.
+        self.leads: dict[str, dict[str, int]] = {}
+        self.lease_paused: set[str] = set()  # nodes the "control plane" can't reach
+        self.control_plane_id = f"test-{os.getpid()}-{id(self)}"
+        self._lease_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def __aenter__(self) -> Cluster:
         return self
@@ -386,6 +393,10 @@ class Cluster:
             n.kill()
 
     async def close(self) -> None:
+        for t in self._lease_tasks.values():
+            t.cancel()
+        await asyncio.gather(*self._lease_tasks.values(), return_exceptions=True)
+        self._lease_tasks.clear()
         await asyncio.gather(*(n.stop() for n in self.nodes.values() if n.running()))
         if self._session is not None and not self._session.closed:
             await self._session.close()
@@ -504,9 +515,54 @@ class Cluster:
     ) -> Response:
         tok = self.nodes[name].token if token is None else token
         headers = {"Authorization": f"Bearer {tok}"} if tok else {}
-        return await self.request(
+        headers.update(self.grant_headers())
+        r = await self.request(
             "PUT", name, f"/v1/spaces/{space}/assignment", json_body=doc, headers=headers
         )
+        if r.status == 200 and isinstance(doc, dict) and isinstance(doc.get("primary"), dict):
+            self._note_leader(space, str(doc["primary"].get("node")), int(doc.get("epoch", 0)))
+        return r
+
+    # ---- write leases (the harness plays the control plane) -----------------------------------
+
+    def grant_headers(self) -> dict[str, str]:
+        return {
+            "X-Engram-Control-Plane": self.control_plane_id,
+            "X-Engram-Sent-Mono-Ns": str(time.monotonic_ns()),
+        }
+
+    def _note_leader(self, space: str, primary: str, epoch: int) -> None:
+        for leads in self.leads.values():
+            if leads.get(space, epoch) < epoch:
+                leads.pop(space, None)
+        if primary in self.nodes:
+            self.leads.setdefault(primary, {})[space] = epoch
+            if primary not in self._lease_tasks:
+                self._lease_tasks[primary] = asyncio.get_running_loop().create_task(
+                    self._lease_pump(primary)
+                )
+
+    async def _lease_pump(self, name: str) -> None:
+        """Grant `name` its write leases every LEASE_EVERY s while it leads anything."""
+        while True:
+            epochs = self.leads.get(name, {})
+            node = self.nodes[name]
+            if epochs and name not in self.lease_paused and node.running():
+                body = {
+                    "control_plane": self.control_plane_id,
+                    "sent_mono_ns": time.monotonic_ns(),
+                    "epochs": dict(epochs),
+                }
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                    await self.request(
+                        "POST",
+                        name,
+                        "/v1/lease",
+                        json_body=body,
+                        headers={"Authorization": f"Bearer {node.token}"},
+                        timeout=LEASE_EVERY * 2,
+                    )
+            await asyncio.sleep(LEASE_EVERY)
 
     async def write_json(
         self, name: str, space: str, entries: Sequence[Mapping[str, Any]], **kw: Any

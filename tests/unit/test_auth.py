@@ -1,13 +1,19 @@
-"""The HMAC-SHA256 challenge-response handshake (engram_sidecar.auth), driven frame by frame."""
+"""The HMAC-SHA256 challenge-response handshake (engram_sidecar.auth), driven frame by frame.
+
+Protocol v2: HELLO and CHALLENGE carry version 2 in their bodies and every frame's header
+carries version 2, so a v1 peer fails on the first frame it reads.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import re
+import struct
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +26,24 @@ from engram_sidecar.auth import (
     server_proof,
 )
 from engram_sidecar.contract import NodeName
-from engram_sidecar.messages import Auth, Challenge, Hello, Nack, NackReason, Welcome
-from engram_sidecar.wire import Frame, FrameDecoder, MessageType, encode_frame
+from engram_sidecar.messages import (
+    PROTOCOL_VERSION,
+    Auth,
+    Challenge,
+    Hello,
+    Nack,
+    NackReason,
+    Welcome,
+)
+from engram_sidecar.wire import (
+    CRC_OFFSET,
+    HEADER_SIZE,
+    Frame,
+    FrameDecoder,
+    MalformedFrame,
+    MessageType,
+    encode_frame,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 SECRET = b"engram-test-secret"
@@ -69,6 +91,36 @@ def test_auth_handshake_succeeds_with_golden_frames() -> None:
     assert client.done and server.done
     assert (client.peer, server.peer) == (S, C)
     assert client.error is None and server.error is None
+
+
+def test_auth_golden_frames_speak_version_2() -> None:
+    assert PROTOCOL_VERSION == 2
+    for name in ("hello", "challenge", "auth", "welcome"):
+        assert golden(name)[4] == 2, name  # the frame header's version byte
+    assert Hello.from_frame(frame(golden("hello"))).version == 2
+    assert Challenge.from_frame(frame(golden("challenge"))).version == 2
+    assert golden("hello")[HEADER_SIZE : HEADER_SIZE + 2] == struct.pack("<H", 2)
+
+
+def _as_v1(data: bytes) -> bytes:
+    """`data` with header version 1 and a CRC that matches: what a v1 peer would send."""
+    out = bytearray(data)
+    out[4] = 1
+    out[CRC_OFFSET:HEADER_SIZE] = bytes(4)
+    crc = crc32c(bytes(out[HEADER_SIZE:]), crc32c(bytes(out[:HEADER_SIZE])))
+    struct.pack_into("<I", out, CRC_OFFSET, crc)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("name", ["hello", "challenge", "welcome"])
+def test_auth_v1_peer_fails_at_its_first_header(name: str) -> None:
+    v1 = _as_v1(golden(name))
+    dec = FrameDecoder()
+    with pytest.raises(
+        MalformedFrame, match=r"unsupported frame version 1 \(this decoder speaks 2\)"
+    ):
+        dec.feed(v1[:HEADER_SIZE])  # refused on the header alone, before any body byte
+    assert dec.poisoned
 
 
 def test_auth_proofs_match_documented_formula() -> None:
@@ -164,15 +216,15 @@ def test_auth_client_refuses_unsupported_version() -> None:
     proof = server_proof(
         SECRET, client_nonce=CLIENT_NONCE, server_nonce=SERVER_NONCE, server_node=S, client_node=C
     )
-    client.receive(frame(Challenge(S, SERVER_NONCE, proof, version=2).encode()))
+    client.receive(frame(Challenge(S, SERVER_NONCE, proof, version=3).encode()))
     assert client.failed
-    assert "protocol version 2" in str(client.error)
+    assert "protocol version 3" in str(client.error)
 
 
 def test_auth_server_negotiates_down_to_its_version() -> None:
     server = ServerHandshake(secret=SECRET, node=S)
     out = server.receive(frame(Hello(C, CLIENT_NONCE, version=7).encode()))
-    assert Challenge.from_frame(frame(out)).version == 1
+    assert Challenge.from_frame(frame(out)).version == 2
 
 
 def test_auth_state_machine_misuse_raises() -> None:

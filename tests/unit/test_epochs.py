@@ -42,6 +42,28 @@ def test_epochs_end_of_epoch() -> None:
     assert epochs.end_of_epoch(h, 0, 20) == 0
 
 
+def test_epochs_epoch_at() -> None:
+    h = [(1, 1), (3, 11), (4, 15)]
+    assert [epochs.epoch_at(h, s) for s in (0, 1, 10, 11, 14, 15, 99)] == [0, 1, 1, 3, 3, 4, 4]
+    assert epochs.epoch_at([], 5) == 0
+    assert epochs.epoch_at([(2, 6)], 5) == 0  # before the first recorded epoch
+    # Two promotions with no write between them: the entry at 4 was written by the later one.
+    assert epochs.epoch_at([(1, 1), (2, 4), (3, 4)], 4) == 3
+
+
+@given(st.lists(st.integers(1, 3), max_size=60), st.integers(0, 70))
+def test_epochs_epoch_at_matches_the_entries(entry_epochs: list[int], sequence: int) -> None:
+    """epoch_at over the history is the epoch each entry was written at (0 for none)."""
+    written, e = [], 1
+    for step in entry_epochs:
+        e += step - 1  # steps of 0..2: epochs never go back
+        written.append(e)
+    want = written[sequence - 1] if 1 <= sequence <= len(written) else 0
+    if sequence > len(written):
+        want = written[-1] if written else 0
+    assert epochs.epoch_at(_history(written), sequence) == want
+
+
 def test_epochs_store_and_load_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "epochs.json"
     assert epochs.load(path) == []

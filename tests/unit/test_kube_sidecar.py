@@ -294,7 +294,7 @@ async def test_kube_restarted_sidecar_takes_its_roles_from_status_without_a_push
     node = await h.node("n0")
     n1 = {"node": "n1", "address": "127.0.0.1:1"}
     newer = {"epoch": 6, "primary": {"node": "n0", "address": "127.0.0.1:2"}, "replicas": [n1]}
-    node.assign("tenant-e", Assignment.from_json(newer), grant_lease=False)
+    node.assign("tenant-e", Assignment.from_json(newer))
     await h.sidecar(node)
 
     def role(space: str) -> tuple[str, int] | None:
@@ -377,7 +377,7 @@ async def test_kube_status_reports_hold_only_sidecar_fields_and_are_rate_limited
     assert sent[-1][0] - changed_at < 0.8
 
     # Caught up and idle: one last report, then nothing while nothing changes.
-    sp.on_ack(n1, sp.log.last_sequence, time.time_ns())
+    sp.on_ack(n1, sp.log.last_sequence)
     sp.replicas[n1].state = "Healthy"
     await until(lambda: sent[-1][1]["status"]["maxLagEntries"] == 0, "caught-up report")
     quiet = len(sent)

@@ -1,4 +1,4 @@
-"""Wire protocol v1: framing (wire), message bodies (messages) and BATCH bodies (wire_batch)."""
+"""Wire protocol v2: framing (wire), message bodies (messages) and BATCH bodies (wire_batch)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from engram_sidecar.entry import encode_entry
 from engram_sidecar.errors import ChecksumMismatch, FrameTooLarge, WireError
 from engram_sidecar.messages import (
     MAX_NACK_MESSAGE,
+    PROTOCOL_VERSION,
     Ack,
     Auth,
     Challenge,
@@ -40,6 +41,7 @@ from engram_sidecar.wire import (
     HEADER,
     HEADER_SIZE,
     NO_SPACE,
+    VERSION,
     DecoderPoisoned,
     Frame,
     FrameDecoder,
@@ -50,12 +52,14 @@ from engram_sidecar.wire import (
     encode_frame,
 )
 from engram_sidecar.wire_batch import (
+    PREV_EPOCH,
     Batch,
     BatchMismatch,
     DecompressedTooLarge,
     DecompressionFailed,
     decompress_body,
     encode_batch,
+    encode_snapshot_chunk,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +67,7 @@ DOC = ROOT / "docs" / "wire-format.md"
 SPACE = space_wire_id(SpaceId("default"))
 T0 = 1_700_000_000_000_000_000
 SETTINGS = settings(max_examples=60, deadline=None)
+_RESENDS = (NackReason.GAP, NackReason.DIVERGED)  # refusals that must say where to resend from
 
 
 def golden(name: str) -> bytes:
@@ -96,20 +101,43 @@ def roundtrip(data: bytes) -> Message:
 
 
 def sample_batch(*, compress: bool = False) -> bytes:
+    # Epoch 3 began at 7: the entry before the batch, 6, was written at epoch 2.
     return encode_batch(
         space=SPACE, epoch=3, first_seq=7, last_seq=8, count=2, entries=entries(7, 8),
-        compress=compress,
+        prev_epoch=2, compress=compress,
     )  # fmt: skip
 
 
 def sample_heartbeat() -> bytes:
-    return Heartbeat(SPACE, Epoch(3), Sequence(8), T0 + 8_000, T0 + 500_000_000).encode()
+    return Heartbeat(
+        SPACE, Epoch(3), Sequence(8), T0 + 8_000, T0 + 500_000_000, Epoch(3)
+    ).encode()  # fmt: skip
 
 
-GOLDEN = {
+def sample_ack() -> bytes:
+    # 7 durable and matched; the log ends at entry 8 of epoch 3 (appended, fsync pending).
+    return Ack(SPACE, Epoch(3), Sequence(7), T0 + 600_000_000, Sequence(8), Epoch(3)).encode()
+
+
+def sample_nack_gap() -> bytes:
+    return Nack(
+        NackReason.GAP, Sequence(7), "log ends at 6, batch follows 8", SPACE, Epoch(3), Epoch(2)
+    ).encode()
+
+
+def sample_nack_diverged() -> bytes:
+    # The worked example of docs/wire-format.md "Log matching": entry 10 of epoch 1 is the fork.
+    return Nack(
+        NackReason.DIVERGED, Sequence(11), "entry 14 is epoch 2 here, 1 on the primary",
+        SPACE, Epoch(3), Epoch(1),
+    ).encode()  # fmt: skip
+
+
+GOLDEN: dict[str, Callable[[], bytes]] = {
     "heartbeat": sample_heartbeat,
-    "ack": lambda: Ack(SPACE, Epoch(3), Sequence(8), T0 + 600_000_000).encode(),
-    "nack": lambda: Nack(NackReason.GAP, Sequence(9), "gap: have 6", SPACE, Epoch(3)).encode(),
+    "ack": sample_ack,
+    "nack": sample_nack_gap,
+    "nack_diverged": sample_nack_diverged,
     "batch": sample_batch,
     "hello": lambda: Hello(NodeName("node-0"), bytes(range(32))).encode(),
     "welcome": lambda: Welcome().encode(),
@@ -124,6 +152,20 @@ def test_header_layout_is_64_bytes_with_crc_last() -> None:
     assert HEADER.format == "<IBBHQ16sQQIIII"
     assert (BODY_LENGTH_OFFSET, CRC_OFFSET) == (52, 60)
     assert sample_heartbeat()[:4] == b"ENGR"
+
+
+def test_version_is_2_in_every_frame_and_the_handshake() -> None:
+    assert VERSION == PROTOCOL_VERSION == 2
+    for name in sorted(GOLDEN):
+        assert golden(name)[4] == 2, name
+    assert "# Wire protocol v2" in DOC.read_text()
+
+
+def test_doc_nack_reasons_table_lists_every_reason() -> None:
+    text = DOC.read_text()
+    for reason in NackReason:
+        assert f"| {reason.value} | {reason.name} |" in text, reason
+    assert NackReason.DIVERGED.value == 8
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
@@ -149,7 +191,7 @@ def test_crc_covers_zeroed_header_then_body_as_sent() -> None:
 u64 = st.integers(0, 2**64 - 1)
 spaces = st.binary(min_size=16, max_size=16).filter(lambda b: b != NO_SPACE)
 names = st.text(
-    st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)), min_size=1, max_size=60
+    st.characters(min_codepoint=0x20, blacklist_categories=["Cs"]), min_size=1, max_size=60
 ).filter(lambda s: 0x7F not in s.encode())
 nonces = st.binary(min_size=32, max_size=32)
 
@@ -176,17 +218,53 @@ def test_auth_and_welcome_roundtrip(proof: bytes) -> None:
 
 
 @SETTINGS
-@given(space=spaces, epoch=u64, seq=u64, ts=u64)
-def test_ack_roundtrip(space: bytes, epoch: int, seq: int, ts: int) -> None:
-    msg = Ack(space, Epoch(epoch), Sequence(seq), ts)
+@given(space=spaces, epoch=u64, seqs=st.tuples(u64, u64), ts=u64, last_epoch=u64)
+def test_ack_roundtrip(
+    space: bytes, epoch: int, seqs: tuple[int, int], ts: int, last_epoch: int
+) -> None:
+    seq, last = sorted(seqs)
+    msg = Ack(space, Epoch(epoch), Sequence(seq), ts, Sequence(last), Epoch(last_epoch))
     assert roundtrip(msg.encode()) == msg
+
+
+def test_ack_body_layout() -> None:
+    msg = roundtrip(sample_ack())
+    assert msg == Ack(SPACE, Epoch(3), Sequence(7), T0 + 600_000_000, Sequence(8), Epoch(3))
+    assert sample_ack()[HEADER_SIZE:] == struct.pack("<QQQQ", 7, T0 + 600_000_000, 8, 3)
+    caught_up = Ack(SPACE, Epoch(3), Sequence(8), 0, Sequence(8), Epoch(3))  # sequence = last_seq
+    assert roundtrip(caught_up.encode()) == caught_up
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Ack(SPACE, Epoch(3), Sequence(8), 0).encode(),  # last_seq defaults to 0
+        lambda: Heartbeat(SPACE, Epoch(3), Sequence(8), 0, 0, Epoch(4)).encode(),
+    ],
+    ids=["ack-sequence-past-last", "heartbeat-last-epoch-past-epoch"],
+)
+def test_message_encode_refuses_what_decode_refuses(build: Callable[[], bytes]) -> None:
+    with pytest.raises(ValueError):
+        build()
 
 
 @SETTINGS
-@given(space=spaces, epoch=u64, last=u64, last_ts=u64, sent=u64)
-def test_heartbeat_roundtrip(space: bytes, epoch: int, last: int, last_ts: int, sent: int) -> None:
-    msg = Heartbeat(space, Epoch(epoch), Sequence(last), last_ts, sent)
+@given(space=spaces, epochs=st.tuples(u64, u64), last=u64, last_ts=u64, sent=u64)
+def test_heartbeat_roundtrip(
+    space: bytes, epochs: tuple[int, int], last: int, last_ts: int, sent: int
+) -> None:
+    last_epoch, epoch = sorted(epochs)
+    msg = Heartbeat(space, Epoch(epoch), Sequence(last), last_ts, sent, Epoch(last_epoch))
     assert roundtrip(msg.encode()) == msg
+
+
+def test_heartbeat_body_layout() -> None:
+    assert roundtrip(sample_heartbeat()) == Heartbeat(
+        SPACE, Epoch(3), Sequence(8), T0 + 8_000, T0 + 500_000_000, Epoch(3)
+    )
+    assert sample_heartbeat()[HEADER_SIZE:] == struct.pack(
+        "<QQQQ", 8, T0 + 8_000, T0 + 500_000_000, 3
+    )
 
 
 @SETTINGS
@@ -196,12 +274,30 @@ def test_heartbeat_roundtrip(space: bytes, epoch: int, last: int, last_ts: int, 
     text=st.text(max_size=100),
     space=st.one_of(st.just(NO_SPACE), spaces),
     epoch=u64,
+    hint=u64,
 )
 def test_nack_roundtrip(
-    reason: NackReason, resend: int, text: str, space: bytes, epoch: int
+    *, reason: NackReason, resend: int, text: str, space: bytes, epoch: int, hint: int
 ) -> None:
-    msg = Nack(reason, Sequence(resend), text, space, Epoch(epoch))
+    msg = Nack(reason, Sequence(resend), text, space, Epoch(epoch), Epoch(hint))
     assert roundtrip(msg.encode()) == msg
+
+
+@pytest.mark.parametrize("reason", [r for r in NackReason if r not in _RESENDS])
+def test_nack_without_resend_point_roundtrips_for_other_reasons(reason: NackReason) -> None:
+    msg = Nack(reason, Sequence(0), "no", SPACE, Epoch(4))
+    assert roundtrip(msg.encode()) == msg
+
+
+def test_nack_diverged_body_layout() -> None:
+    msg = roundtrip(sample_nack_diverged())
+    assert msg == Nack(
+        NackReason.DIVERGED, Sequence(11), "entry 14 is epoch 2 here, 1 on the primary",
+        SPACE, Epoch(3), Epoch(1),
+    )  # fmt: skip
+    body = sample_nack_diverged()[HEADER_SIZE:]
+    assert body[:18] == struct.pack("<HQQ", 8, 11, 1)
+    assert body[18:] == b"entry 14 is epoch 2 here, 1 on the primary"
 
 
 @SETTINGS
@@ -211,25 +307,59 @@ def test_nack_roundtrip(
     epoch=st.integers(0, 2**32),
     compress=st.sampled_from([False, True, 1, 9]),
     space=spaces,
+    prev=st.integers(0, 2**32),
 )
 def test_batch_roundtrip(
-    first: int, payloads: list[bytes], epoch: int, compress: bool | int, space: bytes
+    *, first: int, payloads: list[bytes], epoch: int, compress: bool | int, space: bytes, prev: int
 ) -> None:
     body = b"".join(
         encode_entry(sequence=first + i, timestamp_ns=T0 + i, entry_type=2, epoch=epoch, payload=p)
         for i, p in enumerate(payloads)
     )
     last = first + len(payloads) - 1
-    msg = Batch(space, Epoch(epoch), Sequence(first), Sequence(last), len(payloads), body)
+    prev_epoch = 0 if first == 1 else prev % (epoch + 1)
+    msg = Batch(
+        space, Epoch(epoch), Sequence(first), Sequence(last), len(payloads), body, Epoch(prev_epoch)
+    )
     data = msg.encode(compress=compress)
     assert roundtrip(data) == msg
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_batch_prev_epoch_leads_the_body_uncompressed(compress: bool) -> None:
+    big = entries(7, 60, size=100)
+    data = encode_batch(
+        space=SPACE, epoch=3, first_seq=7, last_seq=60, count=54, entries=big, prev_epoch=2,
+        compress=compress,
+    )  # fmt: skip
+    frame = one(data)
+    assert frame.compressed is compress
+    assert frame.body[: PREV_EPOCH.size] == struct.pack("<Q", 2)
+    rest = frame.body[PREV_EPOCH.size :]
+    assert rest.startswith(bytes.fromhex("28b52ffd")) if compress else rest == big
+    msg = roundtrip(data)
+    assert isinstance(msg, Batch)
+    assert (msg.prev_epoch, msg.entries) == (2, big)
+
+
+def test_snapshot_chunk_carries_prev_epoch_like_a_batch() -> None:
+    data = encode_snapshot_chunk(
+        space=SPACE, epoch=3, first_seq=7, last_seq=8, count=2, entries=entries(7, 8),
+        prev_epoch=2,
+    )  # fmt: skip
+    frame = one(data)
+    assert frame.msg_type is MessageType.SNAPSHOT_CHUNK
+    assert frame.body == struct.pack("<Q", 2) + entries(7, 8)
+    msg = decode_message(frame)
+    assert msg == Batch(SPACE, Epoch(3), Sequence(7), Sequence(8), 2, entries(7, 8), Epoch(2))
 
 
 def test_batch_compresses_when_it_pays_and_not_otherwise() -> None:
     big = entries(1, 100, size=100)
     packed = encode_batch(
-        space=SPACE, epoch=3, first_seq=1, last_seq=100, count=100, entries=big, compress=True
-    )
+        space=SPACE, epoch=3, first_seq=1, last_seq=100, count=100, entries=big, prev_epoch=0,
+        compress=True,
+    )  # fmt: skip
     frame = one(packed)
     assert frame.compressed
     assert len(frame.body) < len(big)
@@ -241,11 +371,12 @@ def test_batch_compresses_when_it_pays_and_not_otherwise() -> None:
     )
     raw = one(
         encode_batch(
-            space=SPACE, epoch=3, first_seq=1, last_seq=1, count=1, entries=noise, compress=True
+            space=SPACE, epoch=3, first_seq=1, last_seq=1, count=1, entries=noise, prev_epoch=0,
+            compress=True,
         )
-    )
+    )  # fmt: skip
     assert not raw.compressed, "incompressible entries must go raw"
-    assert raw.body == noise
+    assert raw.body == bytes(8) + noise
 
 
 # --- the decoder: chunking, truncation, corruption -----------------------------------------------
@@ -257,7 +388,7 @@ def stream() -> tuple[bytes, list[Frame]]:
     parts.append(
         encode_batch(
             space=SPACE, epoch=3, first_seq=1, last_seq=50, count=50,
-            entries=entries(1, 50, size=100), compress=True,
+            entries=entries(1, 50, size=100), prev_epoch=0, compress=True,
         )
     )  # fmt: skip
     return b"".join(parts), [one(p) for p in parts]
@@ -317,8 +448,15 @@ def _decode_all(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "make",
-    [sample_batch, lambda: sample_batch(compress=True), sample_heartbeat, GOLDEN["nack"]],
-    ids=["batch", "batch-zstd-small", "heartbeat", "nack"],
+    [
+        sample_batch,
+        lambda: sample_batch(compress=True),
+        sample_heartbeat,
+        sample_ack,
+        sample_nack_gap,
+        sample_nack_diverged,
+    ],
+    ids=["batch", "batch-zstd-small", "heartbeat", "ack", "nack", "nack-diverged"],
 )
 def test_decoder_every_single_bit_flip_raises_wire_error(make: Callable[[], bytes]) -> None:
     data = make()
@@ -333,7 +471,7 @@ def test_decoder_every_single_bit_flip_raises_wire_error(make: Callable[[], byte
 def test_decoder_every_bit_flip_of_compressed_batch_raises_wire_error() -> None:
     data = encode_batch(
         space=SPACE, epoch=3, first_seq=1, last_seq=20, count=20,
-        entries=entries(1, 20, size=40), compress=True,
+        entries=entries(1, 20, size=40), prev_epoch=0, compress=True,
     )  # fmt: skip
     assert one(data).compressed
     for bit in range(len(data) * 8):
@@ -358,7 +496,8 @@ def _with_header(data: bytes, **fields: int) -> bytes:
     ("fields", "error", "match"),
     [
         ({"magic": 0x12345678}, MalformedFrame, "bad magic"),
-        ({"version": 2}, MalformedFrame, "version 2"),
+        ({"version": 1}, MalformedFrame, r"version 1 \(this decoder speaks 2\)"),  # a v1 peer
+        ({"version": 3}, MalformedFrame, "version 3"),
         ({"type": 24}, UnknownMessageType, "type 24"),
         ({"type": 99}, UnknownMessageType, "type 99"),
         ({"flags": 0x0002}, MalformedFrame, "unknown flag bits 0x0002"),
@@ -386,10 +525,10 @@ def test_decoder_rejects_over_limit_length_before_allocating() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 256 * 1024
-    small = FrameDecoder(max_body=23)
-    with pytest.raises(FrameTooLarge, match="24-byte body, over the 23-byte limit"):
+    small = FrameDecoder(max_body=31)
+    with pytest.raises(FrameTooLarge, match="32-byte body, over the 31-byte limit"):
         small.feed(sample_heartbeat()[:HEADER_SIZE])
-    assert FrameDecoder(max_body=24).feed(sample_heartbeat())
+    assert FrameDecoder(max_body=32).feed(sample_heartbeat())
 
 
 def test_decoder_crc_mismatch_then_poisoned() -> None:
@@ -411,9 +550,21 @@ def test_decoder_crc_mismatch_then_poisoned() -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        (encode_frame(MessageType.ACK, bytes(15), space=SPACE), "ACK body is 15 bytes, must be 16"),
-        (encode_frame(MessageType.ACK, bytes(16)), "ACK must name a space"),
-        (encode_frame(MessageType.HEARTBEAT, bytes(24), space=SPACE, count=1), "must leave"),
+        (encode_frame(MessageType.ACK, bytes(31), space=SPACE), "ACK body is 31 bytes, must be 32"),
+        (encode_frame(MessageType.ACK, bytes(16), space=SPACE), "ACK body is 16 bytes"),  # v1's
+        (encode_frame(MessageType.ACK, bytes(32)), "ACK must name a space"),
+        (
+            encode_frame(MessageType.ACK, struct.pack("<QQQQ", 9, 0, 8, 3), space=SPACE, epoch=3),
+            "ACK of sequence 9 beyond the log's last entry 8",
+        ),
+        (encode_frame(MessageType.HEARTBEAT, bytes(32), space=SPACE, count=1), "must leave"),
+        (encode_frame(MessageType.HEARTBEAT, bytes(24), space=SPACE), "24 bytes, must be 32"),
+        (
+            encode_frame(
+                MessageType.HEARTBEAT, struct.pack("<QQQQ", 8, 0, 0, 4), space=SPACE, epoch=3
+            ),
+            "HEARTBEAT last_epoch 4 above its epoch 3",
+        ),
         (encode_frame(MessageType.WELCOME, epoch=1), "connection-level"),
         (encode_frame(MessageType.WELCOME, space=SPACE), "connection-level"),
         (encode_frame(MessageType.WELCOME, b"x"), "WELCOME body is 1 bytes, must be 0"),
@@ -421,10 +572,12 @@ def test_decoder_crc_mismatch_then_poisoned() -> None:
         (encode_frame(MessageType.HELLO, bytes(34)), "at least 35"),
         (encode_frame(MessageType.HELLO, bytes(34) + b"a\0b"), "invalid node name"),
         (encode_frame(MessageType.HELLO, bytes(34) + b"\xff"), "invalid node name"),
-        (encode_frame(MessageType.NACK, struct.pack("<HQ", 99, 0)), "unknown NACK reason 99"),
-        (encode_frame(MessageType.NACK, struct.pack("<HQ", 2, 0)), "GAP NACK without"),
-        (encode_frame(MessageType.NACK, struct.pack("<HQ", 1, 0) + b"\xc3"), "not UTF-8"),
-        (encode_frame(MessageType.NACK, bytes(10 + MAX_NACK_MESSAGE + 1)), "over 512"),
+        (encode_frame(MessageType.NACK, struct.pack("<HQQ", 99, 0, 0)), "unknown NACK reason 99"),
+        (encode_frame(MessageType.NACK, struct.pack("<HQQ", 2, 0, 3)), "GAP NACK without"),
+        (encode_frame(MessageType.NACK, struct.pack("<HQQ", 8, 0, 3)), "DIVERGED NACK without"),
+        (encode_frame(MessageType.NACK, struct.pack("<HQ", 2, 9)), "at least 18"),  # v1's
+        (encode_frame(MessageType.NACK, struct.pack("<HQQ", 1, 0, 0) + b"\xc3"), "not UTF-8"),
+        (encode_frame(MessageType.NACK, bytes(18 + MAX_NACK_MESSAGE + 1)), "over 512"),
     ],
 )
 def test_message_decode_rejects_malformed_body(data: bytes, match: str) -> None:
@@ -447,11 +600,17 @@ def test_message_nack_encode_truncates_on_char_boundary() -> None:
         lambda: Auth(bytes(33)).encode(),
         lambda: Ack(NO_SPACE, Epoch(1), Sequence(1), 0).encode(),
         lambda: Nack(NackReason.GAP).encode(),
+        lambda: Nack(NackReason.DIVERGED, epoch_hint=Epoch(2)).encode(),
         lambda: encode_frame(MessageType.ACK, space=b"short"),
         lambda: encode_frame(MessageType.ACK, flags=FLAG_COMPRESSED),
         lambda: encode_frame(MessageType.ACK, epoch=-1),
-        lambda: encode_batch(space=SPACE, epoch=3, first_seq=7, last_seq=8, count=3, entries=b""),
-        lambda: encode_batch(space=SPACE, epoch=3, first_seq=0, last_seq=0, count=1, entries=b""),
+        lambda: _batch(first=7, last=8, count=3, body=b"", prev=2),
+        lambda: _batch(first=0, last=0, count=1, body=b"", prev=0),
+        lambda: _batch(prev=4),  # above the frame's epoch 3
+        lambda: _batch(prev=-1),
+        lambda: _batch(first=1, last=2, body=entries(1, 2), prev=1),  # nothing precedes entry 1
+        lambda: _batch(prev=4, chunk=True),
+        lambda: _batch(first=1, last=2, body=entries(1, 2), prev=2, chunk=True),
     ],
 )
 def test_message_encode_rejects_invalid_values(build: Callable[[], bytes]) -> None:
@@ -459,13 +618,53 @@ def test_message_encode_rejects_invalid_values(build: Callable[[], bytes]) -> No
         build()
 
 
+def _batch(
+    *,
+    first: int = 7,
+    last: int = 8,
+    count: int | None = None,
+    body: bytes | None = None,
+    prev: int,
+    chunk: bool = False,
+) -> bytes:
+    encode = encode_snapshot_chunk if chunk else encode_batch
+    return encode(
+        space=SPACE,
+        epoch=3,
+        first_seq=first,
+        last_seq=last,
+        count=last - first + 1 if count is None else count,
+        entries=entries(first, last) if body is None else body,
+        prev_epoch=prev,
+    )
+
+
+def test_message_encode_accepts_prev_epoch_bounds() -> None:
+    for prev in (0, 1, 3):  # anything from 0 up to the frame's epoch
+        msg = roundtrip(_batch(prev=prev))
+        assert isinstance(msg, Batch)
+        assert msg.prev_epoch == prev
+    assert isinstance(roundtrip(_batch(first=1, last=2, prev=0)), Batch)
+
+
 # --- BATCH body checks and decompression limits --------------------------------------------------
 
 
-def _raw_batch(body: bytes, *, first: int, last: int, count: int, epoch: int = 3) -> Frame:
+def _raw_batch(
+    body: bytes,
+    *,
+    first: int,
+    last: int,
+    count: int,
+    epoch: int = 3,
+    prev: int | None = 0,
+    msg_type: MessageType = MessageType.BATCH,
+) -> Frame:
+    """A BATCH frame built by hand: `prev` None leaves the prev_epoch field out (v1's layout)."""
+    prefix = b"" if prev is None else struct.pack("<Q", prev)
     return one(
         encode_frame(
-            MessageType.BATCH, body, epoch=epoch, space=SPACE,
+            msg_type, prefix + body, epoch=epoch, space=SPACE,
             first_seq=first, last_seq=last, count=count,
         )
     )  # fmt: skip
@@ -497,10 +696,61 @@ def test_batch_body_disagreeing_with_header_rejected(
         decode_message(_raw_batch(body, first=first, last=last, count=count, epoch=epoch))
 
 
-def _bomb_frame(packed: bytes) -> Frame:
+@pytest.mark.parametrize("msg_type", [MessageType.BATCH, MessageType.SNAPSHOT_CHUNK])
+@pytest.mark.parametrize(
+    ("body", "header", "prev", "match"),
+    [
+        (b"", (7, 7, 1, 3), None, "body of 0 bytes has no prev_epoch field"),
+        (bytes(7), (7, 7, 1, 3), None, "body of 7 bytes has no prev_epoch field"),
+        (
+            entries(7, 8),
+            (7, 8, 2, 3),
+            4,
+            "prev_epoch 4 is impossible before entry 7 at frame epoch 3",
+        ),
+        (entries(7, 8), (7, 8, 2, 0), 1, "prev_epoch 1 is impossible"),
+        (entries(1, 2), (1, 2, 2, 3), 1, "prev_epoch 1 is impossible before entry 1"),
+        (entries(1, 2), (1, 2, 2, 3), 3, "prev_epoch 3 is impossible before entry 1"),
+        # A v1 body (entries straight away): magic and sequence read as prev_epoch 0x7deadbeef.
+        (entries(7, 8), (7, 8, 2, 3), None, "prev_epoch 33800699631 is impossible"),
+    ],
+)
+def test_batch_prev_epoch_checked(
+    body: bytes,
+    header: tuple[int, int, int, int],
+    prev: int | None,
+    match: str,
+    msg_type: MessageType,
+) -> None:
+    first, last, count, epoch = header
+    frame = _raw_batch(
+        body, first=first, last=last, count=count, epoch=epoch, prev=prev, msg_type=msg_type
+    )
+    with pytest.raises(BatchMismatch, match=match):
+        decode_message(frame)
+
+
+def test_batch_prev_epoch_checked_before_decompressing() -> None:
+    packed = zstandard.ZstdCompressor().compress(entries(7, 8))
+    for prev in (4, 2**64 - 1):
+        frame = one(
+            encode_frame(
+                MessageType.BATCH, struct.pack("<Q", prev) + packed, epoch=3, space=SPACE,
+                first_seq=7, last_seq=8, count=2, flags=FLAG_COMPRESSED,
+            )
+        )  # fmt: skip
+        with pytest.raises(BatchMismatch, match="impossible"):
+            decode_message(frame)
+    # v1's compressed body (no prev_epoch): the zstd magic is not a possible epoch either.
+    with pytest.raises(BatchMismatch, match="impossible"):
+        decode_message(_bomb_frame(packed, prev=None))
+
+
+def _bomb_frame(packed: bytes, *, prev: int | None = 0) -> Frame:
+    prefix = b"" if prev is None else struct.pack("<Q", prev)
     return one(
         encode_frame(
-            MessageType.BATCH, packed, epoch=3, space=SPACE,
+            MessageType.BATCH, prefix + packed, epoch=3, space=SPACE,
             first_seq=1, last_seq=1, count=1, flags=FLAG_COMPRESSED,
         )
     )  # fmt: skip
