@@ -416,6 +416,7 @@ class BenchCluster:
                         {
                             "control_plane": self.control_plane_id,
                             "sent_mono_ns": time.monotonic_ns(),
+                            "lease_seconds": 1.5,
                             "epochs": epochs,
                         }
                     )

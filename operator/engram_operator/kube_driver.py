@@ -10,6 +10,10 @@ status, posting Events, and logging the tick's sentence when its gist changes.
 Epoch-changing writes re-read the object first and carry its resourceVersion, so a write based on
 a stale view (another operator wrote since) is refused instead of applied; the tick then adopts
 what it read and decides again.
+
+A failover's fence round (`FenceAndElect`) records its epoch as a winnerless `lastPromotion`
+(the same guarded write), fences every member in parallel, and acts on
+`reconcile.conclude_failover`'s answer in the same tick.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from engram_operator import reconcile as rc
+from engram_operator.election import FenceAnswer
 from engram_operator.kube_api import EVENT_MESSAGE_LIMIT, KubeApi, KubeApiError, ObjectRef, now_iso
 from engram_operator.kube_handover import hand_over
 from engram_operator.kube_metrics import OperatorMetrics
@@ -33,6 +38,7 @@ from engram_operator.kube_model import (
     gist,
     last_promotion_epoch,
     parse_spec,
+    pending_epoch,
     placement_fields,
     placement_from_status,
     switchover_from_status,
@@ -49,6 +55,7 @@ from engram_sidecar.contract import (
     KIND,
     Epoch,
     NodeName,
+    Sequence,
     SpaceId,
     assignment_from_status,
 )
@@ -63,6 +70,9 @@ STATUS_REFRESH: Final = 5.0
 # made after LEASE_DURATION (2 s) of renewals (engram_sidecar.kube), so a promotion recorded
 # later than that could miss the read that should have deposed it. Half of it, for margin.
 PROMOTION_DEADLINE: Final = 1.0
+# Of that deadline, what the API writes after the fence round need (a GET and a PATCH to record
+# the promotion, on a healthy API server tens of ms each): the fence round gets the rest.
+RECORD_RESERVE: Final = 0.3
 
 
 class Superseded(Exception):
@@ -76,6 +86,7 @@ class SpaceState:
     placement: Placement | None = None
     switchover: SwitchoverProgress | None = None
     last_promotion_epoch: Epoch | None = None
+    pending_epoch: Epoch | None = None  # a failover's epoch, recorded, nobody promoted yet
     placed_at: str | None = None
     placement_problem: str | None = None
     conditions: tuple[Condition, ...] = ()
@@ -131,6 +142,7 @@ class SpaceDriver:
         st.placement = placement_from_status(status)
         st.switchover = switchover_from_status(status, now=self.clock(), wall=self.wall())
         st.last_promotion_epoch = last_promotion_epoch(status)
+        st.pending_epoch = pending_epoch(status)
         placed = status.get("placedAt")
         st.placed_at = placed if isinstance(placed, str) else None
         st.conditions = tuple(
@@ -182,8 +194,8 @@ class SpaceDriver:
             sentence = f"holding space {self.space}: {parsed.problem}"
             decision = rc.Decision(actions=(rc.Wait(reason=sentence),), sentence=sentence)
         else:
-            decision = self._decide(spec, verdicts, reports, now)
-            await self._execute(decision, spec, now)
+            decision, obs = self._decide(spec, verdicts, reports, now)
+            decision = await self._execute(decision, spec, now, obs)
         await self._write_status(
             spec or SpaceSpec(),
             body,
@@ -202,10 +214,10 @@ class SpaceDriver:
         verdicts: Mapping[NodeName, Verdict],
         reports: Mapping[NodeName, MemberReport],
         now: float,
-    ) -> rc.Decision:
+    ) -> tuple[rc.Decision, rc.Observation | None]:
         hold = self.nodes.unsettled(now) if self.state.placement is None else None
         if hold is not None and not spec.paused:
-            return rc.Decision(actions=(rc.Wait(reason=hold),), sentence=hold)
+            return rc.Decision(actions=(rc.Wait(reason=hold),), sentence=hold), None
         obs = rc.Observation(
             space=self.space,
             spec=spec,
@@ -216,8 +228,10 @@ class SpaceDriver:
             switchover=self.state.switchover,
             primary_load=self.nodes.primary_load(),
             last_promotion_epoch=self.state.last_promotion_epoch,
+            lease_grants=self.nodes.lease_grants(self.space),
+            pending_epoch=self.state.pending_epoch,
         )
-        return rc.reconcile(obs, now=now, settings=self.settings)
+        return rc.reconcile(obs, now=now, settings=self.settings), obs
 
     def _say(self, sentence: str) -> str:
         # Say a sentence when its gist changes, not when only its numbers tick along.
@@ -229,10 +243,17 @@ class SpaceDriver:
 
     # ---- actions --------------------------------------------------------------------------
 
-    async def _execute(self, decision: rc.Decision, spec: SpaceSpec, now: float) -> None:
+    async def _execute(
+        self, decision: rc.Decision, spec: SpaceSpec, now: float, obs: rc.Observation | None
+    ) -> rc.Decision:
+        """Run the actions in order; returns the decision carried out (a fence round's
+        conclusion replaces the decision that planned it)."""
         st = self.state
         for action in decision.actions:
             match action:
+                case rc.FenceAndElect() if obs is not None:
+                    concluded = await self._fence_and_elect(action, obs)
+                    return await self._execute(concluded, spec, now, obs)
                 case rc.Place(placement=p, message=message):
                     await self._place(p, message, spec)
                 case rc.Promote(record=record, placement=p):
@@ -268,6 +289,72 @@ class SpaceDriver:
                     self._announce("FailoverBlocked", "Warning", action.reason)
                 case _:
                     pass
+        return decision
+
+    async def _fence_and_elect(self, plan: rc.FenceAndElect, obs: rc.Observation) -> rc.Decision:
+        """Phase one of a failover: record the epoch (unless this retry already did), fence
+        every member at it in parallel, and let `reconcile.conclude_failover` decide."""
+        if self.state.pending_epoch != plan.epoch:
+            await self.record_pending(plan)
+        late = self.clock() - self.observed_at
+        # The promotion must still be on record within PROMOTION_DEADLINE of the lease read.
+        timeout = max(0.05, min(plan.timeout, PROMOTION_DEADLINE - RECORD_RESERVE - late))
+        addresses = self.nodes.addresses()
+
+        async def one(node: NodeName) -> FenceAnswer:
+            if node not in addresses:
+                return FenceAnswer(node=node, ok=False, error="no address (its Lease is gone)")
+            http = addresses[node]["http"]
+            try:
+                answer = await self.sidecars.fence(http, self.space, plan.epoch, timeout=timeout)
+                return FenceAnswer(
+                    node=node,
+                    ok=True,
+                    last_epoch=Epoch(int(answer.get("last_epoch") or 0)),
+                    last_sequence=Sequence(int(answer.get("last_sequence") or 0)),
+                )
+            except (SidecarError, TypeError, ValueError) as err:
+                return FenceAnswer(node=node, ok=False, error=str(err)[:200])
+
+        answers = await asyncio.gather(*(one(n) for n in plan.nodes))
+        return rc.conclude_failover(obs, plan, answers)
+
+    async def record_pending(self, plan: rc.FenceAndElect) -> None:
+        """Record a failover's epoch (a winnerless lastPromotion) before anyone is fenced at it,
+        with the same guard as `record`: a restarted or peer operator reads it back and never
+        hands that epoch to another winner."""
+        for attempt in (1, 2):
+            self._check_deadline(True)
+            fresh = await self.api.get_space(self.namespace, self.space, timeout=PROMOTION_DEADLINE)
+            status = fresh.get("status") or {}
+            if placement_from_status(status) != self.state.placement:
+                self.adopt(fresh)
+                self.nodes.set_placement(self.space, self.state.placement)
+                raise Superseded(f"space {self.space}: status changed under us; deciding again")
+            recorded = pending_epoch(status)
+            if recorded is not None and recorded > plan.epoch:
+                self.state.pending_epoch = recorded
+                raise Superseded(
+                    f"space {self.space}: epoch {recorded} is already recorded for a failover;"
+                    " deciding again"
+                )
+            version = (fresh.get("metadata") or {}).get("resourceVersion")
+            self._check_deadline(True)
+            try:
+                await self.api.patch_space_status(
+                    self.namespace,
+                    self.space,
+                    {"phase": "FailingOver", "lastPromotion": dict(plan.record.to_dict())},
+                    resource_version=version,
+                    timeout=PROMOTION_DEADLINE,
+                )
+            except KubeApiError as err:
+                if err.conflict and attempt == 1:
+                    continue  # the sidecar's members patch moved the version; read again
+                raise
+            self.state.pending_epoch = plan.epoch
+            log.warning("space %s: %s", self.space, plan.record.summary)
+            return
 
     async def _place(self, placement: Placement, message: str, spec: SpaceSpec) -> None:
         old = self.state.placement
@@ -277,7 +364,10 @@ class SpaceDriver:
         if old is None:
             self.event("Normal", "Placed", message)
         elif old.members == placement.members and placement.epoch > old.epoch:
-            self.event("Warning", "SplitBrain", message)  # the fence's sentence
+            # The same members at a new epoch: a split brain fenced, or the primary re-asserted
+            # after a promotion that found no majority (reconcile's sentence says which).
+            split = message.startswith("split brain")
+            self.event("Warning", "SplitBrain" if split else "PrimaryReasserted", message)
         else:
             self.event("Normal", "PlacementChanged", message)
         if short:
@@ -328,6 +418,9 @@ class SpaceDriver:
             self.state.placed_at = placed_at
             if promotion is not None:
                 self.state.last_promotion_epoch = placement.epoch
+            pending = self.state.pending_epoch
+            if pending is not None and placement.epoch >= pending:
+                self.state.pending_epoch = None
             self.nodes.set_placement(self.space, placement)
             return
 
@@ -355,11 +448,18 @@ class SpaceDriver:
             )
             return set(nodes)
 
+        # An assignment that makes a node primary grants its write lease: stamped, remembered.
+        stamp, sent = self.nodes.stamp()
+        if placement.primary in nodes and placement.primary in addresses:
+            self.nodes.note_grant(placement.primary, self.space, sent)
+
         async def one(node: NodeName) -> NodeName | None:
             if node not in addresses:
                 return node
             try:
-                view = await self.sidecars.assign(addresses[node]["http"], self.space, doc)
+                view = await self.sidecars.assign(
+                    addresses[node]["http"], self.space, doc, sent_mono_ns=stamp
+                )
             except SidecarError as err:
                 level = logging.INFO if err.status in (0, 409) else logging.WARNING
                 log.log(level, "space %s: assignment to %s failed: %s", self.space, node, err)

@@ -33,6 +33,7 @@ from engram_operator.kube_metrics import OperatorMetrics, serve
 from engram_operator.kube_nodes import NodeMonitor, parse_selector
 from engram_operator.kube_sidecar import SidecarClient
 from engram_operator.placement import describe
+from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING
 from engram_sidecar.contract import API_GROUP, API_VERSION, PLURAL, SpaceId, validate_space_id
 
@@ -101,7 +102,11 @@ class Operator:
         self.metrics = OperatorMetrics()
         self.api = KubeApi(self.credentials, user_agent=f"engram-operator ({self.identity})")
         token = opts.token_file.read_text().strip()
-        self.sidecars = SidecarClient(token, probe_timeout=DEFAULT_TIMING.probe_timeout)
+        self.sidecars = SidecarClient(
+            token,
+            probe_timeout=DEFAULT_TIMING.probe_timeout,
+            lease_seconds=DEFAULT_SETTINGS.write_lease,
+        )
         self.metrics_runner: web.AppRunner | None = None
         self.nodes = NodeMonitor(
             api=self.api,

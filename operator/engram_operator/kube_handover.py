@@ -5,7 +5,8 @@ first; fence the old primary (it stops acknowledging and answers its final seque
 bounded, until the target has applied that sequence; promote the target; demote the old primary;
 tell every member. If any step fails before the target leads, the old primary leads again at an
 epoch above the fence's, so writes pause for at most the catch-up bound, and the switchover is
-marked aborted (retried after the cool-down).
+marked aborted (retried after the cool-down). The old primary's fence answer is what makes this
+safe without a majority or a write-lease wait: it is the only writer, and it has stopped.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ async def hand_over(driver: SpaceDriver, plan: HandOver) -> None:
     try:
         for step in plan.steps:
             if isinstance(step, Fence):
-                final = await driver.sidecars.fence(_http(driver, step.node), space, step.epoch)
+                answer = await driver.sidecars.fence(_http(driver, step.node), space, step.epoch)
+                try:
+                    final = int(answer.get("last_sequence") or 0)
+                except (TypeError, ValueError) as err:
+                    raise HandOverFailed(f"{step.node} answered the fence with {answer}") from err
             elif isinstance(step, AwaitCatchUp):
                 await _await_catch_up(driver, step.node, max(final, step.sequence), step.timeout)
             elif isinstance(step, PromoteTarget):

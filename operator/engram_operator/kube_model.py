@@ -120,10 +120,31 @@ def placement_fields(placement: Placement) -> dict[str, object]:
     }
 
 
-def last_promotion_epoch(status: Mapping[str, Any]) -> Epoch | None:
+def _promotion(status: Mapping[str, Any]) -> tuple[Epoch | None, bool]:
+    """(status.lastPromotion's newEpoch, whether it names a winner)."""
     record = status.get("lastPromotion")
-    epoch = record.get("newEpoch") if isinstance(record, Mapping) else None
-    return Epoch(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+    if not isinstance(record, Mapping):
+        return None, False
+    epoch = record.get("newEpoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return None, False
+    return Epoch(epoch), record.get("winner") is not None
+
+
+def last_promotion_epoch(status: Mapping[str, Any]) -> Epoch | None:
+    """The epoch of the last promotion that named a winner."""
+    epoch, won = _promotion(status)
+    return epoch if won else None
+
+
+def pending_epoch(status: Mapping[str, Any]) -> Epoch | None:
+    """The epoch of a failover recorded but not finished: a lastPromotion without a winner, above
+    the placement's epoch (its fence round ran, or may have; nobody was assigned at it)."""
+    epoch, won = _promotion(status)
+    placed = placement_from_status(status)
+    if epoch is None or won or (placed is not None and epoch <= placed.epoch):
+        return None
+    return epoch
 
 
 def switchover_from_status(
@@ -148,8 +169,22 @@ def switchover_from_status(
 
 
 def event_message(summary: str, record: Mapping[str, object], limit: int) -> str:
-    """The summary, then the record as JSON, cut to `limit` characters (the JSON goes first)."""
-    text = f"{summary} | {json.dumps(record, separators=(',', ':'), sort_keys=True)}"
+    """The summary, then the record as JSON, within `limit` characters.
+
+    The JSON stays parseable: when it doesn't fit, the bulkiest parts go first (the summary it
+    repeats, the fence round's per-member answers, then the candidate and exclusion lists; the
+    whole record is in status.lastPromotion), and only then is the text cut."""
+    doc = dict(record)
+    doc.pop("summary", None)
+    for step in ("fence", "exclusions", "candidates", None):
+        text = f"{summary} | {json.dumps(doc, separators=(',', ':'), sort_keys=True)}"
+        if len(text) <= limit or step is None:
+            break
+        fence = doc.get("fence")
+        if step == "fence" and isinstance(fence, Mapping):
+            doc["fence"] = {k: v for k, v in fence.items() if k != "members"}
+        elif step != "fence":
+            doc.pop(step, None)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

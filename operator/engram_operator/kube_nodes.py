@@ -15,8 +15,9 @@ process (not once per space), every `Timing.check_interval`:
   leads in a placement we recorded (design §4: a primary whose replicas are down still writes
   while the control plane vouches for it), and answers `/v1/status`, our member reports. A
   heartbeat that succeeds counts as a successful probe: it proves the node was alive when it was
-  sent, and — which is what safety needs — the write lease it granted lapses 1.5 s after it was
-  sent, before the node's liveness lease (2 s from then) can expire.
+  sent. Each grant carries our id and monotonic send stamp (the sidecar refuses one that arrives
+  more than its max_grant_delay late), and we remember when we last sent each (node, space) a
+  grant (`lease_grants`): `reconcile` promotes nobody until that grant has run out.
 
 The loop runs only while some space is attached (a space's kopf daemon runs), so a peer paused by
 kopf peering neither heartbeats nor grants: only the active operator vouches for primaries.
@@ -167,6 +168,13 @@ class NodeMonitor:
         self._task: asyncio.Task[None] | None = None
         self._ticked = asyncio.Event()
         self._store_error = ""
+        # (node, space) -> our clock when we last sent that node a write-lease grant for that
+        # space (heartbeat or primary assignment). Kept across pauses: it stays true. Until we
+        # sent one, count one as sent when we started (a peer may have sent one just before).
+        self.grants: dict[tuple[NodeName, SpaceId], float] = {}
+        # Whether the last heartbeat to each node was answered: grants go only in a heartbeat
+        # that follows an answered one (see `_heartbeat`).
+        self._answered: dict[NodeName, bool] = {}
 
     # ---- life cycle: the loop runs while a space daemon is attached --------------------------
 
@@ -185,6 +193,7 @@ class NodeMonitor:
         self._seen.clear()
         self._states.clear()
         self._noted.clear()
+        self._answered.clear()
         self.store = StoreHealth(last_read_ok_at=None)
         self.started_at = self.clock()
 
@@ -295,18 +304,46 @@ class NodeMonitor:
         ok = record is not None and await self.sidecars.healthz(record.http)
         self._record_probe(node, ProbeResult(ok=ok, started_at=sent))
 
+    def stamp(self) -> tuple[int, float]:
+        """(the monotonic ns a grant carries, our clock's reading for it). The stamp is read
+        first: the sidecar measures the grant's delay from it, and our wait for the lease to run
+        out must start no earlier."""
+        stamp = time.monotonic_ns()
+        return stamp, self.clock()
+
+    def note_grant(self, node: NodeName, space: SpaceId, sent: float) -> None:
+        """We sent `node` a write-lease grant for `space` at `sent` (it may arrive, or not)."""
+        self.grants[(node, space)] = max(sent, self.grants.get((node, space), sent))
+
+    def lease_grants(self, space: SpaceId) -> dict[NodeName, float]:
+        """When we last sent each node a write-lease grant for `space` (see `self.grants`).
+        After a pause (peering), the monitor's restart counts as a grant too: the peer that
+        was active meanwhile may have sent one."""
+        return {n: self.grants.get((n, space), self.started_at) for n in self.known()}
+
     async def _heartbeat(self, node: NodeName) -> None:
         record = self.records[node]
+        # Grant write leases only in a heartbeat that follows an answered one. Every grant sent
+        # delays a failover until it has run out (`lease_grants`), answered or not: granting on
+        # and on to a node that stopped answering would hold its failover off for good.
+        grant = self._answered.get(node, False)
         epochs = {
             space: int(p.epoch)
             for space, p in self.placements.items()
-            if p is not None and p.primary == node
+            if grant and p is not None and p.primary == node
         }
-        sent = self.clock()
+        stamp, sent = self.stamp()
         try:
-            doc = await self.sidecars.heartbeat(record.http, epochs)
-        except SidecarError:
+            doc = await self.sidecars.heartbeat(record.http, epochs, sent_mono_ns=stamp)
+        except SidecarError as err:
+            self._answered[node] = False
+            if err.delivered:
+                for space in epochs:
+                    self.note_grant(node, space, sent)
             return  # keep its last report: an election needs a dead primary's last sequence
+        self._answered[node] = True
+        for space in epochs:
+            self.note_grant(node, space, sent)
         self._record_probe(node, ProbeResult(ok=True, started_at=sent))
         # A view noted from an assignment answer after this heartbeat was sent is newer.
         spaces = dict(doc.get("spaces") or {})
@@ -393,6 +430,7 @@ class NodeMonitor:
             role = view["role"]
             seq = view.get("last_sequence" if role == "primary" else "applied_sequence", 0)
             lag = lag_view.get(node) or {}
+            accepted = view.get("accepted_epoch")
             out[node] = MemberReport(
                 node=node,
                 role=role,
@@ -400,5 +438,7 @@ class NodeMonitor:
                 applied_sequence=Sequence(int(seq or 0)),
                 lag_seconds=float(lag.get("lag_seconds", 0.0) or 0.0),
                 state=lag.get("state", "Healthy"),
+                last_epoch=Epoch(int(view.get("last_epoch") or 0)),
+                accepted_epoch=Epoch(accepted) if isinstance(accepted, int) else None,
             )
         return out

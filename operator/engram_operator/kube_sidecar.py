@@ -2,11 +2,14 @@
 
 Owns nothing but the HTTP shape of those calls and their timeouts. The control-plane routes carry
 the admin bearer token (`--token-file`); every call is bounded, and failures come back as
-`SidecarError` (or a False probe), never as a hang.
+`SidecarError` (or a False probe), never as a hang. Calls that grant a write lease (heartbeats,
+assignments) carry this operator process's id and the monotonic send stamp the caller read, so a
+sidecar can refuse a grant that arrived late.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -23,19 +26,29 @@ CONTROL_TIMEOUT: Final = 2.0
 class SidecarError(Exception):
     """A sidecar call failed; `status` is the HTTP status, 0 when there was no answer."""
 
-    def __init__(self, message: str, *, status: int = 0, body: Any = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 0, body: Any = None, delivered: bool = True
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        # False only when no connection was made, so the request certainly never arrived.
+        self.delivered = delivered
 
 
 class SidecarClient:
     """HTTP to the nodes' sidecars, addressed by their `host:port` (the Lease annotation)."""
 
-    def __init__(self, token: str, *, probe_timeout: float) -> None:
+    def __init__(self, token: str, *, probe_timeout: float, lease_seconds: float = 1.5) -> None:
         self._token = token
         self._probe_timeout = probe_timeout
+        # The write lease each grant offers: the reconcile settings' `write_lease`, so the wait
+        # before a promotion can never be shorter than what a node was granted.
+        self.lease_seconds = lease_seconds
         self._session: aiohttp.ClientSession | None = None
+        self._beats: aiohttp.ClientSession | None = None
+        # Who grants: a new process is a new baseline for the sidecars' grant-delay estimate.
+        self.control_plane = secrets.token_hex(8)
 
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -45,18 +58,39 @@ class SidecarClient:
             )
         return self._session
 
+    def _beat_session(self) -> aiohttp.ClientSession:
+        """Heartbeats open a new connection each time: then a refused connection proves the
+        grant in it never left (`SidecarError.delivered`), so a killed primary's lease wait
+        starts at its last heartbeat that got through; a reused connection can't tell."""
+        if self._beats is None or self._beats.closed:
+            self._beats = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, force_close=True),
+                headers={"Authorization": f"Bearer {self._token}"},
+            )
+        return self._beats
+
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        for session in (self._session, self._beats):
+            if session is not None and not session.closed:
+                await session.close()
 
     async def _call(
-        self, method: str, http: str, path: str, *, body: Any = None, timeout: float
+        self,
+        method: str,
+        http: str,
+        path: str,
+        *,
+        body: Any = None,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> Any:
         try:
-            async with self._s().request(
+            async with (session or self._s()).request(
                 method,
                 f"http://{http}{path}",
                 json=body,
+                headers=dict(headers or {}),
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 try:
@@ -70,6 +104,9 @@ class SidecarClient:
                         body=doc,
                     )
                 return doc
+        except aiohttp.ClientConnectorError as err:
+            # Nothing was sent: a grant in it can never arrive (see `SidecarError.delivered`).
+            raise SidecarError(f"{method} {path} on {http}: {err!r}", delivered=False) from err
         except (aiohttp.ClientError, TimeoutError) as err:
             raise SidecarError(f"{method} {path} on {http}: {err!r}") from err
 
@@ -81,31 +118,66 @@ class SidecarClient:
             return False
         return True
 
-    async def heartbeat(self, http: str, epochs: Mapping[SpaceId, int]) -> dict[str, Any]:
+    async def heartbeat(
+        self, http: str, epochs: Mapping[SpaceId, int], *, sent_mono_ns: int
+    ) -> dict[str, Any]:
         """`POST /v1/lease`: renew the write leases of the spaces the node leads at `epochs`,
-        dated by our wall clock now. Answers the node's `/v1/status`."""
-        body = {"granted_at_ns": time.time_ns(), "epochs": dict(epochs)}
-        doc = await self._call("POST", http, "/v1/lease", body=body, timeout=self._probe_timeout)
+        stamped `sent_mono_ns` (our monotonic clock, read just before). Answers the node's
+        `/v1/status`."""
+        body = {
+            "granted_at_ns": time.time_ns(),
+            "control_plane": self.control_plane,
+            "sent_mono_ns": sent_mono_ns,
+            "lease_seconds": self.lease_seconds,
+            "epochs": dict(epochs),
+        }
+        doc = await self._call(
+            "POST",
+            http,
+            "/v1/lease",
+            body=body,
+            timeout=self._probe_timeout,
+            session=self._beat_session(),
+        )
         if not isinstance(doc, dict):
             raise SidecarError(f"POST /v1/lease on {http}: not an object")
         return doc
 
-    async def assign(self, http: str, space: SpaceId, doc: Mapping[str, object]) -> dict[str, Any]:
+    async def assign(
+        self, http: str, space: SpaceId, doc: Mapping[str, object], *, sent_mono_ns: int
+    ) -> dict[str, Any]:
+        """`PUT` the assignment; stamped like a heartbeat, since it grants a new primary's lease."""
+        headers = {
+            "X-Engram-Control-Plane": self.control_plane,
+            "X-Engram-Sent-Mono-Ns": str(sent_mono_ns),
+            "X-Engram-Lease-Seconds": str(self.lease_seconds),
+        }
         answer = await self._call(
-            "PUT", http, f"/v1/spaces/{space}/assignment", body=dict(doc), timeout=CONTROL_TIMEOUT
+            "PUT",
+            http,
+            f"/v1/spaces/{space}/assignment",
+            body=dict(doc),
+            timeout=CONTROL_TIMEOUT,
+            headers=headers,
         )
         return answer if isinstance(answer, dict) else {}
 
-    async def fence(self, http: str, space: SpaceId, epoch: int) -> int:
-        """Fence the space's primary at `epoch`; answers its final last sequence."""
+    async def fence(
+        self, http: str, space: SpaceId, epoch: int, *, timeout: float = CONTROL_TIMEOUT
+    ) -> dict[str, Any]:
+        """Fence a member at `epoch`: it takes the epoch durably and refuses older ones; a
+        primary stops acknowledging. Answers its last durable entry (`last_epoch`,
+        `last_sequence`) as of then."""
         answer = await self._call(
             "POST",
             http,
             f"/v1/spaces/{space}/fence",
             body={"epoch": epoch},
-            timeout=CONTROL_TIMEOUT,
+            timeout=timeout,
         )
-        return int(answer.get("last_sequence", 0)) if isinstance(answer, dict) else 0
+        if not isinstance(answer, dict):
+            raise SidecarError(f"POST fence on {http}: not an object", status=200, body=answer)
+        return answer
 
     async def space_view(self, http: str, space: SpaceId) -> dict[str, Any]:
         answer = await self._call("GET", http, f"/v1/spaces/{space}", timeout=1.0)

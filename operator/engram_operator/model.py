@@ -22,6 +22,9 @@ MemberState = Literal["Healthy", "Lagging", "Degraded", "Failed", "CatchingUp"]
 # A space's first primary serves epoch 1; every promotion adds one. 0 is never a real epoch, so a
 # sidecar that reports 0 has not received any assignment yet.
 FIRST_EPOCH: Final = Epoch(1)
+# The epoch of "no entry": a log's last entry is at epoch 0 only when the log is empty.
+NO_EPOCH: Final = Epoch(0)
+NO_SEQUENCE: Final = Sequence(0)
 
 # Default for spec.maxLagOnFailover: the same 10,000 entries beyond which a replica needs a
 # snapshot to catch up (design §7). A replica that far behind is no longer "in sync" by our own
@@ -89,8 +92,12 @@ class MemberReport:
     """One member's progress as last reported (status.members, written by the sidecars).
 
     `applied_sequence` is the highest sequence the member holds durably; for the primary it is the
-    last sequence it wrote. `lag_seconds` is the age of the oldest entry the member lacks, as the
-    primary computes it (0 when caught up, so an idle space reads 0).
+    last sequence it wrote. `last_epoch` is the epoch of the entry at that sequence: entries are
+    identified by (epoch, sequence), and an election ranks members by that pair (design §4). 0
+    means no entry, or a sidecar too old to say. `epoch` is the epoch of the member's role claim
+    (its assignment); `accepted_epoch` the highest epoch it has accepted, which a fence raises
+    above `epoch` (None: not reported). `lag_seconds` is the age of the oldest entry the member
+    lacks, as the primary computes it (0 when caught up, so an idle space reads 0).
     """
 
     node: NodeName
@@ -99,6 +106,13 @@ class MemberReport:
     applied_sequence: Sequence
     lag_seconds: float = 0.0
     state: MemberState = "Healthy"
+    last_epoch: Epoch = NO_EPOCH
+    accepted_epoch: Epoch | None = None
+
+    @property
+    def log_position(self) -> tuple[int, int]:
+        """(epoch of the last entry, last sequence): how up to date the member's log is."""
+        return (self.last_epoch, self.applied_sequence)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,3 +148,11 @@ class Observation:
     primary_load: Mapping[NodeName, int] = field(default_factory=dict)
     # newEpoch of status.lastPromotion: until the winner confirms, the phase stays FailingOver.
     last_promotion_epoch: Epoch | None = None
+    # When this control plane last *sent* each node a write-lease grant for this space (its
+    # monotonic seconds): a heartbeat naming the space's epoch, or an assignment that makes the
+    # node primary. A driver that can't know (it just started, and an earlier process may have
+    # granted) reports its own start time. No new primary before the old one's lease has run out.
+    lease_grants: Mapping[NodeName, float] = field(default_factory=dict)
+    # An epoch recorded for a promotion that has not finished: members were (or are being)
+    # fenced at it, and nobody was assigned at it yet, so a retry may use it again.
+    pending_epoch: Epoch | None = None

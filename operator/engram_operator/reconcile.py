@@ -6,21 +6,37 @@ to primary of space orders at epoch 4 (...)"); drivers log it and tests assert i
 
 Precedence, most urgent first: paused; the control plane can't trust its view (hold); not placed
 yet; primary dead (fail over); split brain (fence by a new epoch); primary suspect (wait for the
-probe); placement repair; members that missed their assignment; switchover; steady state. Repair
-and re-sends take one tick each, so they go before a switchover that may wait for many ticks.
+probe); members fenced by a promotion that did not finish (re-assert the primary); placement
+repair; members that missed their assignment; switchover; steady state. Repair and re-sends take
+one tick each, so they go before a switchover that may wait for many ticks.
 
 Actions run in list order. Anything that changes the epoch or the placement comes as an action
-that records it in status (`Place`, `Promote`, `ExecuteHandOver`) *before* the action that tells
-a sidecar (`PushAssignment`, the handover steps): the epoch is recorded before anyone acts on it.
+that records it in status (`Place`, `Promote`, `ExecuteHandOver`, `FenceAndElect`) *before* the
+action that tells a sidecar (`PushAssignment`, the handover steps, the fence round): the epoch is
+recorded before anyone acts on it.
+
+A failover takes two steps within one tick, like a Raft vote (design §4). Once the old primary's
+write lease has certainly run out, `reconcile` returns `FenceAndElect`: the driver records the
+new epoch, fences every member at it, and hands the answers to `conclude_failover`, which elects
+among the members that answered and returns the `Promote` (or says why not). Under `quorum`, a
+minority of answers promotes nobody.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 from engram_operator import switchover
-from engram_operator.election import DecisionRecord, elect
+from engram_operator.election import (
+    DecisionRecord,
+    FenceAnswer,
+    FenceRound,
+    elect,
+    majority,
+    next_epoch,
+)
 from engram_operator.model import NodeInfo, Observation, Placement, SwitchoverProgress
 from engram_operator.placement import describe, place, primary_cap
 from engram_operator.status import Operation, detect_split_brain, member_table
@@ -37,6 +53,7 @@ __all__ = [
     "ClearSwitchover",
     "Decision",
     "ExecuteHandOver",
+    "FenceAndElect",
     "Noop",
     "Observation",
     "Place",
@@ -45,6 +62,7 @@ __all__ = [
     "Settings",
     "SwitchoverProgress",
     "Wait",
+    "conclude_failover",
     "reconcile",
 ]
 
@@ -63,6 +81,25 @@ class Settings:
     switchover_ready_lag: int = 1_000
     # After an aborted switchover, try again after this long (a longer cool-down than the attempt).
     switchover_retry_after: float = 60.0
+    # The sidecars' write lease and the largest grant delay they accept (their
+    # `write_lease_seconds` and `max_grant_delay`): a grant keeps a primary writing for at most
+    # write_lease after it arrives, and it arrives at most max_grant_delay after we sent it (the
+    # one timing assumption, docs/design-notes.md; the sidecar refuses grants it can tell broke
+    # it). The margin covers the two monotonic clocks running at slightly different rates
+    # (parts per million: microseconds over 2 s) with room to spare. It is small on purpose: the
+    # liveness lease (2 s from the same heartbeat) expires at about the same moment, and a margin
+    # longer than the gap to the next tick would cost every failover a whole tick.
+    write_lease: float = 1.5
+    max_grant_delay: float = 0.5
+    lease_margin: float = 0.01
+    # Each member gets this long to answer a promotion's fence. A killed node refuses at once; a
+    # stopped or cut-off one costs the whole timeout, so it is as tight as the liveness probe's.
+    fence_timeout: float = 0.5
+
+    @property
+    def lease_wait(self) -> float:
+        """Seconds after the last grant sent to a primary before another node may lead."""
+        return self.write_lease + self.max_grant_delay + self.lease_margin
 
 
 DEFAULT_SETTINGS: Final = Settings()
@@ -90,6 +127,20 @@ class Promote:
 
     record: DecisionRecord
     placement: Placement
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FenceAndElect:
+    """Phase one of a failover. Record `record` (a decision without a winner yet, at `epoch`) in
+    status before anything else; fence every one of `nodes` at `epoch` in parallel, each answer
+    bounded by `timeout`; then act on `conclude_failover(observation, this, answers)`."""
+
+    epoch: Epoch
+    nodes: tuple[NodeName, ...]
+    cause: str
+    only: NodeName | None
+    record: DecisionRecord
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +189,7 @@ Action = (
     Place
     | PushAssignment
     | Promote
+    | FenceAndElect
     | BeginSwitchover
     | ExecuteHandOver
     | AbortSwitchover
@@ -177,7 +229,7 @@ def _tick(obs: Observation, placement: Placement, now: float, settings: Settings
     if primary is None:
         return _wait(f"holding space {space}: no verdict on primary {placement.primary} yet")
     if primary.state == "Dead":
-        return _failover(obs, placement, primary)
+        return _failover(obs, placement, primary, now, settings)
     split = detect_split_brain(placement, obs.reports.values())
     if split is not None:
         return _fence(obs, placement, split)
@@ -187,7 +239,8 @@ def _tick(obs: Observation, placement: Placement, now: float, settings: Settings
             " not failing over unless the probe fails"
         )
     return (
-        _repair(obs, placement, now, settings)
+        _reassert(obs, placement)
+        or _repair(obs, placement, now, settings)
         or _resend(obs, placement)
         or _switchover(obs, placement, now, settings)
         or _steady(obs, placement, now, settings)
@@ -235,7 +288,9 @@ def _first_placement(obs: Observation) -> Decision:
     return Decision(actions=actions, sentence=sentence)
 
 
-def _failover(obs: Observation, placement: Placement, primary: Verdict) -> Decision:
+def _failover(
+    obs: Observation, placement: Placement, primary: Verdict, now: float, settings: Settings
+) -> Decision:
     space, spec, old = obs.space, obs.spec, placement.primary
     cause = f"{old} dead: {primary.reason}"
     only = None
@@ -247,7 +302,9 @@ def _failover(obs: Observation, placement: Placement, primary: Verdict) -> Decis
                 " spec.failoverAutomatic is false; set spec.targetPrimary to a replica to fail over"
             )
         only, cause = target, f"{cause}; manual failover to spec.targetPrimary"
-    record = elect(
+    epoch = _fresh_epoch(obs, placement)
+    # The plan, on what was last reported: if nobody could win, say so now, fence nobody.
+    plan = elect(
         space=space,
         spec=spec,
         placement=placement,
@@ -255,30 +312,154 @@ def _failover(obs: Observation, placement: Placement, primary: Verdict) -> Decis
         reports=obs.reports,
         cause=cause,
         only=only,
+        new_epoch=epoch,
+    )
+    if plan.winner is None:
+        return _wait(f"cannot fail over space {space} ({cause}): {plan.reason}", record=plan)
+    # A grant we sent keeps the old primary writing for up to write_lease after it arrives, and
+    # it may arrive max_grant_delay late: until both have passed, a second primary could
+    # acknowledge writes next to it (under `async` or `one` nothing else would stop it).
+    granted = obs.lease_grants.get(old)
+    if granted is not None and now - granted < settings.lease_wait:
+        left = settings.lease_wait - (now - granted)
+        sentence = (
+            f"primary {old} of space {space} is dead ({primary.reason}); waiting out the old"
+            f" primary's write lease ({left:.1f} s left) before promoting"
+        )
+        return Decision(
+            actions=(Wait(reason=sentence),), sentence=sentence, operation="FailingOver"
+        )
+    actions: list[Action] = []
+    if obs.switchover is not None and obs.switchover.aborted_at is None:
+        actions.append(AbortSwitchover(target=obs.switchover.target, reason=cause))
+    summary = (
+        f"fencing every member of space {space} at epoch {epoch} before electing a new primary"
+        f" ({cause})"
+    )
+    record = replace(
+        plan,
+        winner=None,
+        winner_sequence=None,
+        winner_last_epoch=None,
+        entries_possibly_lost=None,
+        reason=f"fencing at epoch {epoch}: the members that take it elect the new primary",
+        summary=summary,
+    )
+    actions.append(
+        FenceAndElect(
+            epoch=epoch,
+            nodes=placement.members,
+            cause=cause,
+            only=only,
+            record=record,
+            timeout=settings.fence_timeout,
+        )
+    )
+    return Decision(actions=tuple(actions), sentence=summary, operation="FailingOver")
+
+
+def conclude_failover(
+    obs: Observation, fence: FenceAndElect, answers: Sequence[FenceAnswer]
+) -> Decision:
+    """Phase two of a failover: elect among the members that answered `fence`, or say why not.
+
+    `obs` is the observation the fence was planned on; `answers` has one entry per fenced node
+    (a member missing from it counts as not answering).
+    """
+    placement = obs.placement
+    assert placement is not None, "a fence round is planned only for a placed space"
+    space, spec = obs.space, obs.spec
+    by_node = {a.node: a for a in answers}
+    round_ = FenceRound(
+        epoch=fence.epoch,
+        answers=tuple(
+            by_node.get(m) or FenceAnswer(node=m, ok=False, error="not asked")
+            for m in placement.members
+        ),
+        needed=majority(placement) if spec.ack_policy == "quorum" else 0,
+        every_replica=spec.ack_policy == "one",
+    )
+    record = elect(
+        space=space,
+        spec=spec,
+        placement=placement,
+        verdicts=obs.verdicts,
+        reports=obs.reports,
+        cause=fence.cause,
+        only=fence.only,
+        new_epoch=fence.epoch,
+        fence=round_,
     )
     if record.winner is None:
-        return _wait(f"cannot fail over space {space} ({cause}): {record.reason}", record=record)
-    winner = record.winner
+        sentence = f"cannot fail over space {space} ({fence.cause}): {record.reason}"
+        # The plan had a winner, so what stopped it is who answered (or, under quorum, that
+        # too few did): retried every tick at the same epoch, the space is still failing over.
+        return Decision(
+            actions=(Wait(reason=sentence, record=record),),
+            sentence=sentence,
+            operation="FailingOver",
+        )
+    winner, old = record.winner, placement.primary
     new = Placement(
         primary=winner,
         replicas=tuple(old if r == winner else r for r in placement.replicas),
         epoch=record.new_epoch,
     )
+    # Members that answered the fence are reachable now, whatever their verdict: tell them too.
+    told = set(_alive_members(obs, new)) | {a.node for a in round_.voters}
     lost = record.entries_possibly_lost
-    actions: list[Action] = []
-    if obs.switchover is not None and obs.switchover.aborted_at is None:
-        actions.append(AbortSwitchover(target=obs.switchover.target, reason=cause))
-    actions += [
-        Promote(record=record, placement=new),
-        PushAssignment(placement=new, nodes=_alive_members(obs, new)),
-    ]
     return Decision(
-        actions=tuple(actions),
+        actions=(
+            Promote(record=record, placement=new),
+            PushAssignment(placement=new, nodes=tuple(m for m in new.members if m in told)),
+        ),
         sentence=(
-            f"promoted {winner} to primary of space {space} at epoch {new.epoch} ({cause});"
+            f"promoted {winner} to primary of space {space} at epoch {new.epoch} ({fence.cause});"
             f" {'an unknown number of' if lost is None else lost} entries possibly lost"
         ),
         operation="FailingOver",
+    )
+
+
+def _fresh_epoch(obs: Observation, placement: Placement) -> Epoch:
+    """The epoch of the next promotion or re-assertion: the pending one while nobody was
+    assigned at it and nobody accepted more (fences are idempotent at the same epoch, so a
+    retry doesn't inflate epochs), else one above everything known."""
+    pending = obs.pending_epoch
+    assigned = max([placement.epoch, *(r.epoch for r in obs.reports.values())])
+    accepted = max((r.accepted_epoch or 0 for r in obs.reports.values()), default=0)
+    if pending is not None and pending > assigned and pending >= accepted:
+        return pending
+    return Epoch(max(next_epoch(placement, obs.reports), (pending or 0) + 1))
+
+
+def _reassert(obs: Observation, placement: Placement) -> Decision | None:
+    """Members fenced above the placement's epoch while its primary lives: a promotion that
+    could not finish (no majority answered, no winner) left them refusing the primary. Give the
+    primary a new epoch they accept; nobody was assigned at a pending epoch, so it may be that."""
+    fenced = sorted(
+        (r.node, r.accepted_epoch)
+        for r in obs.reports.values()
+        if placement.role_of(r.node) is not None
+        and r.accepted_epoch is not None
+        and r.accepted_epoch > placement.epoch
+        and _state(obs, r.node) == "Alive"
+    )
+    if not fenced:
+        return None
+    epoch = _fresh_epoch(obs, placement)
+    again = replace(placement, epoch=epoch)
+    who = ", ".join(f"{n} (epoch {e})" for n, e in fenced)
+    sentence = (
+        f"space {obs.space}: {who} accepted a promotion's epoch that never took effect;"
+        f" re-asserted {placement.primary} as primary at epoch {epoch}"
+    )
+    return Decision(
+        actions=(
+            Place(placement=again, message=sentence),
+            PushAssignment(placement=again, nodes=_alive_members(obs, again)),
+        ),
+        sentence=sentence,
     )
 
 
@@ -287,7 +468,7 @@ def _alive_members(obs: Observation, placement: Placement) -> tuple[NodeName, ..
 
 
 def _fence(obs: Observation, placement: Placement, split: str) -> Decision:
-    epoch = Epoch(max([placement.epoch, *(r.epoch for r in obs.reports.values())]) + 1)
+    epoch = _fresh_epoch(obs, placement)
     fenced = replace(placement, epoch=epoch)
     claimants = tuple(
         r.node

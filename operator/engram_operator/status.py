@@ -394,9 +394,19 @@ def _replicating(spec: SpaceSpec, replicas: list[MemberRow]) -> tuple[ConditionS
     return "True", "AllReplicasStreaming", f"{len(replicas)} of {len(replicas)} replicas streaming"
 
 
+# What holds a failover up, as the tick's sentence says it (election and reconcile write these
+# words): the FailingOver condition's reason names it, so `kubectl get` shows why nobody leads.
+_FAILOVER_HOLDS: Final = (
+    ("quorum needs", "QuorumUnreachable"),
+    ("waiting out the old primary's write lease", "WaitingForWriteLease"),
+    ("fencing every member", "Fencing"),
+)
+
+
 def _failing_over(operation: Operation, message: str) -> tuple[ConditionStatus, str, str]:
     if operation == "FailingOver":
-        return "True", "PrimaryFailed", message
+        reason = next((r for words, r in _FAILOVER_HOLDS if words in message), "PrimaryFailed")
+        return "True", reason, message
     return "False", "NoFailover", ""
 
 

@@ -27,8 +27,10 @@ Timing budget (defaults of `Timing`; failure at t = 0, just after a renewal, wor
     epoch written to status, promote    t = 3.25 (one API write + one push, budget 0.5 s)
     new primary accepts writes          t < 3.5
 
-The old primary's write lease (design §4) is at most `lease_duration`, so it has lapsed by
-t = 2.0, before anyone is promoted. Total < 5 s (the seed target) with > 1.5 s to spare.
+The old primary's write lease (design §4) ends at most write_lease + max_grant_delay (1.5 + 0.5 s)
+after the control plane last sent it a grant, and `reconcile` promotes nobody before that
+(`Settings.lease_wait`): with the last grant sent at t <= 0, by t = 2.01, before the verdict.
+Total < 5 s (the seed target) with > 1.5 s to spare.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -373,7 +374,21 @@ def _pushed_grant(request: web.Request) -> Grant | None:
     sent = request.headers.get("X-Engram-Sent-Mono-Ns", "")
     if not source or not sent.isdigit() or len(sent) > 20:
         return None
-    return Grant(source=source[:128], sent_ns=int(sent))
+    try:
+        seconds = _lease_seconds(request.headers.get("X-Engram-Lease-Seconds"))
+    except ValueError:
+        return None
+    return Grant(source=source[:128], sent_ns=int(sent), seconds=seconds)
+
+
+def _lease_seconds(value: object) -> float | None:
+    """The lease length a grant offers (None: the node's own). Raises ValueError if invalid."""
+    if value is None:
+        return None
+    seconds = float(value) if isinstance(value, (int, float, str)) else math.nan
+    if isinstance(value, bool) or not 0 < seconds <= 3600:
+        raise ValueError("lease_seconds must be a number of seconds in (0, 3600]")
+    return seconds
 
 
 async def post_lease(request: web.Request) -> web.Response:
@@ -399,10 +414,13 @@ async def post_lease(request: web.Request) -> web.Response:
             raise ValueError("epochs must map space ids to epochs (integers 1..2^63-1)")
         if not isinstance(source, str) or not isinstance(sent, int) or not 0 <= sent <= MAX_EPOCH:
             raise ValueError("control_plane must be a string and sent_mono_ns an integer >= 0")
+        seconds = _lease_seconds(doc.get("lease_seconds"))
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         return _error(400, "bad_request", f"lease body: {err}")
     if source and epochs:
-        grants = node.grant_leases(Grant(source=source[:128], sent_ns=sent), epochs)
+        grants = node.grant_leases(
+            Grant(source=source[:128], sent_ns=sent, seconds=seconds), epochs
+        )
     else:
         grants = {sid: False for sid in epochs}
     return web.json_response({"granted": grants, **node.status()})

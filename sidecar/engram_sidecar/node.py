@@ -52,6 +52,9 @@ class Grant:
     source: str = ""
     sent_ns: int = 0
     sent_by_us: float | None = None
+    # The lease the control plane grants, in seconds: the node keeps the shorter of it and its
+    # own `write_lease_seconds`, so the control plane's wait can't be shorter than the lease.
+    seconds: float | None = None
 
 
 class StaleAssignment(Exception):
@@ -290,7 +293,7 @@ class Node:
                 and sp.accepted_epoch == epoch
             )
             if ok and sp is not None:
-                sp.grant_lease(since)
+                sp.grant_lease(since, grant.seconds)
             out[sid] = ok
         return out
 

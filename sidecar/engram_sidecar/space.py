@@ -222,14 +222,15 @@ class Space:
         self.fenced_reason = reason
         self._fail_waiters(f"fenced: {reason}")
 
-    def grant_lease(self, since: float) -> None:
+    def grant_lease(self, since: float, seconds: float | None = None) -> None:
         """The control plane vouched for this node at `since` (this node's monotonic clock).
 
         `since` is when the grant arrived (a pushed heartbeat) or when the request that earned
         it was sent (a Lease renewal this node made): never later than the control plane's own
         reckoning, so the lease ends here before the control plane counts it gone.
         """
-        self.lease_until = max(self.lease_until, since + self.lease_seconds)
+        length = self.lease_seconds if seconds is None else min(seconds, self.lease_seconds)
+        self.lease_until = max(self.lease_until, since + length)
 
     def lease_valid(self, now: float | None = None) -> bool:
         return (self.clock() if now is None else now) < self.lease_until

@@ -551,6 +551,7 @@ class Cluster:
                 body = {
                     "control_plane": self.control_plane_id,
                     "sent_mono_ns": time.monotonic_ns(),
+                    "lease_seconds": 1.5,
                     "epochs": dict(epochs),
                 }
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):

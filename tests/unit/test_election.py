@@ -1,4 +1,6 @@
-"""Election: highest applied sequence wins, ties to the lowest name, every exclusion explained."""
+"""Election: the most up-to-date log wins — (epoch of its last entry, sequence) — ties to the lowest
+name, every exclusion explained; after a fence round, only members that took the new epoch count,
+and under `quorum` only a majority of them can promote."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram_operator.election import DecisionRecord, elect
+from engram_operator.election import DecisionRecord, FenceAnswer, FenceRound, elect, majority
 from engram_operator.model import MemberReport, Placement, SpaceSpec
 from engram_operator.verdict import Verdict, VerdictState
 from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
@@ -23,12 +25,38 @@ def alive(node: NodeName) -> Verdict:
     return Verdict(node=node, state="Alive", reason="lease renewed 0.1 s ago")
 
 
-def report(node: NodeName, seq: int, *, epoch: int = 3, role: str = "replica") -> MemberReport:
+def report(
+    node: NodeName,
+    seq: int,
+    *,
+    epoch: int = 3,
+    role: str = "replica",
+    last_epoch: int = 0,
+    accepted: int | None = None,
+) -> MemberReport:
     return MemberReport(
         node=node,
         role="primary" if role == "primary" else "replica",
         epoch=Epoch(epoch),
         applied_sequence=Sequence(seq),
+        last_epoch=Epoch(last_epoch),
+        accepted_epoch=None if accepted is None else Epoch(accepted),
+    )
+
+
+def answered(node: NodeName, seq: int, last_epoch: int = 3) -> FenceAnswer:
+    return FenceAnswer(
+        node=node, ok=True, last_epoch=Epoch(last_epoch), last_sequence=Sequence(seq)
+    )
+
+
+def silent(node: NodeName, error: str = "no answer within 0.5 s") -> FenceAnswer:
+    return FenceAnswer(node=node, ok=False, error=error)
+
+
+def fence_round(*answers: FenceAnswer, quorum: bool = False, epoch: int = 4) -> FenceRound:
+    return FenceRound(
+        epoch=Epoch(epoch), answers=answers, needed=majority(PLACEMENT) if quorum else 0
     )
 
 
@@ -38,16 +66,20 @@ def run(
     verdicts: dict[NodeName, Verdict] | None = None,
     spec: SpaceSpec | None = None,
     only: NodeName | None = None,
+    fence: FenceRound | None = None,
+    placement: Placement = PLACEMENT,
 ) -> DecisionRecord:
     base = {A: DEAD, B: alive(B), C: alive(C), D: alive(D)}
     return elect(
         space=ORDERS,
         spec=spec or SpaceSpec(max_lag_on_failover=100),
-        placement=PLACEMENT,
+        placement=placement,
         verdicts={**base, **(verdicts or {})},
         reports={r.node: r for r in reports},
         cause=CAUSE,
         only=only,
+        new_epoch=None if fence is None else fence.epoch,
+        fence=fence,
     )
 
 
@@ -99,25 +131,234 @@ def test_election_promotes_a_lagging_replica_when_allowed() -> None:
     assert record.entries_possibly_lost == 990
 
 
-def test_election_excludes_dead_unreachable_silent_and_stale_replicas() -> None:
+def test_election_excludes_dead_unreachable_and_silent_replicas() -> None:
     suspect = Verdict(node=C, state="Suspect", reason="lease expired 0.4 s ago; probing")
+    dead_d = Verdict(node=D, state="Dead", reason="no lease seen, probe failed")
     record = run(
-        [report(A, 100, role="primary"), report(C, 100), report(D, 100, epoch=2)],
-        verdicts={C: suspect},
+        [report(A, 100, role="primary"), report(C, 100), report(D, 100)],
+        verdicts={C: suspect, D: dead_d},
     )
     assert record.winner is None
     assert [(e.node, e.reason) for e in record.exclusions] == [
         (B, "no progress reported"),
         (C, "suspect: lease expired 0.4 s ago; probing"),
-        (D, "still at epoch 2 (space is at epoch 3); its log may have diverged"),
+        (D, "dead: no lease seen, probe failed"),
     ]
     assert record.entries_possibly_lost is None
     assert record.reason == (
         "no eligible replica (node-b no progress reported; node-c suspect: lease expired 0.4 s"
-        " ago; probing; node-d still at epoch 2 (space is at epoch 3); its log may have"
-        " diverged); bring node-a back"
+        " ago; probing; node-d dead: no lease seen, probe failed); bring node-a back"
     )
     assert record.summary == f"cannot promote a replica of space orders: {record.reason}"
+
+
+def test_election_ranks_by_the_epoch_of_the_last_entry_before_the_sequence() -> None:
+    # node-b was the epoch-2 primary, deposed with an untruncated tail of epoch-2 entries up to
+    # 120 that nobody else has; node-c holds epoch-3 entries up to 100 (the space's current
+    # epoch, quorum-acknowledged perhaps). By sequence alone node-b would win and cut them.
+    record = run(
+        [
+            report(A, 100, role="primary", last_epoch=3),
+            report(B, 120, epoch=2, last_epoch=2),
+            report(C, 100, last_epoch=3),
+            report(D, 95, last_epoch=3),
+        ]
+    )
+    assert record.winner == C
+    assert record.winner_last_epoch == 3
+    assert [(c.node, c.last_epoch, c.applied_sequence) for c in record.candidates] == [
+        (C, 3, 100),
+        (D, 3, 95),
+        (B, 2, 120),
+    ]
+    assert record.reason == "highest last entry (epoch 3, sequence 100)"
+    # node-b's tail is not data of the current epoch: nothing counted as lost for it.
+    assert record.entries_possibly_lost == 0
+
+
+def test_election_a_deposed_primary_tail_loses_to_newer_entries_after_the_fence() -> None:
+    # The stale reports say otherwise (node-c reported before it received the epoch-2 entries);
+    # the fence answers, taken after both stopped accepting the old epoch, decide.
+    placement = Placement(primary=A, replicas=(B, C), epoch=Epoch(2))
+    reports = [
+        report(A, 100, epoch=2, role="primary", last_epoch=2),
+        report(B, 130, epoch=1, last_epoch=1),
+        report(C, 60, epoch=2, last_epoch=1),
+    ]
+    fence = FenceRound(
+        epoch=Epoch(3),
+        answers=(silent(A), answered(B, 130, last_epoch=1), answered(C, 100, last_epoch=2)),
+        needed=2,
+    )
+    record = run(reports, fence=fence, placement=placement, spec=SpaceSpec(ack_policy="quorum"))
+    assert record.winner == C
+    assert (record.winner_sequence, record.winner_last_epoch) == (100, 2)
+    assert record.new_epoch == 3
+
+
+def test_election_a_replica_at_an_older_epoch_is_eligible_when_it_ranks_first() -> None:
+    # node-d never got the epoch-3 assignment, yet its log is the most up to date: the epoch-3
+    # primary wrote nothing new, so its epoch-2 entries are everybody's history.
+    record = run(
+        [
+            report(A, 100, role="primary", last_epoch=2),
+            report(B, 90, last_epoch=2),
+            report(D, 100, epoch=2, last_epoch=2),
+        ]
+    )
+    assert record.winner == D
+
+
+def test_election_after_a_fence_counts_only_members_that_answered_and_their_answers() -> None:
+    reports = [report(A, 100, role="primary"), report(B, 90), report(C, 99), report(D, 95)]
+    fence = fence_round(
+        silent(A), answered(B, 100), silent(C, "HTTP 507 storage_error"), answered(D, 97)
+    )
+    record = run(reports, fence=fence)
+    # node-b caught up between its report and the fence; node-c answered nothing usable.
+    assert record.winner == B
+    assert record.winner_sequence == 100
+    assert (C, "did not answer the fence (HTTP 507 storage_error)") in [
+        (e.node, e.reason) for e in record.exclusions
+    ]
+    assert record.fence == fence
+    assert record.to_dict()["fence"] == {
+        "epoch": 4,
+        "answered": 2,
+        "quorumNeeds": None,
+        "members": [
+            {
+                "node": A,
+                "answered": False,
+                "lastEpoch": None,
+                "lastSequence": None,
+                "error": "no answer within 0.5 s",
+            },
+            {"node": B, "answered": True, "lastEpoch": 3, "lastSequence": 100, "error": ""},
+            {
+                "node": C,
+                "answered": False,
+                "lastEpoch": None,
+                "lastSequence": None,
+                "error": "HTTP 507 storage_error",
+            },
+            {"node": D, "answered": True, "lastEpoch": 3, "lastSequence": 97, "error": ""},
+        ],
+    }
+
+
+def test_election_under_quorum_a_minority_of_answers_promotes_nobody() -> None:
+    placement = Placement(primary=A, replicas=(B, C), epoch=Epoch(3))
+    reports = [report(A, 100, role="primary"), report(B, 100), report(C, 100)]
+    fence = FenceRound(epoch=Epoch(4), answers=(silent(A), silent(B), answered(C, 100)), needed=2)
+    record = run(reports, fence=fence, placement=placement, spec=SpaceSpec(ack_policy="quorum"))
+    assert record.winner is None
+    assert record.entries_possibly_lost is None
+    assert record.reason == (
+        "only 1 of 3 members reachable; quorum needs 2 (answered the fence at epoch 4: node-c;"
+        " node-a no answer within 0.5 s; node-b no answer within 0.5 s)"
+    )
+    assert record.summary == f"cannot promote a replica of space orders: {record.reason}"
+    # The same answers under `async` promote the one that answered (availability).
+    unquorate = FenceRound(epoch=Epoch(4), answers=fence.answers, needed=0)
+    spec = SpaceSpec(ack_policy="async")
+    assert run(reports, fence=unquorate, placement=placement, spec=spec).winner == C
+
+
+def test_election_under_one_every_replica_must_answer() -> None:
+    """`one` acks after the primary and *some* replica: which one is unknown, so a promotion
+    that didn't hear from every replica may pick the one that lacks the last writes."""
+    placement = Placement(primary=A, replicas=(B, C), epoch=Epoch(3))
+    reports = [report(A, 100, role="primary"), report(B, 100), report(C, 90)]
+    spec = SpaceSpec(ack_policy="one")
+    partial = FenceRound(
+        epoch=Epoch(4),
+        answers=(silent(A), silent(B), answered(C, 90)),
+        needed=0,
+        every_replica=True,
+    )
+    record = run(reports, fence=partial, placement=placement, spec=spec)
+    assert record.winner is None
+    assert record.reason.startswith("ackPolicy one: every replica must answer the fence")
+    assert "node-b no answer within 0.5 s" in record.reason
+    full = FenceRound(
+        epoch=Epoch(4),
+        answers=(silent(A), answered(B, 100), answered(C, 90)),
+        needed=0,
+        every_replica=True,
+    )
+    assert run(reports, fence=full, placement=placement, spec=spec).winner == B
+
+
+def test_election_under_one_an_ineligible_replica_holding_more_blocks() -> None:
+    placement = Placement(primary=A, replicas=(B, C), epoch=Epoch(3))
+    reports = [report(A, 100, role="primary"), report(B, 100), report(C, 90)]
+    dead_b = Verdict(node=B, state="Dead", reason="lease expired", since=1.0)
+    fence = FenceRound(
+        epoch=Epoch(4),
+        answers=(silent(A), answered(B, 100), answered(C, 90)),
+        needed=0,
+        every_replica=True,
+    )
+    record = run(
+        reports,
+        fence=fence,
+        placement=placement,
+        spec=SpaceSpec(ack_policy="one"),
+        verdicts={B: dead_b},
+    )
+    assert record.winner is None
+    assert "node-b hold(s) more than the most up-to-date eligible replica node-c" in record.reason
+
+
+def test_election_under_quorum_a_majority_of_answers_promotes_the_best() -> None:
+    placement = Placement(primary=A, replicas=(B, C), epoch=Epoch(3))
+    reports = [report(A, 100, role="primary"), report(B, 98), report(C, 100)]
+    fence = FenceRound(
+        epoch=Epoch(4), answers=(silent(A), answered(B, 100), answered(C, 99)), needed=2
+    )
+    record = run(reports, fence=fence, placement=placement, spec=SpaceSpec(ack_policy="quorum"))
+    assert record.winner == B
+    assert record.to_dict()["fence"]["quorumNeeds"] == 2  # type: ignore[index]
+
+
+def test_election_under_quorum_the_winner_must_be_as_up_to_date_as_a_majority() -> None:
+    # The old primary answered the fence (it is cut off from our liveness checks, not from the
+    # fence) and holds 100; node-c, which may hold 100 too (acknowledged by a and c), is silent.
+    # node-b at 95 is the only candidate: promoting it could lose acknowledged writes.
+    placement = Placement(primary=A, replicas=(B, C), epoch=Epoch(3))
+    reports = [report(A, 100, role="primary"), report(B, 95), report(C, 100)]
+    fence = FenceRound(
+        epoch=Epoch(4), answers=(answered(A, 100), answered(B, 95), silent(C)), needed=2
+    )
+    record = run(reports, fence=fence, placement=placement, spec=SpaceSpec(ack_policy="quorum"))
+    assert record.winner is None
+    assert record.reason == (
+        "the most up-to-date eligible replica, node-b (epoch 3, sequence 95), is behind node-a"
+        " (epoch 3, sequence 100); only 1 of 3 members hold no more than it and quorum needs 2,"
+        " so it may lack acknowledged writes; bring node-a back or make a member that is ahead"
+        " reachable"
+    )
+    # With node-c answering at 95 too, a majority (b, c) holds no more than node-b: what only
+    # node-a had was never acknowledged by a majority.
+    fence = FenceRound(
+        epoch=Epoch(4), answers=(answered(A, 100), answered(B, 95), answered(C, 95)), needed=2
+    )
+    record = run(reports, fence=fence, placement=placement, spec=SpaceSpec(ack_policy="quorum"))
+    assert record.winner == B
+    assert record.entries_possibly_lost == 5
+
+
+def test_election_new_epoch_is_above_every_accepted_epoch() -> None:
+    record = run([report(A, 10, role="primary"), report(B, 10, accepted=6)])
+    assert record.new_epoch == 7
+
+
+def test_majority_counts_the_primary() -> None:
+    assert majority(Placement(primary=A, replicas=(), epoch=Epoch(1))) == 1
+    assert majority(Placement(primary=A, replicas=(B,), epoch=Epoch(1))) == 2
+    assert majority(Placement(primary=A, replicas=(B, C), epoch=Epoch(1))) == 2
+    assert majority(PLACEMENT) == 3
 
 
 def test_election_without_winner_suggests_allowing_lagging_failover() -> None:
@@ -192,8 +433,18 @@ def test_election_record_serialises_to_json_with_camel_case_keys() -> None:
     assert data["newEpoch"] == 4
     assert data["oldPrimaryLastSequence"] == 100
     assert data["entriesPossiblyLost"] == 1
-    assert data["candidates"][0] == {"node": "node-b", "appliedSequence": 99, "lagEntries": 1}
-    assert data["candidates"][1] == {"node": "node-c", "appliedSequence": 1, "lagEntries": 99}
+    assert data["candidates"][0] == {
+        "node": "node-b",
+        "appliedSequence": 99,
+        "lastEpoch": 0,
+        "lagEntries": 1,
+    }
+    assert data["candidates"][1] == {
+        "node": "node-c",
+        "appliedSequence": 1,
+        "lastEpoch": 0,
+        "lagEntries": 99,
+    }
     assert data["exclusions"] == [{"node": "node-d", "reason": "no progress reported"}]
     assert set(data) == {
         "space",
@@ -206,10 +457,13 @@ def test_election_record_serialises_to_json_with_camel_case_keys() -> None:
         "exclusions",
         "winner",
         "winnerSequence",
+        "winnerLastEpoch",
         "entriesPossiblyLost",
+        "fence",
         "reason",
         "summary",
     }
+    assert data["fence"] is None
 
 
 states: st.SearchStrategy[VerdictState] = st.sampled_from(["Alive", "Alive", "Suspect", "Dead"])
@@ -255,3 +509,40 @@ def test_election_excludes_a_dead_replica_with_its_verdict() -> None:
     )
     assert record.winner == C
     assert record.exclusions[0].reason == "dead: no lease seen, probe failed"
+
+
+positions = st.tuples(st.integers(1, 3), st.integers(0, 50))
+
+
+@given(
+    members=st.lists(st.one_of(st.none(), positions), min_size=4, max_size=4),
+    quorum=st.booleans(),
+)
+def test_election_after_a_fence_picks_the_best_answer_and_respects_quorum(
+    members: list[tuple[int, int] | None], quorum: bool
+) -> None:
+    # None: the member did not answer the fence. Every replica is Alive; lag is allowed.
+    answers = tuple(
+        silent(n) if pos is None else answered(n, pos[1], last_epoch=pos[0])
+        for n, pos in zip((A, B, C, D), members, strict=True)
+    )
+    fence = fence_round(*answers, quorum=quorum)
+    spec = SpaceSpec(ack_policy="quorum" if quorum else "async", allow_lagging_failover=True)
+    record = run([report(A, 0, role="primary")], fence=fence, spec=spec)
+    voters = [a for a in answers if a.ok]
+    eligible = [a for a in voters if a.node != A]
+    if record.winner is None:
+        best = max((a.log_position for a in eligible), default=None)
+        assert (
+            best is None
+            or (quorum and len(voters) < 3)
+            or (quorum and sum(a.log_position <= best for a in voters) < 3)
+        )
+        return
+    win = next(a for a in answers if a.node == record.winner)
+    assert win.ok and win.node != A
+    assert all(win.log_position >= a.log_position for a in eligible)
+    assert win.node == min(a.node for a in eligible if a.log_position == win.log_position)
+    if quorum:
+        assert len(voters) >= 3
+        assert sum(a.log_position <= win.log_position for a in voters) >= 3

@@ -1,11 +1,17 @@
-"""The reconcile tick: actions in the right order, and one sentence that says what it did."""
+"""The reconcile tick: actions in the right order, and one sentence that says what it did.
+
+A failover is two steps: `reconcile` plans the fence round (`FenceAndElect`), and
+`conclude_failover` decides on its answers; `failover()` below runs both."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from engram_operator import switchover
+from engram_operator.election import FenceAnswer
 from engram_operator.model import (
     MemberReport,
     NodeInfo,
@@ -21,12 +27,14 @@ from engram_operator.reconcile import (
     ClearSwitchover,
     Decision,
     ExecuteHandOver,
+    FenceAndElect,
     Noop,
     Place,
     Promote,
     PushAssignment,
     Settings,
     Wait,
+    conclude_failover,
     reconcile,
 )
 from engram_operator.verdict import Verdict, VerdictState
@@ -51,13 +59,22 @@ def verdict(node: NodeName, state: VerdictState = "Alive", *, dead_for: float = 
     return Verdict(node=node, state=state, reason=reasons[state], since=since)
 
 
-def report(node: NodeName, seq: int, *, role: str = "replica", epoch: int = 3) -> MemberReport:
+def report(
+    node: NodeName,
+    seq: int,
+    *,
+    role: str = "replica",
+    epoch: int = 3,
+    accepted: int | None = None,
+) -> MemberReport:
     return MemberReport(
         node=node,
         role="primary" if role == "primary" else "replica",
         epoch=Epoch(epoch),
         applied_sequence=Sequence(seq),
         lag_seconds=0.2 if seq < 1000 else 0.0,
+        last_epoch=Epoch(epoch),
+        accepted_epoch=None if accepted is None else Epoch(accepted),
     )
 
 
@@ -74,6 +91,8 @@ def world(
     progress: SwitchoverProgress | None = None,
     last_promotion_epoch: int | None = None,
     load: dict[NodeName, int] | None = None,
+    grants: dict[NodeName, float] | None = None,
+    pending: int | None = None,
 ) -> Observation:
     verdicts = {n.name: verdict(n.name) for n in nodes}
     return Observation(
@@ -86,11 +105,44 @@ def world(
         switchover=progress,
         primary_load=load or {},
         last_promotion_epoch=None if last_promotion_epoch is None else Epoch(last_promotion_epoch),
+        lease_grants=grants or {},
+        pending_epoch=None if pending is None else Epoch(pending),
     )
 
 
 def tick(obs: Observation, *, now: float = NOW, settings: Settings | None = None) -> Decision:
     return reconcile(obs, now=now, settings=settings or Settings(switchover_ready_lag=0))
+
+
+def answers_from_reports(obs: Observation) -> list[FenceAnswer]:
+    """Every member that is not Dead answers the fence with what it last reported."""
+    assert obs.placement is not None
+    out = []
+    for m in obs.placement.members:
+        r = obs.reports.get(m)
+        v = obs.verdicts.get(m)
+        if r is None or v is None or v.state == "Dead":
+            out.append(FenceAnswer(node=m, ok=False, error="no answer within 0.5 s"))
+        else:
+            out.append(
+                FenceAnswer(
+                    node=m, ok=True, last_epoch=r.last_epoch, last_sequence=r.applied_sequence
+                )
+            )
+    return out
+
+
+def fence_of(decision: Decision) -> FenceAndElect:
+    (fence,) = [a for a in decision.actions if isinstance(a, FenceAndElect)]
+    return fence
+
+
+def failover(obs: Observation, answers: list[FenceAnswer] | None = None) -> Decision:
+    """Plan the fence round, then conclude it with `answers` (default: from the reports)."""
+    plan = tick(obs)
+    return conclude_failover(
+        obs, fence_of(plan), answers if answers is not None else answers_from_reports(obs)
+    )
 
 
 # -- paused, holding, first placement ------------------------------------------------------
@@ -170,8 +222,23 @@ def test_reconcile_never_places_on_suspect_nodes() -> None:
 # -- failover ---------------------------------------------------------------------------
 
 
-def test_reconcile_promotes_the_best_replica_when_the_primary_dies() -> None:
+def test_reconcile_fences_every_member_before_electing_when_the_primary_dies() -> None:
     decision = tick(world(states={A: verdict(A, "Dead")}))
+    assert decision.sentence == (
+        "fencing every member of space orders at epoch 4 before electing a new primary"
+        " (node-a dead: lease expired 2.1 s ago, probe failed)"
+    )
+    assert decision.operation == "FailingOver"
+    fence = fence_of(decision)
+    assert (fence.epoch, fence.nodes, fence.only) == (4, (A, B, C), None)
+    assert fence.timeout == Settings().fence_timeout
+    # What is recorded before the fence: the epoch, and no winner yet.
+    assert fence.record.new_epoch == 4 and fence.record.winner is None
+    assert fence.record.summary == decision.sentence
+
+
+def test_reconcile_promotes_the_best_replica_when_the_primary_dies() -> None:
+    decision = failover(world(states={A: verdict(A, "Dead")}))
     assert decision.sentence == (
         "promoted node-b to primary of space orders at epoch 4"
         " (node-a dead: lease expired 2.1 s ago, probe failed); 0 entries possibly lost"
@@ -182,14 +249,88 @@ def test_reconcile_promotes_the_best_replica_when_the_primary_dies() -> None:
     assert promote.placement == new
     assert promote.record.winner == B
     assert promote.record.cause == "node-a dead: lease expired 2.1 s ago, probe failed"
+    assert promote.record.fence is not None and len(promote.record.fence.voters) == 2
     assert push == PushAssignment(placement=new, nodes=(B, C)), "not to the dead node"
     assert decision.operation == "FailingOver"
 
 
 def test_reconcile_reports_entries_possibly_lost() -> None:
     reports = (report(A, 1000, role="primary"), report(B, 990), report(C, 985))
-    decision = tick(world(states={A: verdict(A, "Dead")}, reports=reports))
+    decision = failover(world(states={A: verdict(A, "Dead")}, reports=reports))
     assert decision.sentence.endswith("; 10 entries possibly lost")
+
+
+def test_reconcile_waits_out_the_old_primary_write_lease_before_fencing() -> None:
+    lease_wait = Settings().lease_wait
+    assert lease_wait >= 1.5 + 0.5
+    granted = NOW - 1.0
+    obs = world(states={A: verdict(A, "Dead")}, grants={A: granted, B: NOW})
+    decision = tick(obs)
+    left = lease_wait - 1.0
+    assert decision.sentence == (
+        "primary node-a of space orders is dead (lease expired 2.1 s ago, probe failed);"
+        f" waiting out the old primary's write lease ({left:.1f} s left) before promoting"
+    )
+    assert decision.actions == (Wait(reason=decision.sentence),)
+    assert decision.operation == "FailingOver"
+    # Just before it has run out: still waiting; once it has: the fence round.
+    assert not any(
+        isinstance(a, FenceAndElect) for a in tick(obs, now=granted + lease_wait - 0.01).actions
+    )
+    assert fence_of(tick(obs, now=granted + lease_wait + 0.001)).epoch == 4
+
+
+def test_reconcile_under_quorum_a_minority_of_fence_answers_promotes_nobody() -> None:
+    obs = world(spec=SpaceSpec(ack_policy="quorum"), states={A: verdict(A, "Dead")})
+    answers = [
+        FenceAnswer(node=A, ok=False, error="no answer within 0.5 s"),
+        FenceAnswer(node=B, ok=False, error="no answer within 0.5 s"),
+        FenceAnswer(node=C, ok=True, last_epoch=Epoch(3), last_sequence=Sequence(988)),
+    ]
+    decision = failover(obs, answers)
+    assert decision.sentence == (
+        "cannot fail over space orders (node-a dead: lease expired 2.1 s ago, probe failed):"
+        " only 1 of 3 members reachable; quorum needs 2 (answered the fence at epoch 4: node-c;"
+        " node-a no answer within 0.5 s; node-b no answer within 0.5 s)"
+    )
+    (wait,) = decision.actions
+    assert isinstance(wait, Wait) and wait.record is not None and wait.record.winner is None
+    # Retried on every tick (at the same epoch): the space is failing over, not given up.
+    assert decision.operation == "FailingOver"
+    # A majority answers: promoted, even though node-a never did.
+    answers[1] = FenceAnswer(node=B, ok=True, last_epoch=Epoch(3), last_sequence=Sequence(1000))
+    decision = failover(obs, answers)
+    assert isinstance(decision.actions[0], Promote)
+    assert decision.actions[0].placement.primary == B
+
+
+def test_reconcile_after_a_fence_the_answers_decide_not_the_reports() -> None:
+    obs = world(states={A: verdict(A, "Dead")})
+    answers = [
+        FenceAnswer(node=A, ok=True, last_epoch=Epoch(3), last_sequence=Sequence(1003)),
+        FenceAnswer(node=B, ok=True, last_epoch=Epoch(3), last_sequence=Sequence(1000)),
+        FenceAnswer(node=C, ok=True, last_epoch=Epoch(3), last_sequence=Sequence(1002)),
+    ]
+    decision = failover(obs, answers)
+    promote, push = decision.actions
+    assert isinstance(promote, Promote) and isinstance(push, PushAssignment)
+    assert promote.placement.primary == C
+    assert promote.record.entries_possibly_lost == 1
+    # node-a answered the fence, so it is reachable: it learns it is a replica now.
+    assert push.nodes == (C, B, A)
+
+
+def test_reconcile_retries_a_failover_at_the_pending_epoch() -> None:
+    dead = {A: verdict(A, "Dead")}
+    assert fence_of(tick(world(states=dead, pending=5))).epoch == 5
+    # A member accepted it (our own fence): still ours to use.
+    fenced = (report(A, 1000, role="primary"), report(B, 1000, accepted=5), report(C, 988))
+    assert fence_of(tick(world(states=dead, pending=5, reports=fenced))).epoch == 5
+    # Someone accepted more than we recorded: above it.
+    beyond = (report(A, 1000, role="primary"), report(B, 1000, accepted=6), report(C, 988))
+    assert fence_of(tick(world(states=dead, pending=5, reports=beyond))).epoch == 7
+    # A pending epoch at or below the placement's was used up: above everything.
+    assert fence_of(tick(world(states=dead, pending=3))).epoch == 4
 
 
 def test_reconcile_explains_a_failover_without_a_winner() -> None:
@@ -218,7 +359,7 @@ def test_reconcile_waits_for_a_human_when_failover_is_manual() -> None:
 
 def test_reconcile_manual_failover_promotes_the_target_primary() -> None:
     spec = SpaceSpec(failover_automatic=False, target_primary=C)
-    decision = tick(world(spec=spec, states={A: verdict(A, "Dead")}))
+    decision = failover(world(spec=spec, states={A: verdict(A, "Dead")}))
     assert decision.sentence == (
         "promoted node-c to primary of space orders at epoch 4 (node-a dead: lease expired"
         " 2.1 s ago, probe failed; manual failover to spec.targetPrimary); 12 entries possibly lost"
@@ -230,7 +371,7 @@ def test_reconcile_failover_abandons_a_switchover_in_progress() -> None:
     spec = SpaceSpec(target_primary=C)
     decision = tick(world(spec=spec, states={A: verdict(A, "Dead")}, progress=progress))
     assert decision.actions[0] == AbortSwitchover(target=C, reason="node-a dead: " + DEAD_REASON)
-    assert isinstance(decision.actions[1], Promote)
+    assert isinstance(decision.actions[1], FenceAndElect)
 
 
 def test_reconcile_waits_for_the_probe_when_the_primary_is_suspect() -> None:
@@ -249,6 +390,31 @@ def test_reconcile_phase_stays_failing_over_until_the_winner_confirms() -> None:
     confirmed = (report(B, 1000, role="primary", epoch=4), report(C, 990, epoch=4))
     obs = world(placement=promoted, reports=confirmed, last_promotion_epoch=4)
     assert tick(obs).operation == "Idle"
+
+
+def test_reconcile_reasserts_the_primary_when_a_promotion_did_not_finish() -> None:
+    # A fence round at epoch 4 found no majority; now node-a answers again. node-b and node-c
+    # took epoch 4 and refuse node-a's epoch-3 frames: node-a leads at epoch 4 (nobody else
+    # was ever assigned at it).
+    fenced = (
+        report(A, 1000, role="primary"),
+        report(B, 1000, accepted=4),
+        report(C, 988, accepted=4),
+    )
+    decision = tick(world(reports=fenced, pending=4))
+    again = Placement(primary=A, replicas=(B, C), epoch=Epoch(4))
+    assert decision.sentence == (
+        "space orders: node-b (epoch 4), node-c (epoch 4) accepted a promotion's epoch that"
+        " never took effect; re-asserted node-a as primary at epoch 4"
+    )
+    assert decision.actions == (
+        Place(placement=again, message=decision.sentence),
+        PushAssignment(placement=again, nodes=(A, B, C)),
+    )
+    # Without a record of that epoch, above it.
+    assert tick(world(reports=fenced)).actions[0] == Place(
+        placement=replace(again, epoch=Epoch(5)), message=tick(world(reports=fenced)).sentence
+    )
 
 
 # -- split brain ------------------------------------------------------------------------
@@ -526,12 +692,19 @@ def test_reconcile_always_says_one_sentence_and_acts_safely(
     kinds = [type(a) for a in decision.actions]
     if paused or "Unknown" in states:
         assert kinds in ([Noop], [Wait]), "paused or blind: never act"
-    if Promote in kinds:
+    assert Promote not in kinds, "a promotion only ever follows a fence round"
+    if FenceAndElect in kinds:
         assert verdicts[A].state == "Dead"
-        promote = decision.actions[kinds.index(Promote)]
-        assert isinstance(promote, Promote)
-        assert verdicts[promote.placement.primary].state == "Alive"
-        assert promote.placement.epoch > max([*epochs, PLACEMENT.epoch])
+        fence = decision.actions[kinds.index(FenceAndElect)]
+        assert isinstance(fence, FenceAndElect)
+        assert fence.epoch > max([*epochs, PLACEMENT.epoch])
+        assert fence.nodes == PLACEMENT.members
+        concluded = conclude_failover(obs, fence, answers_from_reports(obs))
+        promotes = [a for a in concluded.actions if isinstance(a, Promote)]
+        for promote in promotes:
+            assert verdicts[promote.placement.primary].state == "Alive"
+            assert promote.placement.epoch == fence.epoch
+            assert isinstance(concluded.actions[1], PushAssignment), "recorded, then told"
     if PushAssignment in kinds:
         # The epoch is recorded in status before any sidecar hears of it.
         first_push = kinds.index(PushAssignment)

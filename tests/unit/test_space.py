@@ -132,3 +132,15 @@ async def test_space_seal_reports_batch_sizes(tmp_path: Path) -> None:
     assert seen == [100, 100, 50]
     frame, last = sp.batch_at(101) or (b"", 0)
     assert last == 200 and frame
+
+
+def test_space_lease_is_the_shorter_of_the_grant_and_its_own(tmp_path: Path) -> None:
+    # The control plane's wait before a promotion is its own lease plus the delay bound: a node
+    # configured with a longer write_lease_seconds must not outlast it.
+    sp, now = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1"]))
+    sp.grant_lease(now[0], 0.5)
+    assert sp.lease_valid(now[0] + 0.49) and not sp.lease_valid(now[0] + 0.5)
+    sp.lease_until = float("-inf")
+    sp.grant_lease(now[0], 60.0)  # never longer than the node's own 1.5 s
+    assert not sp.lease_valid(now[0] + 1.5)

@@ -237,6 +237,30 @@ def test_status_failing_over() -> None:
     )
 
 
+def test_status_failing_over_says_what_holds_it_up() -> None:
+    held = {
+        "cannot fail over space orders (node-a dead: lease expired 2.1 s ago, probe failed):"
+        " only 1 of 3 members reachable; quorum needs 2 (answered the fence at epoch 4: node-c;"
+        " node-a no answer within 0.5 s; node-b no answer within 0.5 s)": "QuorumUnreachable",
+        "primary node-a of space orders is dead (lease expired 2.1 s ago, probe failed); waiting"
+        " out the old primary's write lease (0.4 s left) before promoting": "WaitingForWriteLease",
+    }
+    for sentence, reason in held.items():
+        s = build_status(
+            space=ORDERS,
+            spec=SpaceSpec(),
+            placement=PLACEMENT,
+            verdicts=ALIVE,
+            reports=HEALTHY,
+            previous_conditions=(),
+            now_iso=T0,
+            operation="FailingOver",
+            operation_message=sentence,
+        )
+        failing = next(c for c in s.conditions if c.type == "FailingOver")
+        assert (failing.status, failing.reason, failing.message) == ("True", reason, sentence)
+
+
 def test_status_switching_over() -> None:
     assert status(operation="SwitchingOver").phase == "SwitchingOver"
 
