@@ -21,6 +21,7 @@ WORKDIR /src
 # Only what the wheel is built from (pyproject's hatch targets and its readme); .dockerignore
 # keeps tests, docs, deploy/ and local state out of the build context.
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY operator/ operator/
 COPY sidecar/ sidecar/
 COPY bench/ bench/
@@ -29,7 +30,8 @@ COPY bench/ bench/
 RUN pip wheel --wheel-dir /wheels . \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-index --find-links /wheels engram-replication \
- && /opt/venv/bin/engram-replication --help >/dev/null
+ && /opt/venv/bin/engram-replication --help >/dev/null \
+ && rm -rf /opt/venv/lib/python3*/site-packages/engram_bench /opt/venv/bin/engram-replication-bench
 
 # ---- runtime: the virtualenv on the same slim base, run as an unprivileged user ---------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from engram_bench.report import Section, write_results
+from engram_bench.publish import write_results
+from engram_bench.report import Section
 
 # Order is the order in docs/benchmarks.md.
 SCENARIOS: tuple[str, ...] = (

@@ -16,7 +16,7 @@ import time
 from typing import Final
 
 from engram_bench.cluster import HOST, RawProcess
-from engram_sidecar.entry import encode_entry
+from engram_contract.formats.entry import encode_entry
 
 PAYLOAD: Final = 100  # bytes per stored payload; 164 bytes per entry with its header
 WIRE_BATCH: Final = 100  # entries per BATCH frame (the sidecar's batch_max_entries default)

@@ -2,7 +2,7 @@
 
 Each plot is attached to the section it illustrates (`Section.images`, a path relative to the
 Markdown file), so it is rendered right under that section's table. Only full runs draw them
-(report.write_results). Without matplotlib the plots are skipped with a note, never an error.
+(publish.write_results). Without matplotlib the plots are skipped with a note, never an error.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ import aiohttp
 
 from engram_bench.cluster import bench_dir, free_port
 from engram_bench.report import Section, percentile
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local import TIMING, ClusterFiles, ControlLoop, LocalNode, Processes
 from engram_operator.model import SpaceSpec
-from engram_sidecar.contract import NodeName, SpaceId
 
 BUDGET_S: Final = 5.0
 AIM_S: Final = 2.0

@@ -62,13 +62,13 @@ from engram_bench.load import LoadResult, error_text, http_send, raw_fsync
 from engram_bench.load import open_loop as load_open_loop
 from engram_bench.pipeline import PAYLOAD, RAW_WINDOW, WIRE_BATCH, nodelay, raw_frame, raw_pipeline
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
-from engram_sidecar.contract import NodeName, SpaceId, space_wire_id
-from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
-from engram_sidecar.entry import encode_entry
-from engram_sidecar.messages import Ack, Nack, decode_message
+from engram_contract.formats.batch import encode_batch
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.formats.entry import encode_entry
+from engram_contract.formats.frame import FrameDecoder
+from engram_contract.formats.messages import Ack, Nack, decode_message
+from engram_contract.ids import NodeName, SpaceId, space_wire_id
 from engram_sidecar.transport import client_handshake, next_frames, tune_socket
-from engram_sidecar.wire import FrameDecoder
-from engram_sidecar.wire_batch import encode_batch
 
 TPUT_REQUEST: Final = 1_000  # entries per HTTP request in the throughput runs
 TPUT_CONCURRENCY: Final = 8

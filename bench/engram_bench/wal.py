@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
-from engram_sidecar.contract import SpaceId
-from engram_sidecar.entry import EntryType, encode_entry
+from engram_contract.formats.entry import EntryType, encode_entry
+from engram_contract.ids import SpaceId
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.wal import SpaceLog
 

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from crc32c import crc32c
 
 from engram_bench.report import Section, fmt_rate, ratio
-from engram_sidecar.contract import SpaceId, space_wire_id
-from engram_sidecar.entry import encode_entry
-from engram_sidecar.wire import FrameDecoder
-from engram_sidecar.wire_batch import Batch, encode_batch
+from engram_contract.formats.batch import Batch, encode_batch
+from engram_contract.formats.entry import encode_entry
+from engram_contract.formats.frame import FrameDecoder
+from engram_contract.ids import SpaceId, space_wire_id
 
 ENTRIES = 100
 PAYLOAD = 100

@@ -1,13 +1,16 @@
 """The `engram-replication` console script: one entry point, a subcommand per job.
 
-This is the one module allowed to reach past the sidecar's `contract`: it dispatches to the
-sidecar's own commands (`sidecar`, `wal`) by importing them lazily, so the operator's modules
-themselves stay independent of the data plane.
+The data plane's commands (`sidecar`, `wal`) and the benchmark (`bench`) run as their own
+programs (`python -m engram_sidecar`, `python -m engram_sidecar.walcli`, `python -m
+engram_bench`), exec'd in place of this process: the operator imports neither the data plane
+nor the benchmark (import-linter contracts in pyproject.toml), and the runtime image can leave
+the benchmark out.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -97,45 +100,41 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--api-url", default=None, help="API server URL without auth (tests, proxy)")
     op.add_argument("--log-level", default="INFO")
 
-    sc = sub.add_parser("sidecar", help="run one node's data-plane sidecar")
-    from engram_sidecar.main import add_arguments
-
-    add_arguments(sc)
-
-    wal = sub.add_parser("wal", help="inspect WAL files on disk")
-    wsub = wal.add_subparsers(dest="wal_command", required=True, metavar="WAL_COMMAND")
-    d = wsub.add_parser("dump", help="print one line per entry (like pg_waldump)")
-    d.add_argument("--data-dir", type=Path, required=True)
-    d.add_argument("--space", required=True)
-    d.add_argument("--from", dest="from_sequence", type=int, default=1, metavar="SEQ")
-    v = wsub.add_parser("verify", help="check every CRC and sequence; non-zero exit on corruption")
-    v.add_argument("--data-dir", type=Path, required=True)
-    v.add_argument("--space", default=None)
-
-    b = sub.add_parser("bench", help="run the benchmarks and regenerate docs/benchmarks.md")
-    b.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
-    b.add_argument("--only", action="append", default=None, help="scenario key (repeatable)")
-    b.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
-    b.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
+    for name, text in _PASS_THROUGH_HELP.items():
+        pt = sub.add_parser(name, help=text, add_help=False)
+        pt.add_argument("args", nargs=argparse.REMAINDER)
     return p
+
+
+_PASS_THROUGH_HELP = {
+    "sidecar": "run one node's data-plane sidecar (`sidecar --help` for its settings)",
+    "wal": "inspect WAL files on disk: `wal dump`, `wal verify` (`wal --help`)",
+    "bench": "run the benchmarks and regenerate docs/benchmarks.md (`bench --help`)",
+}
+PROGRAMS = {
+    "sidecar": "engram_sidecar",
+    "wal": "engram_sidecar.walcli",
+    "bench": "engram_bench",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "wal":
-        from engram_sidecar import tools
-
-        if args.wal_command == "dump":
-            return tools.wal_dump(args.data_dir, args.space, args.from_sequence)
-        return tools.wal_verify(args.data_dir, args.space)
-    if args.command == "sidecar":
-        from engram_sidecar.main import main as sidecar_main
-
-        return sidecar_main(args)
-    if args.command == "bench":
-        from engram_bench import harness
-
-        return harness.main(quick=args.quick, only=args.only, docs=args.docs, json_path=args.json)
+    if args.command in PROGRAMS:
+        module = PROGRAMS[args.command]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            print(
+                f"error: `{args.command}` needs the {module} package, which this installation"
+                " leaves out (the runtime image has no benchmark: run it from a source checkout,"
+                " `make bench`)",
+                file=sys.stderr,
+            )
+            return 2
+        # exec, not a subprocess: same pid, signals and exit code, as if run directly.
+        cmd = [sys.executable, "-m", module, *args.args]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
     if args.command == "operator":
         from engram_operator import kube_handlers
 

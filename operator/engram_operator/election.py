@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TypedDict
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.model import NO_EPOCH, NO_SEQUENCE, MemberReport, Placement, SpaceSpec
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,7 +23,7 @@ from typing import Any, Final
 import aiohttp
 import kopf
 
-from engram_sidecar.contract import API_GROUP, API_VERSION, PLURAL
+from engram_contract.kubernetes import API_GROUP, API_VERSION, PLURAL
 
 # Events carry at most this many characters of message (the API server's own limit is 1 KiB in
 # practice; kopf truncates at the same length).

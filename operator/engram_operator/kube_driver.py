@@ -22,18 +22,20 @@ import asyncio
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final
 
+from engram_contract.assignment import assignment_from_status
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
+from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND
 from engram_operator import reconcile as rc
 from engram_operator.election import FenceAnswer
 from engram_operator.kube_api import EVENT_MESSAGE_LIMIT, KubeApi, KubeApiError, ObjectRef, now_iso
 from engram_operator.kube_handover import hand_over
 from engram_operator.kube_metrics import OperatorMetrics
 from engram_operator.kube_model import (
+    SpaceState,
     event_message,
     gist,
     last_promotion_epoch,
@@ -49,16 +51,6 @@ from engram_operator.kube_status import fingerprint, status_update
 from engram_operator.model import MemberReport, Placement, SpaceSpec, SwitchoverProgress
 from engram_operator.status import Condition
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import (
-    API_GROUP,
-    API_VERSION,
-    KIND,
-    Epoch,
-    NodeName,
-    Sequence,
-    SpaceId,
-    assignment_from_status,
-)
 
 log = logging.getLogger("engram_operator.kube")
 
@@ -77,26 +69,6 @@ RECORD_RESERVE: Final = 0.3
 
 class Superseded(Exception):
     """Status changed under us (another writer): adopt what was read and decide again."""
-
-
-@dataclass
-class SpaceState:
-    """What the driver remembers about one space between ticks (rebuilt from status on start)."""
-
-    placement: Placement | None = None
-    switchover: SwitchoverProgress | None = None
-    last_promotion_epoch: Epoch | None = None
-    pending_epoch: Epoch | None = None  # a failover's epoch, recorded, nobody promoted yet
-    placed_at: str | None = None
-    placement_problem: str | None = None
-    conditions: tuple[Condition, ...] = ()
-    last_spec: SpaceSpec | None = None
-    wire: Mapping[str, object] = field(default_factory=dict)  # the last valid spec's, for pushes
-    last_sentence: str = ""
-    last_patch_gist: str = ""
-    last_patch_at: float = -math.inf
-    announced: dict[str, str] = field(default_factory=dict)
-    pending_events: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class SpaceDriver:

@@ -27,6 +27,8 @@ from typing import Any, Final, cast
 import kopf
 from aiohttp import web
 
+from engram_contract.ids import SpaceId, validate_space_id
+from engram_contract.kubernetes import API_GROUP, API_VERSION, PLURAL
 from engram_operator.kube_api import KubeApi, connection_info
 from engram_operator.kube_driver import SpaceDriver
 from engram_operator.kube_metrics import OperatorMetrics, serve
@@ -35,7 +37,6 @@ from engram_operator.kube_sidecar import SidecarClient
 from engram_operator.placement import describe
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING
-from engram_sidecar.contract import API_GROUP, API_VERSION, PLURAL, SpaceId, validate_space_id
 
 log = logging.getLogger("engram_operator.kube")
 

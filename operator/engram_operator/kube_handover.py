@@ -14,16 +14,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
 
+from engram_contract.ids import Epoch, NodeName, SpaceId
 from engram_operator.kube_api import KubeApiError
-from engram_operator.kube_sidecar import SidecarError
+from engram_operator.kube_metrics import OperatorMetrics
+from engram_operator.kube_model import SpaceState
+from engram_operator.kube_nodes import NodeMonitor
+from engram_operator.kube_sidecar import SidecarClient, SidecarError
 from engram_operator.model import Placement, SwitchoverProgress
 from engram_operator.switchover import AwaitCatchUp, Demote, Fence, HandOver, PromoteTarget
-from engram_sidecar.contract import Epoch, NodeName
 
-if TYPE_CHECKING:
-    from engram_operator.kube_driver import SpaceDriver
+
+class SpaceDriver(Protocol):
+    """What a hand-over needs of its space's driver (engram_operator.kube_driver.SpaceDriver)."""
+
+    space: SpaceId
+    clock: Callable[[], float]
+    sidecars: SidecarClient
+    nodes: NodeMonitor
+    metrics: OperatorMetrics
+
+    @property
+    def state(self) -> SpaceState: ...
+
+    async def push(self, placement: Placement, nodes: tuple[NodeName, ...]) -> set[NodeName]: ...
+
+    async def record(
+        self,
+        placement: Placement,
+        *,
+        phase: str,
+        promotion: Mapping[str, object] | None = None,
+    ) -> None: ...
+
+    def event(self, type_: str, reason: str, message: str) -> None: ...
+
 
 log = logging.getLogger("engram_operator.kube")
 

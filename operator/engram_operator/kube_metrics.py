@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from engram_sidecar.contract import METRICS_PREFIX
+from engram_contract.ids import METRICS_PREFIX
 
 # A tick is one lease read, one decision and (rarely) a few API writes and sidecar pushes; the
 # buckets span the healthy case (~1 ms) to a handover that waits out its catch-up bound (5 s).

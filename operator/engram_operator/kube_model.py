@@ -9,13 +9,15 @@ clocks read here.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from engram_contract.ids import Epoch, NodeName
 from engram_operator.model import AckPolicy, Placement, SpaceSpec, SwitchoverProgress
-from engram_sidecar.contract import Epoch, NodeName
+from engram_operator.status import Condition
 
 # The CRD allows at most 8 replicas (each is one more stream the primary ships).
 MAX_REPLICAS: Final = 8
@@ -191,3 +193,23 @@ def event_message(summary: str, record: Mapping[str, object], limit: int) -> str
 def gist(sentence: str) -> str:
     """A sentence without its numbers: ticks that only move numbers say the same thing."""
     return re.sub(r"\d+(\.\d+)?", "#", sentence)
+
+
+@dataclass
+class SpaceState:
+    """What the driver remembers about one space between ticks (rebuilt from status on start)."""
+
+    placement: Placement | None = None
+    switchover: SwitchoverProgress | None = None
+    last_promotion_epoch: Epoch | None = None
+    pending_epoch: Epoch | None = None  # a failover's epoch, recorded, nobody promoted yet
+    placed_at: str | None = None
+    placement_problem: str | None = None
+    conditions: tuple[Condition, ...] = ()
+    last_spec: SpaceSpec | None = None
+    wire: Mapping[str, object] = field(default_factory=dict)  # the last valid spec's, for pushes
+    last_sentence: str = ""
+    last_patch_gist: str = ""
+    last_patch_at: float = -math.inf
+    announced: dict[str, str] = field(default_factory=dict)
+    pending_events: list[tuple[str, str, str]] = field(default_factory=list)

@@ -36,6 +36,14 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
+from engram_contract.kubernetes import (
+    ANNOTATION_HTTP,
+    ANNOTATION_REPLICATION,
+    LABEL_NODE_LEASE,
+    LEASE_PREFIX,
+    NodeAddresses,
+)
 from engram_operator.kube_api import KubeApi, KubeApiError
 from engram_operator.kube_sidecar import SidecarClient, SidecarError
 from engram_operator.model import MemberReport, NodeInfo, Placement
@@ -47,17 +55,6 @@ from engram_operator.verdict import (
     Timing,
     Verdict,
     judge,
-)
-from engram_sidecar.contract import (
-    ANNOTATION_HTTP,
-    ANNOTATION_REPLICATION,
-    LABEL_NODE_LEASE,
-    LEASE_PREFIX,
-    Epoch,
-    NodeAddresses,
-    NodeName,
-    Sequence,
-    SpaceId,
 )
 
 log = logging.getLogger("engram_operator.kube")

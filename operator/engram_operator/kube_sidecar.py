@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from engram_sidecar.contract import SpaceId
+from engram_contract.ids import SpaceId
 
 # An assignment or fence is one fsync on the node plus a round trip: 2 s is generous, and bounded
 # so that one slow node can't stall a failover for long.

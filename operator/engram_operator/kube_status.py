@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from engram_contract.ids import NodeName, SpaceId
+from engram_contract.kubernetes import OPERATOR_STATUS_FIELDS
 from engram_operator.kube_model import gist
 from engram_operator.model import MemberReport, Placement, SpaceSpec, SwitchoverProgress
 from engram_operator.status import Condition, Operation, SpaceStatus, build_status
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import OPERATOR_STATUS_FIELDS, NodeName, SpaceId
 
 _STREAMING: Final = frozenset({"Healthy", "Lagging", "CatchingUp"})
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator import reconcile as rc
 from engram_operator.election import FenceAnswer
 from engram_operator.model import NO_EPOCH, MemberReport, NodeInfo, Placement, SpaceSpec
@@ -46,7 +47,6 @@ from engram_operator.verdict import (
     Verdict,
     judge,
 )
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 log = logging.getLogger("engram_operator.local")
 TIMING = Timing()

@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local import TIMING, ClusterFiles, ControlLoop, LocalNode, Processes
 from engram_operator.model import SpaceSpec
-from engram_sidecar.contract import NodeName, SpaceId
 
 SPACE_NAMES = ("orders", "sessions", "profiles", "events", "notes", "tasks", "agents", "docs")
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 AckPolicy = Literal["async", "one", "quorum"]
 Role = Literal["primary", "replica"]

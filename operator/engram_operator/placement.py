@@ -33,8 +33,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.model import FIRST_EPOCH, NodeInfo, Placement, SpaceSpec
-from engram_sidecar.contract import NodeName, SpaceId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

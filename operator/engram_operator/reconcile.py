@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
+from engram_contract.ids import Epoch, NodeName
 from engram_operator import switchover
 from engram_operator.election import (
     DecisionRecord,
@@ -41,7 +42,6 @@ from engram_operator.model import NodeInfo, Observation, Placement, SwitchoverPr
 from engram_operator.placement import describe, place, primary_cap
 from engram_operator.status import Operation, detect_split_brain, member_table
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName
 
 # The tick's vocabulary. Observation and SwitchoverProgress live in `model` (plain data) and are
 # re-exported here so a driver needs only this module.

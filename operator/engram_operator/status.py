@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, TypedDict
 
+from engram_contract.ids import Epoch, NodeName, SpaceId
+from engram_contract.kubernetes import OPERATOR_STATUS_FIELDS
 from engram_operator.model import MemberReport, MemberState, Placement, Role, SpaceSpec
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import OPERATOR_STATUS_FIELDS, Epoch, NodeName, SpaceId
 
 Phase = Literal[
     "Pending", "Placing", "Healthy", "Degraded", "FailingOver", "SwitchingOver", "Paused", "Failed"

@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.model import MemberReport, Placement, SwitchoverProgress
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 # How long the old primary may stay fenced while the target applies the last entries. At the
 # seed's 100K entries/s per stream, 1,000 entries take 10 ms; 5 s covers a slow disk and still

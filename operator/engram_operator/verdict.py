@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from engram_sidecar.contract import NodeName
+from engram_contract.ids import NodeName
 
 VerdictState = Literal["Alive", "Suspect", "Dead", "Unknown"]
 

@@ -17,11 +17,11 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from engram_sidecar.assignment import MAX_EPOCH, Assignment, AssignmentError
+from engram_contract.assignment import MAX_EPOCH, Assignment, AssignmentError
+from engram_contract.formats.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD, Entry, iter_entries
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.ids import validate_space_id
 from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
-from engram_sidecar.contract import validate_space_id
-from engram_sidecar.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD, Entry, iter_entries
-from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
 from engram_sidecar.matching import epoch_at
 from engram_sidecar.node import Grant, Node, StaleAssignment

@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
-from engram_sidecar.contract import ENV_PREFIX, LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
-from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.ids import ENV_PREFIX
+from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
 from engram_sidecar.errors import ConfigError
 
 # Docker-link style variables Kubernetes adds for every Service in the namespace, e.g.

@@ -1,42 +1,40 @@
-"""The sidecar's exception tree.
+"""The data plane's storage errors, on the shared tree of `engram_contract.errors`.
 
-One root (`EngramError`). Each class says, through `retriable`, whether the same call may succeed
-later (a full disk may drain, a peer may come back); retry loops test the attribute, not the type.
+The shared classes are re-exported so the sidecar names every error it raises from one place.
 """
 
 from __future__ import annotations
 
 import errno as errno_codes
 import os
-from typing import ClassVar, Literal
+from typing import Literal
 
+from engram_contract.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    EngramError,
+    FrameTooLarge,
+    InvalidSpaceId,
+    WalCorruption,
+    WalError,
+    WireError,
+)
 
-class EngramError(Exception):
-    """Root of every error the sidecar raises on purpose."""
-
-    retriable: ClassVar[bool] = False
-
-
-class ConfigError(EngramError):
-    """A setting is unknown or invalid. Raised at start-up; the process exits with the message."""
-
-
-class InvalidSpaceId(EngramError, ValueError):
-    """A memory-space id is not 3–64 characters of [a-z0-9_-]."""
-
-
-class WalError(EngramError):
-    """A WAL operation failed."""
-
-
-class WalCorruption(WalError):
-    """Stored bytes fail a check. Names the file and byte offset, so an operator can look."""
-
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: offset {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
+__all__ = [
+    "ChecksumMismatch",
+    "ConfigError",
+    "EngramError",
+    "FrameTooLarge",
+    "InvalidSpaceId",
+    "SequenceError",
+    "StorageError",
+    "WalClosed",
+    "WalCorruption",
+    "WalError",
+    "WalIOError",
+    "WalTruncated",
+    "WireError",
+]
 
 
 class WalIOError(WalError):
@@ -95,15 +93,3 @@ class WalClosed(WalError):
 
 class SequenceError(WalError):
     """An append or read names a sequence that does not fit the log (gap, overlap, out of range)."""
-
-
-class WireError(EngramError):
-    """A frame cannot be decoded. The connection that carried it must be recycled."""
-
-
-class FrameTooLarge(WireError):
-    """A frame declares a body longer than the configured maximum; nothing was allocated."""
-
-
-class ChecksumMismatch(WireError):
-    """A frame's CRC32C does not match its header and body."""

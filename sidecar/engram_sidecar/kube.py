@@ -34,21 +34,19 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from engram_sidecar.assignment import Assignment, AssignmentError
-from engram_sidecar.contract import (
+from engram_contract.assignment import Assignment, AssignmentError, assignment_from_status
+from engram_contract.ids import METRICS_PREFIX, validate_space_id
+from engram_contract.kubernetes import (
     API_GROUP,
     API_VERSION,
     KIND,
     LABEL_NODE_LEASE,
     LEASE_DURATION_SECONDS,
     LEASE_RENEW_SECONDS,
-    METRICS_PREFIX,
     PLURAL,
     MemberStatus,
     NodeAddresses,
-    assignment_from_status,
     lease_name,
-    validate_space_id,
 )
 from engram_sidecar.errors import InvalidSpaceId
 from engram_sidecar.kube_client import (

@@ -22,8 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from engram_sidecar.config import SidecarConfig
-from engram_sidecar.contract import (
+from engram_contract.kubernetes import (
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
@@ -32,6 +31,7 @@ from engram_sidecar.contract import (
     NodeAddresses,
     lease_name,
 )
+from engram_sidecar.config import SidecarConfig
 from engram_sidecar.errors import ConfigError
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")

@@ -17,7 +17,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engram_sidecar.entry import HEADER_SIZE, decode_header
+from engram_contract.formats.entry import HEADER_SIZE, decode_header
 
 History = Sequence[tuple[int, int]]  # (epoch, first sequence), both strictly increasing
 

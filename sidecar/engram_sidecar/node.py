@@ -18,12 +18,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from engram_sidecar import assignment as assignment_file
+from engram_contract.assignment import Assignment
+from engram_contract.ids import NodeName, SpaceId, validate_space_id
+from engram_sidecar import assignment_store as assignment_file
 from engram_sidecar import snapshot
-from engram_sidecar.assignment import Assignment
 from engram_sidecar.catchup import TokenBucket
 from engram_sidecar.config import SidecarConfig
-from engram_sidecar.contract import NodeName, SpaceId, validate_space_id
 from engram_sidecar.errors import EngramError, WalError
 from engram_sidecar.grants import GrantClock
 from engram_sidecar.groupcommit import GroupCommit

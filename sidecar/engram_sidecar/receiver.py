@@ -16,20 +16,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from engram_sidecar import matching
-from engram_sidecar.admission import Admission, Refused
-from engram_sidecar.config import SidecarConfig
-from engram_sidecar.contract import Epoch, NodeName, Sequence
-from engram_sidecar.entry import HEADER_SIZE
-from engram_sidecar.errors import (
-    ChecksumMismatch,
-    EngramError,
-    SequenceError,
-    WalError,
-    WalTruncated,
-    WireError,
-)
-from engram_sidecar.messages import (
+from engram_contract.formats.batch import Batch, BatchMismatch
+from engram_contract.formats.entry import HEADER_SIZE
+from engram_contract.formats.frame import Frame, FrameDecoder, MessageType
+from engram_contract.formats.messages import (
     Ack,
     Heartbeat,
     Nack,
@@ -38,6 +28,18 @@ from engram_sidecar.messages import (
     SnapshotBegin,
     SnapshotEnd,
     decode_message,
+)
+from engram_contract.ids import Epoch, NodeName, Sequence
+from engram_sidecar import matching
+from engram_sidecar.admission import Admission, Refused
+from engram_sidecar.config import SidecarConfig
+from engram_sidecar.errors import (
+    ChecksumMismatch,
+    EngramError,
+    SequenceError,
+    WalError,
+    WalTruncated,
+    WireError,
 )
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.snapshot import SnapshotBuilder
@@ -50,8 +52,6 @@ from engram_sidecar.transport import (
     server_handshake,
     tune_socket,
 )
-from engram_sidecar.wire import Frame, FrameDecoder, MessageType
-from engram_sidecar.wire_batch import Batch, BatchMismatch
 
 log = logging.getLogger(__name__)
 _SNAPSHOT_TYPES = frozenset(

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from engram_sidecar.entry import HEADER_SIZE, MAGIC, EntryHeader, check_payload, decode_header
+from engram_contract.formats.entry import (
+    HEADER_SIZE,
+    MAGIC,
+    EntryHeader,
+    check_payload,
+    decode_header,
+)
 from engram_sidecar.errors import StorageError, WalCorruption
 
 SEGMENT_RE: Final = re.compile(r"^(\d{20})\.wal$")

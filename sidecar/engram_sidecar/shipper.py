@@ -18,18 +18,18 @@ import logging
 import time
 from collections.abc import Callable
 
-from engram_sidecar.assignment import split_hostport
+from engram_contract.assignment import split_hostport
+from engram_contract.formats.frame import Frame, FrameDecoder
+from engram_contract.formats.messages import Ack, Nack, SnapshotAck, decode_message
+from engram_contract.ids import NodeName
 from engram_sidecar.breaker import Backoff, CircuitBreaker
 from engram_sidecar.catchup import TokenBucket
 from engram_sidecar.config import SidecarConfig
-from engram_sidecar.contract import NodeName
 from engram_sidecar.errors import ChecksumMismatch, EngramError, WireError
-from engram_sidecar.messages import Ack, Nack, SnapshotAck, decode_message
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.space import Space
 from engram_sidecar.stream import Stream, StreamRefused
 from engram_sidecar.transport import PeerClosed, client_handshake, next_frames, tune_socket
-from engram_sidecar.wire import Frame, FrameDecoder
 
 log = logging.getLogger(__name__)
 # While backing off, a cheap connect probe runs this often (seconds).

@@ -20,8 +20,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from engram_contract.ids import SpaceId
 from engram_sidecar import epochs as epoch_history
-from engram_sidecar.contract import SpaceId
 from engram_sidecar.errors import SequenceError, StorageError
 from engram_sidecar.segment import fsync_dir, write_all
 from engram_sidecar.wal import SpaceLog

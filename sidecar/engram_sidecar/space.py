@@ -17,18 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engram_sidecar import assignment as assignment_file
+from engram_contract.assignment import Assignment
+from engram_contract.formats.batch import encode_batch
+from engram_contract.formats.entry import decode_header
+from engram_contract.ids import NodeName, SpaceId, space_wire_id
+from engram_sidecar import assignment_store as assignment_file
 from engram_sidecar import matching
-from engram_sidecar.assignment import Assignment
 from engram_sidecar.catchup import Progress
-from engram_sidecar.contract import NodeName, SpaceId, space_wire_id
-from engram_sidecar.entry import decode_header
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.lag import Lag, ReplicaState, compute_lag
 from engram_sidecar.snapshot import SnapshotBuilder
 from engram_sidecar.storage_health import StorageHealth
 from engram_sidecar.wal import SpaceLog
-from engram_sidecar.wire_batch import encode_batch
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
-from engram_sidecar import catchup, matching
-from engram_sidecar.contract import Epoch, NodeName, Sequence
-from engram_sidecar.errors import SequenceError
-from engram_sidecar.messages import (
+from engram_contract.formats.batch import encode_snapshot_chunk
+from engram_contract.formats.messages import (
     Ack,
     Heartbeat,
     Nack,
@@ -26,9 +24,11 @@ from engram_sidecar.messages import (
     SnapshotBegin,
     SnapshotEnd,
 )
+from engram_contract.ids import Epoch, NodeName, Sequence
+from engram_sidecar import catchup, matching
+from engram_sidecar.errors import SequenceError
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.space import Space
-from engram_sidecar.wire_batch import encode_snapshot_chunk
 
 log = logging.getLogger(__name__)
 

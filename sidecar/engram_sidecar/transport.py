@@ -14,10 +14,10 @@ import socket
 import struct
 from typing import Final
 
-from engram_sidecar.auth import ClientHandshake, ServerHandshake
-from engram_sidecar.contract import NodeName
+from engram_contract.formats.frame import BODY_LENGTH_OFFSET, HEADER_SIZE, Frame, FrameDecoder
+from engram_contract.formats.handshake import ClientHandshake, ServerHandshake
+from engram_contract.ids import NodeName
 from engram_sidecar.errors import WireError
-from engram_sidecar.wire import BODY_LENGTH_OFFSET, HEADER_SIZE, Frame, FrameDecoder
 
 READ_CHUNK = 256 * 1024
 # Handshake bodies are small: CHALLENGE is at most 319 bytes and a NACK at most 530. A peer that

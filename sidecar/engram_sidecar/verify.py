@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engram_contract.formats.entry import HEADER_SIZE, Entry, check_payload, decode_header
 from engram_sidecar import epochs as epoch_history
-from engram_sidecar.entry import HEADER_SIZE, Entry, check_payload, decode_header
 from engram_sidecar.errors import WalCorruption
 from engram_sidecar.segment import list_segments, scan, valid_entry_after
 

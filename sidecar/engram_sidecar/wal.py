@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from engram_sidecar import epochs as epoch_history
-from engram_sidecar.contract import SpaceId, validate_space_id
-from engram_sidecar.entry import (
+from engram_contract.formats.entry import (
     HEADER_SIZE,
     Entry,
     EntryHeader,
@@ -42,13 +40,9 @@ from engram_sidecar.entry import (
     iter_entries,
     walk_entries,
 )
-from engram_sidecar.errors import (
-    SequenceError,
-    StorageError,
-    WalClosed,
-    WalCorruption,
-    WalIOError,
-)
+from engram_contract.ids import SpaceId, validate_space_id
+from engram_sidecar import epochs as epoch_history
+from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalCorruption, WalIOError
 from engram_sidecar.segment import (
     INDEX_EVERY,
     Segment,

@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from engram_sidecar.entry import Entry
+from engram_contract.formats.entry import Entry
 from engram_sidecar.verify import Problem, dump, verify_space
 
 HOST: Final = "127.0.0.1"

@@ -26,7 +26,7 @@ from tests.integration.cluster import (
     write_batches,
 )
 
-from engram_sidecar.wire import HEADER, MAGIC, VERSION, MessageType
+from engram_contract.formats.frame import HEADER, MAGIC, VERSION, MessageType
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from tests.integration.cluster import free_port
 
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local import ClusterFiles, ControlLoop, LocalNode, Processes
 from engram_operator.model import SpaceSpec
-from engram_sidecar.contract import NodeName, SpaceId
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -18,7 +18,7 @@ import kmock
 import pytest
 from tests.integration.cluster import Cluster
 
-from engram_sidecar.contract import (
+from engram_contract.kubernetes import (
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     OPERATOR_STATUS_FIELDS,

@@ -48,10 +48,10 @@ from tests.integration.test_partition import (
     accepted,
 )
 
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local import ClusterFiles, ControlLoop, Processes
 from engram_operator.model import SpaceSpec
 from engram_operator.reconcile import DEFAULT_SETTINGS
-from engram_sidecar.contract import NodeName, SpaceId
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

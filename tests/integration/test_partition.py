@@ -32,9 +32,9 @@ import pytest
 from tests.faultproxy import FaultProxy
 from tests.integration.cluster import HOST, free_port
 
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local import TIMING, ClusterFiles, ControlLoop, LocalNode, Processes
 from engram_operator.model import Placement, SpaceSpec
-from engram_sidecar.contract import NodeName, SpaceId
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from tests.integration.test_api_errors import fill, small_disk  # noqa: F401 - fixture
 
-from engram_sidecar import assignment as assignment_file
+from engram_contract.assignment import Assignment, Member
+from engram_contract.formats.entry import EntryType
+from engram_contract.ids import NodeName, SpaceId
+from engram_sidecar import assignment_store as assignment_file
 from engram_sidecar import epochs
-from engram_sidecar.assignment import Assignment, Member
-from engram_sidecar.contract import NodeName, SpaceId
-from engram_sidecar.entry import EntryType
 from engram_sidecar.errors import StorageError
 from engram_sidecar.storage_health import StorageHealth
 from engram_sidecar.verify import verify_space

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_sidecar.contract import SpaceId
-from engram_sidecar.entry import EntryType
+from engram_contract.formats.entry import EntryType
+from engram_contract.ids import SpaceId
 from engram_sidecar.wal import SpaceLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

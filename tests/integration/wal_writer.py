@@ -18,8 +18,8 @@ import random
 import sys
 from pathlib import Path
 
-from engram_sidecar.contract import validate_space_id
-from engram_sidecar.entry import EntryType
+from engram_contract.formats.entry import EntryType
+from engram_contract.ids import validate_space_id
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.wal import SpaceLog
 

@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engram_sidecar.admission import Admission, Refused
-from engram_sidecar.config import SidecarConfig, load_config
-from engram_sidecar.contract import NodeName
-from engram_sidecar.errors import ConfigError, FrameTooLarge, WireError
-from engram_sidecar.messages import (
+from engram_contract.errors import ConfigError, FrameTooLarge, WireError
+from engram_contract.formats.frame import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    VERSION,
+    FrameDecoder,
+    MessageType,
+    encode_frame,
+)
+from engram_contract.formats.messages import (
     MAX_NACK_MESSAGE,
     MAX_NODE_NAME,
     NONCE_SIZE,
@@ -28,6 +34,9 @@ from engram_sidecar.messages import (
     Nack,
     NackReason,
 )
+from engram_contract.ids import NodeName
+from engram_sidecar.admission import Admission, Refused
+from engram_sidecar.config import SidecarConfig, load_config
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.receiver import Receiver
 from engram_sidecar.transport import (
@@ -38,15 +47,6 @@ from engram_sidecar.transport import (
     next_frames,
     read_frame,
     server_handshake,
-)
-from engram_sidecar.wire import (
-    HEADER,
-    HEADER_SIZE,
-    MAGIC,
-    VERSION,
-    FrameDecoder,
-    MessageType,
-    encode_frame,
 )
 
 HOST = "127.0.0.1"

@@ -17,25 +17,7 @@ from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram_sidecar.auth import (
-    AuthenticationFailed,
-    ClientHandshake,
-    HandshakeState,
-    ServerHandshake,
-    client_proof,
-    server_proof,
-)
-from engram_sidecar.contract import NodeName
-from engram_sidecar.messages import (
-    PROTOCOL_VERSION,
-    Auth,
-    Challenge,
-    Hello,
-    Nack,
-    NackReason,
-    Welcome,
-)
-from engram_sidecar.wire import (
+from engram_contract.formats.frame import (
     CRC_OFFSET,
     HEADER_SIZE,
     Frame,
@@ -44,6 +26,24 @@ from engram_sidecar.wire import (
     MessageType,
     encode_frame,
 )
+from engram_contract.formats.handshake import (
+    AuthenticationFailed,
+    ClientHandshake,
+    HandshakeState,
+    ServerHandshake,
+    client_proof,
+    server_proof,
+)
+from engram_contract.formats.messages import (
+    PROTOCOL_VERSION,
+    Auth,
+    Challenge,
+    Hello,
+    Nack,
+    NackReason,
+    Welcome,
+)
+from engram_contract.ids import NodeName
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 SECRET = b"engram-test-secret"

@@ -16,7 +16,8 @@ from engram_bench.ackpolicy import acks_needed
 from engram_bench.cluster import metric_value, ndjson_body
 from engram_bench.compression import mixed_body
 from engram_bench.redispeer import offset_lag
-from engram_bench.report import Section, percentile, ratio, write_results
+from engram_bench.publish import write_results
+from engram_bench.report import Section, percentile, ratio
 from engram_bench.summary import goals_section
 
 # ---- percentiles ---------------------------------------------------------------------------------
@@ -403,8 +404,8 @@ def test_payload_generators_make_exact_sizes() -> None:
     [("async", 2, 0), ("one", 2, 1), ("quorum", 2, 1), ("quorum", 4, 2), ("quorum", 1, 1)],
 )
 def test_acks_needed_matches_the_assignment_rule(policy: str, replicas: int, needed: int) -> None:
-    from engram_sidecar.assignment import Assignment, Member
-    from engram_sidecar.contract import NodeName
+    from engram_contract.assignment import Assignment, Member
+    from engram_contract.ids import NodeName
 
     a = Assignment(
         1,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from engram_contract.ids import SpaceId
 from engram_sidecar import snapshot
 from engram_sidecar.catchup import Progress, TokenBucket, choose_path
-from engram_sidecar.contract import SpaceId
 from engram_sidecar.errors import SequenceError
 from engram_sidecar.wal import SpaceLog
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from engram_contract.errors import ConfigError
 from engram_sidecar.config import load_config
-from engram_sidecar.errors import ConfigError
 
 
 def test_config_flags_override_env_override_file(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ import jsonschema
 import pytest
 import yaml
 
+from engram_contract import ids, kubernetes
 from engram_operator import model, status
-from engram_sidecar import contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "deploy" / "crds" / "memoryspaces.engram.io.yaml"
@@ -214,8 +214,8 @@ def admit(obj: Json, old: Json = _MISSING) -> tuple[Json, list[str]]:
 
 def _space(name: str = "orders", spec: Json = _MISSING, status: Json = _MISSING) -> Json:
     obj: dict[str, Any] = {
-        "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}",
-        "kind": contract.KIND,
+        "apiVersion": f"{kubernetes.API_GROUP}/{kubernetes.API_VERSION}",
+        "kind": kubernetes.KIND,
         "metadata": {"name": name, "namespace": "engram-system"},
     }
     if spec is not _MISSING:
@@ -321,14 +321,14 @@ def test_crd_names_match_the_contract() -> None:
     crd = _crd()
     spec = crd["spec"]
     assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
-    assert crd["metadata"]["name"] == f"{contract.PLURAL}.{contract.API_GROUP}"
-    assert spec["group"] == contract.API_GROUP
+    assert crd["metadata"]["name"] == f"{kubernetes.PLURAL}.{kubernetes.API_GROUP}"
+    assert spec["group"] == kubernetes.API_GROUP
     assert spec["scope"] == "Namespaced"
     names = spec["names"]
-    assert names["kind"] == contract.KIND
-    assert names["listKind"] == f"{contract.KIND}List"
-    assert names["plural"] == contract.PLURAL
-    assert names["singular"] == contract.KIND.lower()
+    assert names["kind"] == kubernetes.KIND
+    assert names["listKind"] == f"{kubernetes.KIND}List"
+    assert names["plural"] == kubernetes.PLURAL
+    assert names["singular"] == kubernetes.KIND.lower()
 
 
 def test_crd_short_name_and_categories() -> None:
@@ -340,7 +340,7 @@ def test_crd_short_name_and_categories() -> None:
 
 def test_crd_serves_one_stored_version_with_status_subresource() -> None:
     version = _version()
-    assert version["name"] == contract.API_VERSION
+    assert version["name"] == kubernetes.API_VERSION
     assert version["served"] is True
     assert version["storage"] is True
     assert version["subresources"] == {"status": {}}
@@ -378,8 +378,8 @@ def test_crd_printer_columns_point_at_fields_of_their_type() -> None:
 
 
 def test_crd_max_lag_column_is_written_by_the_sidecar() -> None:
-    assert "maxLagSeconds" in contract.SIDECAR_STATUS_FIELDS
-    assert {"primary", "ready", "epoch", "phase"} <= contract.OPERATOR_STATUS_FIELDS
+    assert "maxLagSeconds" in kubernetes.SIDECAR_STATUS_FIELDS
+    assert {"primary", "ready", "epoch", "phase"} <= kubernetes.OPERATOR_STATUS_FIELDS
 
 
 # ---- in step with the code -----------------------------------------------------------------------
@@ -387,8 +387,8 @@ def test_crd_max_lag_column_is_written_by_the_sidecar() -> None:
 
 def test_crd_status_fields_are_exactly_the_contract_writers() -> None:
     fields = set(_schema()["properties"]["status"]["properties"])
-    owned = contract.OPERATOR_STATUS_FIELDS | contract.SIDECAR_STATUS_FIELDS
-    assert not contract.OPERATOR_STATUS_FIELDS & contract.SIDECAR_STATUS_FIELDS
+    owned = kubernetes.OPERATOR_STATUS_FIELDS | kubernetes.SIDECAR_STATUS_FIELDS
+    assert not kubernetes.OPERATOR_STATUS_FIELDS & kubernetes.SIDECAR_STATUS_FIELDS
     # `kopf` is the framework's own bookkeeping (handler progress), written by the operator.
     assert fields == owned | {"kopf"}
 
@@ -449,7 +449,7 @@ def test_crd_status_holds_what_the_code_writes() -> None:
 
     rows = [
         status.MemberRow(
-            node=contract.NodeName("engram-0"),
+            node=ids.NodeName("engram-0"),
             role="primary",
             applied_sequence=120,
             lag_entries=0,
@@ -457,7 +457,7 @@ def test_crd_status_holds_what_the_code_writes() -> None:
             state="Healthy",
         ),
         status.MemberRow(
-            node=contract.NodeName("engram-1"),
+            node=ids.NodeName("engram-1"),
             role="replica",
             applied_sequence=None,
             lag_entries=None,
@@ -473,16 +473,16 @@ def test_crd_status_holds_what_the_code_writes() -> None:
         last_transition_time="2026-01-02T03:04:05.123456+00:00",
     )
     record = DecisionRecord(
-        space=contract.SpaceId("orders"),
+        space=ids.SpaceId("orders"),
         cause="engram-2 dead: lease expired",
-        old_primary=contract.NodeName("engram-2"),
+        old_primary=ids.NodeName("engram-2"),
         old_primary_last_sequence=None,
-        old_epoch=contract.Epoch(2),
-        new_epoch=contract.Epoch(3),
+        old_epoch=ids.Epoch(2),
+        new_epoch=ids.Epoch(3),
         candidates=(),
         exclusions=(),
-        winner=contract.NodeName("engram-0"),
-        winner_sequence=contract.Sequence(120),
+        winner=ids.NodeName("engram-0"),
+        winner_sequence=ids.Sequence(120),
         entries_possibly_lost=None,
         reason="highest applied sequence",
         summary="promoted engram-0",
@@ -508,7 +508,7 @@ def test_crd_status_holds_what_the_code_writes() -> None:
         "membersReportedAt": "2026-01-02T03:04:06Z",
         "membersEpoch": 3,
     }
-    assert set(doc) == contract.OPERATOR_STATUS_FIELDS | contract.SIDECAR_STATUS_FIELDS
+    assert set(doc) == kubernetes.OPERATOR_STATUS_FIELDS | kubernetes.SIDECAR_STATUS_FIELDS
     _, errors = admit(_space(spec={}, status=doc))
     assert errors == []
 
@@ -719,9 +719,9 @@ def test_examples_cover_the_documented_cases() -> None:
 
 @pytest.mark.parametrize("manifest", _examples())
 def test_examples_validate_against_crd(manifest: Json) -> None:
-    assert manifest["apiVersion"] == f"{contract.API_GROUP}/{contract.API_VERSION}"
-    assert manifest["kind"] == contract.KIND
-    contract.validate_space_id(manifest["metadata"]["name"])
+    assert manifest["apiVersion"] == f"{kubernetes.API_GROUP}/{kubernetes.API_VERSION}"
+    assert manifest["kind"] == kubernetes.KIND
+    ids.validate_space_id(manifest["metadata"]["name"])
     _, errors = admit(manifest)
     assert errors == []
 

@@ -22,20 +22,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from engram_contract.assignment import Assignment, Member
+from engram_contract.errors import WalError
+from engram_contract.formats.entry import EntryType, encode_entry
+from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local import ClusterFiles, ControlLoop
-from engram_sidecar import assignment as assignment_file
+from engram_sidecar import assignment_store as assignment_file
 from engram_sidecar import epochs
-from engram_sidecar.assignment import Assignment, Member
-from engram_sidecar.contract import NodeName, SpaceId
-from engram_sidecar.entry import EntryType, encode_entry
-from engram_sidecar.errors import (
-    SequenceError,
-    StorageError,
-    WalClosed,
-    WalError,
-    WalIOError,
-    WalTruncated,
-)
+from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalIOError, WalTruncated
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.segment import segment_name

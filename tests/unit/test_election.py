@@ -9,10 +9,10 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.election import DecisionRecord, FenceAnswer, FenceRound, elect, majority
 from engram_operator.model import MemberReport, Placement, SpaceSpec
 from engram_operator.verdict import Verdict, VerdictState
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 ORDERS = SpaceId("orders")
 A, B, C, D = (NodeName(n) for n in ("node-a", "node-b", "node-c", "node-d"))

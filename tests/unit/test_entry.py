@@ -9,7 +9,8 @@ from crc32c import crc32c
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram_sidecar.entry import (
+from engram_contract.errors import WalCorruption
+from engram_contract.formats.entry import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     Entry,
@@ -20,7 +21,6 @@ from engram_sidecar.entry import (
     encode_entry,
     iter_entries,
 )
-from engram_sidecar.errors import WalCorruption
 
 
 def _crc32c_reference(data: bytes) -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_sidecar.contract import SpaceId
-from engram_sidecar.entry import EntryType, encode_entry
+from engram_contract.formats.entry import EntryType, encode_entry
+from engram_contract.ids import SpaceId
 from engram_sidecar.errors import WalClosed, WalIOError
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.wal import SpaceLog

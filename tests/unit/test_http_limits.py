@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from engram_contract.errors import ConfigError
 from engram_sidecar import api
 from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes, load_config
-from engram_sidecar.errors import ConfigError
 from engram_sidecar.node import Node
 
 SPACE = "tenant-a"

@@ -11,11 +11,12 @@ import kopf
 import pytest
 import yaml
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
+from engram_contract.kubernetes import OPERATOR_STATUS_FIELDS
 from engram_operator.kube_api import KubeApi, ObjectRef
 from engram_operator.kube_status import status_update
 from engram_operator.model import MemberReport, Placement, SpaceSpec, SwitchoverProgress
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import OPERATOR_STATUS_FIELDS, Epoch, NodeName, Sequence, SpaceId
 
 ROOT = Path(__file__).resolve().parents[2]
 A, B, C = NodeName("node-a"), NodeName("node-b"), NodeName("node-c")

@@ -22,18 +22,18 @@ import kmock
 import pytest
 import yaml
 
-from engram_sidecar.assignment import Assignment
-from engram_sidecar.catchup import Progress
-from engram_sidecar.config import load_config
-from engram_sidecar.contract import (
+from engram_contract.assignment import Assignment
+from engram_contract.errors import ConfigError
+from engram_contract.ids import NodeName
+from engram_contract.kubernetes import (
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
     OPERATOR_STATUS_FIELDS,
     SIDECAR_STATUS_FIELDS,
-    NodeName,
 )
-from engram_sidecar.errors import ConfigError
+from engram_sidecar.catchup import Progress
+from engram_sidecar.config import load_config
 from engram_sidecar.kube import KubeSidecar, member_report
 from engram_sidecar.kube_client import KubeClient, KubeSettings, lease_object, micro_time, resolve
 from engram_sidecar.node import Node

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SIDECAR = ROOT / "sidecar" / "engram_sidecar"
-OPERATOR = ROOT / "operator" / "engram_operator"
-
-# The console dispatcher reaches into the sidecar's commands on purpose (documented in cli.py).
-OPERATOR_EXCEPTIONS = {"cli.py"}
+PACKAGES = {
+    "engram_contract": ROOT / "contract" / "engram_contract",
+    "engram_operator": ROOT / "operator" / "engram_operator",
+    "engram_sidecar": ROOT / "sidecar" / "engram_sidecar",
+    "engram_bench": ROOT / "bench" / "engram_bench",
+}
+FORMATS = PACKAGES["engram_contract"] / "formats"
 # Sans-IO modules: bytes in, values out.
-SANS_IO = ("wire.py", "auth.py")
+SANS_IO = ("entry.py", "frame.py", "batch.py", "messages.py", "handshake.py")
 
 
 def _modules(pkg: Path) -> list[Path]:
@@ -53,7 +55,7 @@ def test_layout_import_operator_is_the_stdlib() -> None:
 
 def test_layout_import_operator_is_the_stdlib_with_the_repo_on_the_path() -> None:
     # A fresh interpreter started in the repository, with every source folder on its path.
-    paths = [str(ROOT), str(ROOT / "operator"), str(ROOT / "sidecar"), str(ROOT / "bench")]
+    paths = [str(ROOT), *(str(p.parent) for p in PACKAGES.values())]
     code = (
         "import sys; sys.path[:0] = sys.argv[1:]; import operator, engram_operator; "
         "print(operator.__file__); print(operator.add(2, 3))"
@@ -71,80 +73,68 @@ def test_layout_import_operator_is_the_stdlib_with_the_repo_on_the_path() -> Non
     assert total == "5"
 
 
-@pytest.mark.parametrize("folder", ["operator", "sidecar"])
+@pytest.mark.parametrize("folder", ["contract", "operator", "sidecar"])
 def test_layout_source_folders_are_not_packages(folder: str) -> None:
     assert (ROOT / folder).is_dir()
     assert not (ROOT / folder / "__init__.py").exists()
 
 
 def test_layout_packages_exist() -> None:
-    assert (SIDECAR / "__init__.py").exists()
-    assert (OPERATOR / "__init__.py").exists()
+    for pkg in PACKAGES.values():
+        assert (pkg / "__init__.py").exists(), pkg
 
 
-def test_layout_sidecar_never_imports_the_operator() -> None:
-    bad = {
-        _rel(p): sorted(m for m in _imports(p) if m.split(".")[0] == "engram_operator")
-        for p in _modules(SIDECAR)
-    }
+def _foreign(pkg: str, path: Path, forbidden: set[str]) -> list[str]:
+    return sorted(m for m in _imports(path) if m.split(".")[0] in forbidden)
+
+
+# Who may import whom (issue 12): operator -> contract <- sidecar; the bench may use anything;
+# nothing of the product uses the bench. The same rules as pyproject's import-linter contracts,
+# checked here too so that `pytest` alone catches a breach.
+FORBIDDEN = {
+    "engram_contract": {"engram_operator", "engram_sidecar", "engram_bench"},
+    "engram_operator": {"engram_sidecar", "engram_bench"},
+    "engram_sidecar": {"engram_operator", "engram_bench"},
+}
+
+
+@pytest.mark.parametrize("pkg", sorted(FORBIDDEN))
+def test_layout_import_graph(pkg: str) -> None:
+    bad = {_rel(p): _foreign(pkg, p, FORBIDDEN[pkg]) for p in _modules(PACKAGES[pkg])}
     assert {k: v for k, v in bad.items() if v} == {}
-
-
-def _sidecar_imports_beyond_contract(path: Path) -> list[str]:
-    """The imports of engram_sidecar in `path` that name anything but engram_sidecar.contract."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    wrong: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            wrong += [
-                a.name
-                for a in node.names
-                if a.name.split(".")[0] == "engram_sidecar"
-                and not a.name.startswith("engram_sidecar.contract")
-            ]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "engram_sidecar":
-                wrong += [f"engram_sidecar.{a.name}" for a in node.names if a.name != "contract"]
-            elif node.module.split(".")[0] == "engram_sidecar" and not node.module.startswith(
-                "engram_sidecar.contract"
-            ):
-                wrong.append(node.module)
-    return sorted(wrong)
-
-
-def test_layout_operator_imports_only_the_sidecar_contract() -> None:
-    bad = {
-        _rel(p): _sidecar_imports_beyond_contract(p)
-        for p in _modules(OPERATOR)
-        if not (p.name in OPERATOR_EXCEPTIONS and p.parent == OPERATOR)
-    }
-    assert {k: v for k, v in bad.items() if v} == {}
-
-
-def test_layout_cli_is_the_documented_exception() -> None:
-    doc = ast.get_docstring(ast.parse((OPERATOR / "cli.py").read_text()))
-    assert doc is not None
-    assert "contract" in doc
 
 
 @pytest.mark.parametrize("name", SANS_IO)
-def test_layout_sans_io_modules_do_no_io(name: str) -> None:
-    path = SIDECAR / name
-    if not path.exists():
-        pytest.skip(f"{name} does not exist yet")
-    io = sorted(m for m in _imports(path) if m.split(".")[0] in {"asyncio", "socket"})
+def test_layout_formats_do_no_io(name: str) -> None:
+    path = FORMATS / name
+    assert path.exists(), path
+    io = sorted(m for m in _imports(path) if m.split(".")[0] in {"asyncio", "socket", "aiohttp"})
     assert io == []
 
 
 def test_layout_import_scanner_sees_lazy_imports(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text(
-        "from engram_sidecar.contract import SpaceId\n"
-        "from engram_sidecar import contract\n"
+        "from engram_contract.ids import SpaceId\n"
         "def f():\n"
         "    from engram_sidecar import wal\n"
         "    import engram_sidecar.errors\n"
         "    import asyncio\n"
     )
-    assert {"engram_sidecar.wal", "asyncio"} <= _imports(f)
-    assert _sidecar_imports_beyond_contract(f) == ["engram_sidecar.errors", "engram_sidecar.wal"]
+    assert {"engram_sidecar.wal", "asyncio", "engram_sidecar.errors"} <= _imports(f)
+    assert _foreign("engram_operator", f, FORBIDDEN["engram_operator"]) == [
+        "engram_sidecar",
+        "engram_sidecar.errors",
+        "engram_sidecar.wal",
+    ]
+
+
+def test_layout_import_linter_contracts_hold() -> None:
+    """import-linter (pyproject [tool.importlinter]): the same rules plus no module cycles."""
+    exe = Path(sys.executable).parent / "lint-imports"
+    if not exe.exists():
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    res = subprocess.run(
+        [str(exe), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

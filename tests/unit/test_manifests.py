@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from engram_sidecar import contract
+from engram_contract import kubernetes
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -52,7 +52,7 @@ def _builtin() -> list[Any]:
     return [
         pytest.param(obj, id=name)
         for name, obj in _objects()
-        if obj["apiVersion"] != f"{contract.API_GROUP}/{contract.API_VERSION}"
+        if obj["apiVersion"] != f"{kubernetes.API_GROUP}/{kubernetes.API_VERSION}"
     ]
 
 
@@ -92,7 +92,7 @@ def test_manifests_builtin_kind_validates_against_kubernetes_schema(obj: Obj, ve
 
 def test_manifests_memoryspace_is_left_to_the_crd_schema() -> None:
     """kubernetes-validate can't check custom resources: make sure it says so, not passes them."""
-    spaces = [obj for _, obj in _objects() if obj["kind"] == contract.KIND]
+    spaces = [obj for _, obj in _objects() if obj["kind"] == kubernetes.KIND]
     assert spaces
     for obj in spaces:
         with pytest.raises(kubernetes_validate.SchemaNotFoundError):
@@ -160,8 +160,8 @@ _KNOWN = {
     ("coordination.k8s.io", "leases"): "Namespaced",
     ("apiextensions.k8s.io", "customresourcedefinitions"): "Cluster",
     ("kopf.dev", "kopfpeerings"): "Namespaced",
-    (contract.API_GROUP, contract.PLURAL): "Namespaced",
-    (contract.API_GROUP, f"{contract.PLURAL}/status"): "Namespaced",
+    (kubernetes.API_GROUP, kubernetes.PLURAL): "Namespaced",
+    (kubernetes.API_GROUP, f"{kubernetes.PLURAL}/status"): "Namespaced",
 }
 
 
@@ -181,7 +181,7 @@ def test_rbac_rules_name_known_resources_in_the_right_role_kind(name: str) -> No
 
 
 def test_rbac_operator_grants_exactly_what_it_needs() -> None:
-    group, plural = contract.API_GROUP, contract.PLURAL
+    group, plural = kubernetes.API_GROUP, kubernetes.PLURAL
     assert _grants("operator.yaml") == {
         *((group, plural, v) for v in ("get", "list", "watch", "patch")),
         (group, f"{plural}/status", "patch"),
@@ -197,7 +197,7 @@ def test_rbac_operator_grants_exactly_what_it_needs() -> None:
 
 
 def test_rbac_node_grants_exactly_what_it_needs() -> None:
-    group, plural = contract.API_GROUP, contract.PLURAL
+    group, plural = kubernetes.API_GROUP, kubernetes.PLURAL
     assert _grants("node.yaml") == {
         *(
             ("coordination.k8s.io", "leases", v)
@@ -214,9 +214,9 @@ def test_rbac_status_is_only_ever_patched() -> None:
     would replace the other writer's fields, and nobody but the user writes spec."""
     for name in ("operator.yaml", "node.yaml"):
         grants = _grants(name)
-        assert (contract.API_GROUP, f"{contract.PLURAL}/status", "update") not in grants
+        assert (kubernetes.API_GROUP, f"{kubernetes.PLURAL}/status", "update") not in grants
         for verb in ("create", "update", "delete"):
-            assert (contract.API_GROUP, contract.PLURAL, verb) not in grants
+            assert (kubernetes.API_GROUP, kubernetes.PLURAL, verb) not in grants
 
 
 def test_rbac_docs_explain_every_permission() -> None:

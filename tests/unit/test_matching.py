@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from engram_contract.formats.entry import HEADER_SIZE, encode_entry
 from engram_sidecar import epochs
-from engram_sidecar.entry import HEADER_SIZE, encode_entry
 from engram_sidecar.matching import (
     History,
     Mismatch,

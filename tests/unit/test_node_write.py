@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engram_sidecar.assignment import Assignment, Member
+from engram_contract.assignment import Assignment, Member
+from engram_contract.ids import NodeName
 from engram_sidecar.config import SidecarConfig
-from engram_sidecar.contract import NodeName
 from engram_sidecar.node import Grant, Node
 from engram_sidecar.space import NotWritable, Space
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engram_contract.ids import Epoch, NodeName, SpaceId
 from engram_operator.model import FIRST_EPOCH, NodeInfo, Placement, SpaceSpec
 from engram_operator.placement import (
     PlacementResult,
@@ -19,7 +20,6 @@ from engram_operator.placement import (
     rank,
     score,
 )
-from engram_sidecar.contract import Epoch, NodeName, SpaceId
 
 ORDERS = SpaceId("orders")
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator import switchover
 from engram_operator.election import FenceAnswer
 from engram_operator.model import (
@@ -38,7 +39,6 @@ from engram_operator.reconcile import (
     reconcile,
 )
 from engram_operator.verdict import Verdict, VerdictState
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 ORDERS = SpaceId("orders")
 A, B, C, D = (NodeName(n) for n in ("node-a", "node-b", "node-c", "node-d"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_sidecar.assignment import Assignment, Member
-from engram_sidecar.contract import NodeName, SpaceId
+from engram_contract.assignment import Assignment, Member
+from engram_contract.ids import NodeName, SpaceId
 from engram_sidecar.groupcommit import GroupCommit
 from engram_sidecar.space import NotWritable, Space
 from engram_sidecar.wal import SpaceLog

@@ -7,6 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.model import MemberReport, MemberState, Placement, SpaceSpec
 from engram_operator.status import (
     Condition,
@@ -18,7 +19,6 @@ from engram_operator.status import (
     member_table,
 )
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 ORDERS = SpaceId("orders")
 A, B, C = NodeName("node-a"), NodeName("node-b"), NodeName("node-c")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.model import MemberReport, Placement, SwitchoverProgress
 from engram_operator.switchover import (
     DEFAULT_FENCED_TIMEOUT,
@@ -24,7 +25,6 @@ from engram_operator.switchover import (
     plan_switchover,
 )
 from engram_operator.verdict import Verdict
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId
 
 ORDERS = SpaceId("orders")
 A, B, C = NodeName("node-a"), NodeName("node-b"), NodeName("node-c")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engram_contract.ids import NodeName
 from engram_operator.verdict import (
     DEFAULT_TIMING,
     LeaseObservation,
@@ -15,7 +16,6 @@ from engram_operator.verdict import (
     judge,
     judge_all,
 )
-from engram_sidecar.contract import NodeName
 
 A = NodeName("node-a")
 NOW = 100.0

@@ -9,16 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engram_sidecar.contract import SpaceId, validate_space_id
-from engram_sidecar.entry import HEADER_SIZE, EntryType, encode_entry
-from engram_sidecar.errors import (
-    InvalidSpaceId,
-    SequenceError,
-    WalClosed,
-    WalCorruption,
-    WalError,
-    WalIOError,
-)
+from engram_contract.errors import InvalidSpaceId, WalCorruption, WalError
+from engram_contract.formats.entry import HEADER_SIZE, EntryType, encode_entry
+from engram_contract.ids import SpaceId, validate_space_id
+from engram_sidecar.errors import SequenceError, WalClosed, WalIOError
 from engram_sidecar.segment import INDEX_EVERY, segment_name
 from engram_sidecar.verify import verify_space
 from engram_sidecar.wal import SpaceLog, WalStore

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engram_operator.cli import main
-from engram_sidecar.contract import SpaceId
-from engram_sidecar.entry import HEADER_SIZE, EntryType
+from engram_contract.formats.entry import HEADER_SIZE, EntryType
+from engram_contract.ids import SpaceId
+from engram_sidecar.walcli import main
 from engram_sidecar.wal import SpaceLog
 
 SPACE = "cli-space"
@@ -28,7 +28,10 @@ def make_log(data: Path, *, segment_bytes: int = 1 << 20, n: int = 6) -> SpaceLo
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(argv)
+    # `engram-replication wal ...` execs `python -m engram_sidecar.walcli ...`: run that in
+    # process (the console script's exec path has its own test below).
+    assert argv[0] == "wal"
+    rc = main(argv[1:])
     out, err = capsys.readouterr()
     return rc, out, err
 

@@ -17,24 +17,19 @@ from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram_sidecar.contract import Epoch, NodeName, Sequence, SpaceId, space_wire_id
-from engram_sidecar.entry import encode_entry
-from engram_sidecar.errors import ChecksumMismatch, FrameTooLarge, WireError
-from engram_sidecar.messages import (
-    MAX_NACK_MESSAGE,
-    PROTOCOL_VERSION,
-    Ack,
-    Auth,
-    Challenge,
-    Heartbeat,
-    Hello,
-    Message,
-    Nack,
-    NackReason,
-    Welcome,
-    decode_message,
+from engram_contract.errors import ChecksumMismatch, FrameTooLarge, WireError
+from engram_contract.formats.batch import (
+    PREV_EPOCH,
+    Batch,
+    BatchMismatch,
+    DecompressedTooLarge,
+    DecompressionFailed,
+    decompress_body,
+    encode_batch,
+    encode_snapshot_chunk,
 )
-from engram_sidecar.wire import (
+from engram_contract.formats.entry import encode_entry
+from engram_contract.formats.frame import (
     BODY_LENGTH_OFFSET,
     CRC_OFFSET,
     FLAG_COMPRESSED,
@@ -51,16 +46,21 @@ from engram_sidecar.wire import (
     UnknownMessageType,
     encode_frame,
 )
-from engram_sidecar.wire_batch import (
-    PREV_EPOCH,
-    Batch,
-    BatchMismatch,
-    DecompressedTooLarge,
-    DecompressionFailed,
-    decompress_body,
-    encode_batch,
-    encode_snapshot_chunk,
+from engram_contract.formats.messages import (
+    MAX_NACK_MESSAGE,
+    PROTOCOL_VERSION,
+    Ack,
+    Auth,
+    Challenge,
+    Heartbeat,
+    Hello,
+    Message,
+    Nack,
+    NackReason,
+    Welcome,
+    decode_message,
 )
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId, space_wire_id
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "wire-format.md"
@@ -797,8 +797,8 @@ def test_batch_compressed_body_must_be_one_sized_zstd_frame() -> None:
 
 
 def test_wire_modules_import_no_asyncio_or_sockets() -> None:
-    pkg = ROOT / "sidecar" / "engram_sidecar"
-    for name in ("wire.py", "messages.py", "wire_batch.py", "auth.py"):
+    pkg = ROOT / "contract" / "engram_contract" / "formats"
+    for name in ("frame.py", "messages.py", "batch.py", "handshake.py", "entry.py"):
         imported: set[str] = set()
         for node in ast.walk(ast.parse((pkg / name).read_text())):
             if isinstance(node, ast.Import):

@@ -23,9 +23,9 @@ import hashlib
 import hmac
 import os
 
-from engram_sidecar.contract import NodeName
-from engram_sidecar.errors import WireError
-from engram_sidecar.messages import (
+from engram_contract.errors import WireError
+from engram_contract.formats.frame import Frame, MessageType
+from engram_contract.formats.messages import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     Auth,
@@ -35,7 +35,7 @@ from engram_sidecar.messages import (
     NackReason,
     Welcome,
 )
-from engram_sidecar.wire import Frame, MessageType
+from engram_contract.ids import NodeName
 
 _SERVER_LABEL = b"engram-server\0"
 _CLIENT_LABEL = b"engram-client\0"

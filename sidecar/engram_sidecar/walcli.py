@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from engram_sidecar.contract import validate_space_id
-from engram_sidecar.entry import EntryType
+from engram_contract.formats.entry import EntryType
+from engram_contract.ids import validate_space_id
 from engram_sidecar.errors import InvalidSpaceId
 from engram_sidecar.verify import Problem, dump, verify_space
 
@@ -87,3 +88,24 @@ def wal_verify(data_dir: Path, space: str | None, out: TextIO | None = None) -> 
             print(f"  error: {p}", file=out)
         bad += bool(r.problems)
     return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`engram-replication wal …` (exec'd as `python -m engram_sidecar.walcli`)."""
+    p = argparse.ArgumentParser(prog="engram-replication wal", description=__doc__)
+    wsub = p.add_subparsers(dest="wal_command", required=True, metavar="WAL_COMMAND")
+    d = wsub.add_parser("dump", help="print one line per entry (like pg_waldump)")
+    d.add_argument("--data-dir", type=Path, required=True)
+    d.add_argument("--space", required=True)
+    d.add_argument("--from", dest="from_sequence", type=int, default=1, metavar="SEQ")
+    v = wsub.add_parser("verify", help="check every CRC and sequence; non-zero exit on corruption")
+    v.add_argument("--data-dir", type=Path, required=True)
+    v.add_argument("--space", default=None)
+    args = p.parse_args(argv)
+    if args.wal_command == "dump":
+        return wal_dump(args.data_dir, args.space, args.from_sequence)
+    return wal_verify(args.data_dir, args.space)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,11 +18,10 @@ from typing import Final, Self
 
 import zstandard
 
-from engram_sidecar.contract import Epoch, Sequence
-from engram_sidecar.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
-from engram_sidecar.entry import check_payload, decode_header
-from engram_sidecar.errors import FrameTooLarge
-from engram_sidecar.wire import (
+from engram_contract.errors import FrameTooLarge
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.formats.entry import check_payload, decode_header
+from engram_contract.formats.frame import (
     DEFAULT_MAX_BODY,
     FLAG_COMPRESSED,
     NO_SPACE,
@@ -31,6 +30,7 @@ from engram_sidecar.wire import (
     MessageType,
     encode_frame,
 )
+from engram_contract.ids import Epoch, Sequence
 
 DEFAULT_ZSTD_LEVEL: Final = 3
 PREV_EPOCH: Final = struct.Struct("<Q")  # the body's first field, never compressed

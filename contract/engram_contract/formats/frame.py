@@ -19,7 +19,7 @@ from typing import Final
 
 from crc32c import crc32c
 
-from engram_sidecar.errors import ChecksumMismatch, FrameTooLarge, WireError
+from engram_contract.errors import ChecksumMismatch, FrameTooLarge, WireError
 
 MAGIC: Final = 0x52474E45  # b"ENGR" on the wire (little-endian)
 # 2: BATCH bodies carry the previous entry's epoch (log matching), ACK and NACK grew (see

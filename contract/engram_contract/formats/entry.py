@@ -29,7 +29,7 @@ from typing import Final
 
 from crc32c import crc32c
 
-from engram_sidecar.errors import WalCorruption
+from engram_contract.errors import WalCorruption
 
 MAGIC: Final = 0xDEADBEEF
 

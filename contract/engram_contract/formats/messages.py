@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Self
 
-from engram_sidecar.contract import Epoch, NodeName, Sequence
-from engram_sidecar.wire import (
+from engram_contract.formats.batch import Batch
+from engram_contract.formats.frame import (
     DEFAULT_MAX_BODY,
     NO_SPACE,
     Frame,
@@ -23,7 +23,7 @@ from engram_sidecar.wire import (
     MessageType,
     encode_frame,
 )
-from engram_sidecar.wire_batch import Batch
+from engram_contract.ids import Epoch, NodeName, Sequence
 
 PROTOCOL_VERSION: Final = 2
 NONCE_SIZE: Final = 32

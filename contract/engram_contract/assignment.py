@@ -1,18 +1,20 @@
 """A space's assignment: who leads, who follows, at which epoch, under which policies.
 
 The control plane sends it (`PUT /v1/spaces/{space}/assignment`); the sidecar keeps the latest one
-in `<data>/<space>/assignment.json` so a restarted node resumes its roles without waiting.
+on disk so a restarted node resumes its roles without waiting. This module is the document's only
+parser (`Assignment.from_json`) and its only builder (`Assignment.to_json`, and
+`assignment_from_status` for a MemorySpace's status): local mode, the operator, the benchmark
+and the tests all build it here.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from engram_sidecar.contract import NodeName
-from engram_sidecar.segment import replace_atomically
+from engram_contract.ids import NodeName
+from engram_contract.kubernetes import NodeAddresses
 
 AckPolicy = Literal["async", "one", "quorum"]
 # Epochs are u64 in entry and frame headers, but int64 wherever else they go (Kubernetes status,
@@ -122,14 +124,40 @@ def split_hostport(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def save(path: Path, assignment: Assignment, accepted_epoch: int, *, space: str = "") -> None:
-    """Replace the saved assignment durably. Raises StorageError (full disk, I/O error)."""
-    data = json.dumps({"assignment": assignment.to_json(), "acceptedEpoch": accepted_epoch})
-    replace_atomically(path, data.encode(), space=space)
+def assignment_from_status(
+    status: Mapping[str, object],
+    spec: Mapping[str, object],
+    addresses: Mapping[str, NodeAddresses],
+) -> dict[str, Any] | None:
+    """The assignment document that a MemorySpace's status and spec describe.
 
-
-def load(path: Path) -> tuple[Assignment, int] | None:
-    if not path.exists():
+    None when the status holds no placement yet or a member's address is unknown. The operator
+    pushes this document; a restarted sidecar rebuilds it from the API the same way.
+    """
+    primary, replicas, epoch = status.get("primary"), status.get("replicas"), status.get("epoch")
+    if not isinstance(primary, str) or not isinstance(epoch, int) or not isinstance(replicas, list):
         return None
-    doc = json.loads(path.read_text())
-    return Assignment.from_json(doc["assignment"]), int(doc["acceptedEpoch"])
+    names = [primary, *[r for r in replicas if isinstance(r, str)]]
+    if any(m not in addresses for m in names):
+        return None
+    compression = spec.get("compression", "none")
+    policy = spec.get("ackPolicy", "async")
+    return assignment_document(
+        epoch,
+        [Member(NodeName(n), addresses[n]["address"], addresses[n]["http"]) for n in names],
+        ack_policy=policy if policy in ACK_POLICIES else "async",
+        compression=compression not in (None, False, "none"),
+    )
+
+
+def assignment_document(
+    epoch: int,
+    members: Sequence[Member],
+    *,
+    ack_policy: AckPolicy = "async",
+    compression: bool = False,
+) -> dict[str, Any]:
+    """The JSON document for `members` (the primary first) at `epoch`: the one way to build it."""
+    if not members:
+        raise AssignmentError("an assignment needs a primary")
+    return Assignment(epoch, members[0], tuple(members[1:]), ack_policy, compression).to_json()

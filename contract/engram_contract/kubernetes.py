@@ -1,0 +1,69 @@
+"""Kubernetes names and MemorySpace status-field ownership, shared by the operator and sidecars.
+
+Design §3: no status field has two writers. The operator patches only OPERATOR_STATUS_FIELDS,
+the space's primary sidecar only SIDECAR_STATUS_FIELDS.
+"""
+
+from __future__ import annotations
+
+from typing import Final, TypedDict
+
+API_GROUP: Final = "engram.io"
+API_VERSION: Final = "v1alpha1"
+KIND: Final = "MemorySpace"
+PLURAL: Final = "memoryspaces"
+
+# One coordination.k8s.io/v1 Lease per node, named LEASE_PREFIX + node, in the release namespace.
+# The sidecar renews it every LEASE_RENEW_SECONDS; the operator judges it against
+# LEASE_DURATION_SECONDS (engram_operator.verdict.Timing derives both; keep them in step).
+LEASE_PREFIX: Final = "engram-node-"
+LEASE_DURATION_SECONDS: Final = 2
+LEASE_RENEW_SECONDS: Final = 0.5
+# The Lease is also the node registry: the sidecar writes where it can be reached, so the
+# operator needs no pod IPs and tests can run nodes as local processes.
+LABEL_NODE_LEASE: Final = "engram.io/node-lease"  # value "true"
+ANNOTATION_HTTP: Final = "engram.io/http-address"  # host:port of the sidecar's HTTP API
+ANNOTATION_REPLICATION: Final = "engram.io/replication-address"  # host:port of its listener
+
+# MemorySpace.status: who writes which field (design §3: no field has two writers). The operator
+# sends merge patches containing only OPERATOR_STATUS_FIELDS; the space's primary sidecar only
+# SIDECAR_STATUS_FIELDS.
+OPERATOR_STATUS_FIELDS: Final = frozenset(
+    {
+        "phase",
+        "primary",
+        "replicas",
+        "epoch",
+        "conditions",
+        "lastPromotion",
+        "ready",
+        "observedGeneration",
+        "message",
+        "switchover",
+        "placedAt",
+    }
+)
+SIDECAR_STATUS_FIELDS: Final = frozenset(
+    {"members", "maxLagEntries", "maxLagSeconds", "membersReportedAt", "membersEpoch"}
+)
+
+
+class MemberStatus(TypedDict, total=False):
+    """One row of MemorySpace.status.members, written by the space's primary sidecar."""
+
+    node: str
+    role: str  # "primary" | "replica"
+    appliedSequence: int
+    lagEntries: int
+    lagSeconds: float
+    state: str  # Healthy | Lagging | Degraded | Failed | CatchingUp
+    catchUp: dict[str, object]  # phase, done, total, rate, eta (catch-up issue)
+
+
+class NodeAddresses(TypedDict):
+    address: str  # replication host:port
+    http: str  # HTTP host:port
+
+
+def lease_name(node: str) -> str:
+    return LEASE_PREFIX + node
