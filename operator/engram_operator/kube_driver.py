@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from engram_contract.assignment import assignment_from_status
+from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND
 from engram_operator import reconcile as rc
@@ -46,7 +47,6 @@ from engram_operator.kube_model import (
     switchover_from_status,
 )
 from engram_operator.kube_nodes import NodeMonitor
-from engram_operator.kube_sidecar import SidecarClient, SidecarError
 from engram_operator.kube_status import fingerprint, status_update
 from engram_operator.model import MemberReport, Placement, SpaceSpec, SwitchoverProgress
 from engram_operator.status import Condition

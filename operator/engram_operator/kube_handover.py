@@ -17,12 +17,12 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
+from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import Epoch, NodeName, SpaceId
 from engram_operator.kube_api import KubeApiError
 from engram_operator.kube_metrics import OperatorMetrics
 from engram_operator.kube_model import SpaceState
 from engram_operator.kube_nodes import NodeMonitor
-from engram_operator.kube_sidecar import SidecarClient, SidecarError
 from engram_operator.model import Placement, SwitchoverProgress
 from engram_operator.switchover import AwaitCatchUp, Demote, Fence, HandOver, PromoteTarget
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_contract.kubernetes import (
     ANNOTATION_HTTP,
@@ -45,7 +46,6 @@ from engram_contract.kubernetes import (
     NodeAddresses,
 )
 from engram_operator.kube_api import KubeApi, KubeApiError
-from engram_operator.kube_sidecar import SidecarClient, SidecarError
 from engram_operator.model import MemberReport, NodeInfo, Placement
 from engram_operator.verdict import (
     DEFAULT_TIMING,

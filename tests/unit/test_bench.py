@@ -15,8 +15,8 @@ from engram_bench import load, resp
 from engram_bench.ackpolicy import acks_needed
 from engram_bench.cluster import metric_value, ndjson_body
 from engram_bench.compression import mixed_body
-from engram_bench.redispeer import offset_lag
 from engram_bench.publish import write_results
+from engram_bench.redispeer import offset_lag
 from engram_bench.report import Section, percentile, ratio
 from engram_bench.summary import goals_section
 

@@ -191,7 +191,7 @@ def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> Iterator[str
 
 def test_docs_every_subcommand_is_documented() -> None:
     text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))])
-    commands = list(_commands(_parser())) + ["wal dump", "wal verify"]  # wal's own parser
+    commands = [*_commands(_parser()), "wal dump", "wal verify"]  # wal has its own parser
     assert {"sidecar", "wal", "bench"} <= set(commands)
     for cmd in commands:
         assert f"engram-replication {cmd}" in text or f"`{cmd}`" in text, (

@@ -11,8 +11,8 @@ import pytest
 
 from engram_contract.formats.entry import HEADER_SIZE, EntryType
 from engram_contract.ids import SpaceId
-from engram_sidecar.walcli import main
 from engram_sidecar.wal import SpaceLog
+from engram_sidecar.walcli import main
 
 SPACE = "cli-space"
 _LINE = re.compile(r"^seq=(\d+) epoch=(\d+) type=(\S+) ts=\S+ len=(\d+) at=(\S+):(\d+) payload=")

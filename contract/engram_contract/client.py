@@ -1,7 +1,8 @@
-"""The operator's calls to node sidecars (docs/api.md): heartbeat, probe, assignment, fence, view.
+"""The sidecar's HTTP API client (docs/api.md): heartbeat, probe, assignment, fence, view.
 
-Owns nothing but the HTTP shape of those calls and their timeouts. The control-plane routes carry
-the admin bearer token (`--token-file`); every call is bounded, and failures come back as
+Used by the operator, local mode, the benchmark and the tests: one client, so the control-plane
+calls can't drift apart. Owns nothing but the HTTP shape of those calls and their timeouts. The
+control-plane routes carry the admin bearer token (`--token-file`); every call is bounded, and failures come back as
 `SidecarError` (or a False probe), never as a hang. Calls that grant a write lease (heartbeats,
 assignments) carry this operator process's id and the monotonic send stamp the caller read, so a
 sidecar can refuse a grant that arrived late.
@@ -37,7 +38,8 @@ class SidecarError(Exception):
 
 
 class SidecarClient:
-    """HTTP to the nodes' sidecars, addressed by their `host:port` (the Lease annotation)."""
+    """HTTP to the nodes' sidecars, addressed by their `host:port` (a Lease annotation, or
+    local mode's cluster.json)."""
 
     def __init__(self, token: str, *, probe_timeout: float, lease_seconds: float = 1.5) -> None:
         self._token = token
