@@ -1,11 +1,11 @@
 """The sidecar's HTTP API client (docs/api.md): heartbeat, probe, assignment, fence, view.
 
 Used by the operator, local mode, the benchmark and the tests: one client, so the control-plane
-calls can't drift apart. Owns nothing but the HTTP shape of those calls and their timeouts. The
-control-plane routes carry the admin bearer token (`--token-file`); every call is bounded, and failures come back as
-`SidecarError` (or a False probe), never as a hang. Calls that grant a write lease (heartbeats,
-assignments) carry this operator process's id and the monotonic send stamp the caller read, so a
-sidecar can refuse a grant that arrived late.
+calls can't drift apart. Owns nothing but the HTTP shape of those calls and their timeouts.
+Control-plane routes carry the admin bearer token; every call is bounded, and failures come back
+as `SidecarError` (or a False probe), never as a hang. Calls that grant a write lease
+(heartbeats, assignments) carry this client's id and the monotonic send stamp the caller read,
+so a sidecar can refuse a grant that arrived late.
 """
 
 from __future__ import annotations
