@@ -41,7 +41,9 @@ import aiohttp
 from engram_bench.cluster import bench_dir, free_port
 from engram_bench.report import Section, percentile
 from engram_contract.ids import NodeName, SpaceId
-from engram_operator.local import TIMING, ClusterFiles, ControlLoop, LocalNode, Processes
+from engram_operator.local.loop import TIMING, ControlLoop
+from engram_operator.local.store import ClusterFiles
+from engram_operator.local.supervisor import LocalNode, Processes
 from engram_operator.model import SpaceSpec
 
 BUDGET_S: Final = 5.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -183,4 +183,31 @@ class SidecarClient:
 
     async def space_view(self, http: str, space: SpaceId) -> dict[str, Any]:
         answer = await self._call("GET", http, f"/v1/spaces/{space}", timeout=1.0)
+        return answer if isinstance(answer, dict) else {}
+
+    async def node_status(self, http: str, *, timeout: float = 1.0) -> dict[str, Any]:
+        """`GET /v1/status`: the node and every space it hosts (`engram-replication status`)."""
+        answer = await self._call("GET", http, "/v1/status", timeout=timeout)
+        if not isinstance(answer, dict):
+            raise SidecarError(f"GET /v1/status on {http}: not an object", status=200, body=answer)
+        return answer
+
+    async def append(
+        self,
+        http: str,
+        space: SpaceId,
+        payloads: Sequence[object],
+        *,
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> dict[str, Any]:
+        """`POST /v1/spaces/{space}/entries`: append one entry per JSON payload (only the
+        primary accepts: a replica answers 421, a primary without its write lease 503). Answers
+        the write's acknowledgement."""
+        answer = await self._call(
+            "POST",
+            http,
+            f"/v1/spaces/{space}/entries",
+            body={"entries": [{"payload": p} for p in payloads]},
+            timeout=timeout,
+        )
         return answer if isinstance(answer, dict) else {}

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os.execv(sys.executable, cmd)
     if args.command == "operator":
-        from engram_operator import kube_handlers
+        from engram_operator.kube import handlers as kube_handlers
 
         return kube_handlers.main(
             kube_handlers.OperatorOptions(
@@ -158,12 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         import asyncio
 
-        from engram_operator import localcli
+        from engram_operator.local import commands as local_commands
 
         if args.nodes < 1 or args.spaces < 1:
             print("error: --nodes and --spaces must be at least 1", file=sys.stderr)
             return 2
-        opts = localcli.UpOptions(
+        opts = local_commands.UpOptions(
             nodes=args.nodes,
             spaces=args.spaces,
             data_dir=args.data_dir,
@@ -173,15 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo=args.demo,
             duration=args.duration,
         )
-        return asyncio.run(localcli.run_up(opts))
+        return asyncio.run(local_commands.run_up(opts))
     if args.command == "status":
-        from engram_operator import localcli
+        from engram_operator.local import commands as local_commands
 
-        return localcli.status(args.data_dir, as_json=args.json, watch=args.watch)
+        return local_commands.status(args.data_dir, as_json=args.json, watch=args.watch)
     if args.command == "switchover":
-        from engram_operator import localcli
+        from engram_operator.local import commands as local_commands
 
-        return localcli.switchover(args.data_dir, args.space, args.to, args.timeout)
+        return local_commands.switchover(args.data_dir, args.space, args.to, args.timeout)
     raise AssertionError(args.command)
 
 

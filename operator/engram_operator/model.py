@@ -2,19 +2,20 @@
 
 This module owns shapes only, no decisions. Every class is a frozen, slotted dataclass so a decider
 can never mutate what it was given, and ids are the `contract` NewTypes so a node name can't be
-passed where a space id is expected.
+passed where a space id is expected. `member_reports` reads the sidecars' `/v1/status` answers
+into `MemberReport`s, for both drivers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from engram_contract.assignment import AckPolicy
 from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.verdict import Verdict
 
-AckPolicy = Literal["async", "one", "quorum"]
 Role = Literal["primary", "replica"]
 # The replica states of design §7, as the primary sidecar reports them.
 MemberState = Literal["Healthy", "Lagging", "Degraded", "Failed", "CatchingUp"]
@@ -53,6 +54,8 @@ class SpaceSpec:
     failover_automatic: bool = True
     paused: bool = False
     target_primary: NodeName | None = None
+    # Replication frames compressed with zstd (spec.compression: zstd); part of the assignment.
+    compression: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 0:
@@ -156,3 +159,35 @@ class Observation:
     # An epoch recorded for a promotion that has not finished: members were (or are being)
     # fenced at it, and nobody was assigned at it yet, so a retry may use it again.
     pending_epoch: Epoch | None = None
+
+
+def member_reports(
+    status: Mapping[NodeName, Mapping[str, Any]], space: SpaceId
+) -> dict[NodeName, MemberReport]:
+    """Each node's last report of `space`, from the nodes' `/v1/status` answers (`status`), with
+    lag and state as the space's primary sees them. Nodes that hold no role in it are left out."""
+    lag_view: Mapping[str, Any] = {}
+    for doc in status.values():
+        view = (doc.get("spaces") or {}).get(space)
+        if view and view.get("role") == "primary":
+            lag_view = view.get("replicas") or {}
+    out: dict[NodeName, MemberReport] = {}
+    for node, doc in status.items():
+        view = (doc.get("spaces") or {}).get(space)
+        if not view or view.get("role") not in ("primary", "replica"):
+            continue
+        role = view["role"]
+        seq = view.get("last_sequence" if role == "primary" else "applied_sequence", 0)
+        lag = lag_view.get(node) or {}
+        accepted = view.get("accepted_epoch")
+        out[node] = MemberReport(
+            node=node,
+            role=role,
+            epoch=Epoch(int(view.get("epoch", 0))),
+            applied_sequence=Sequence(int(seq or 0)),
+            lag_seconds=float(lag.get("lag_seconds", 0.0) or 0.0),
+            state=lag.get("state", "Healthy"),
+            last_epoch=Epoch(int(view.get("last_epoch") or NO_EPOCH)),
+            accepted_epoch=Epoch(accepted) if isinstance(accepted, int) else None,
+        )
+    return out

@@ -24,6 +24,7 @@ minority of answers promotes nobody.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
@@ -63,6 +64,7 @@ __all__ = [
     "SwitchoverProgress",
     "Wait",
     "conclude_failover",
+    "gist",
     "reconcile",
 ]
 
@@ -206,6 +208,12 @@ class Decision:
     actions: tuple[Action, ...]
     sentence: str
     operation: Operation = "Idle"
+
+
+def gist(sentence: str) -> str:
+    """A sentence without its numbers: drivers say a tick's sentence again only when its gist
+    changes, not when only its numbers tick along (lease ages, lag)."""
+    return re.sub(r"\d+(\.\d+)?", "#", sentence)
 
 
 def reconcile(obs: Observation, *, now: float, settings: Settings = DEFAULT_SETTINGS) -> Decision:

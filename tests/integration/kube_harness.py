@@ -35,7 +35,9 @@ import aiohttp
 import kmock
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tests.integration.cluster import Cluster, IntegrationError, _die_with_parent, free_port
+from tests.integration.cluster import Cluster, IntegrationError
+
+from engram_contract.launcher import die_with_parent, free_port
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CRD_PATH: Final = ROOT / "deploy" / "crds" / "memoryspaces.engram.io.yaml"
@@ -322,7 +324,7 @@ class OperatorProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl call
             )
 
     def running(self) -> bool:

@@ -1,6 +1,6 @@
 """Failover through the local control plane: real sidecar processes, the real control loop.
 
-The loop (`engram_operator.local.ControlLoop`) runs in the test's event loop and ticks on a
+The loop (`engram_operator.local.loop.ControlLoop`) runs in the test's event loop and ticks on a
 bounded schedule; faults come from signals. Every wait is bounded.
 """
 
@@ -19,7 +19,9 @@ import pytest
 from tests.integration.cluster import free_port
 
 from engram_contract.ids import NodeName, SpaceId
-from engram_operator.local import ClusterFiles, ControlLoop, LocalNode, Processes
+from engram_operator.local.loop import ControlLoop
+from engram_operator.local.store import ClusterFiles
+from engram_operator.local.supervisor import LocalNode, Processes
 from engram_operator.model import SpaceSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

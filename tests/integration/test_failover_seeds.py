@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from tests.integration.test_partition import LocalHarness, accepted, harnesses
 
-from engram_operator.local import TIMING
+from engram_operator.local.loop import TIMING
 from engram_operator.model import SpaceSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]

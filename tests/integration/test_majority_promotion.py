@@ -49,7 +49,9 @@ from tests.integration.test_partition import (
 )
 
 from engram_contract.ids import NodeName, SpaceId
-from engram_operator.local import ClusterFiles, ControlLoop, Processes
+from engram_operator.local.loop import ControlLoop
+from engram_operator.local.store import ClusterFiles
+from engram_operator.local.supervisor import Processes
 from engram_operator.model import SpaceSpec
 from engram_operator.reconcile import DEFAULT_SETTINGS
 

@@ -256,7 +256,12 @@ async def test_operator_explains_an_invalid_or_unsatisfiable_spec(env: Env) -> N
 
     cond = await wait_for(refused, timeout=10, what="TargetPrimaryRefused on orders")
     assert "not a replica" in cond["message"]
-    assert env.kube.events("orders", "TargetPrimaryRefused")
+    # Status is patched before the tick's Events are posted: wait for the Event too.
+    await wait_for(
+        lambda: env.kube.events("orders", "TargetPrimaryRefused"),
+        timeout=3,
+        what="a TargetPrimaryRefused event",
+    )
 
     # Fixing the spec is all it takes: the operator never stopped.
     await env.kube.patch_spec("broken", {"replicas": 1})

@@ -33,7 +33,9 @@ from tests.faultproxy import FaultProxy
 from tests.integration.cluster import HOST, free_port
 
 from engram_contract.ids import NodeName, SpaceId
-from engram_operator.local import TIMING, ClusterFiles, ControlLoop, LocalNode, Processes
+from engram_operator.local.loop import TIMING, ControlLoop
+from engram_operator.local.store import ClusterFiles
+from engram_operator.local.supervisor import LocalNode, Processes
 from engram_operator.model import Placement, SpaceSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

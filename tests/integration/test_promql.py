@@ -12,7 +12,7 @@ healthy link) still counts: its HELP and TYPE lines are served.
 
 Operator metrics (`engram_replication_promotions_total`) can't come from a sidecar, and the
 operator only runs against Kubernetes; they are accepted when the operator's own registry
-(`engram_operator.kube_metrics.OperatorMetrics`) exports them and no sidecar does.
+(`engram_operator.kube.metrics.OperatorMetrics`) exports them and no sidecar does.
 
 The second test runs Debian's `prometheus` (the package that ships promtool) against three
 sidecars, with the alert rules loaded: every dashboard query must evaluate (a parse is not

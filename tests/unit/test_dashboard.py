@@ -24,7 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engram_operator.kube_metrics import OperatorMetrics
+from engram_operator.kube.metrics import OperatorMetrics
 from engram_sidecar.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,8 @@ from engram_contract.assignment import Assignment, Member
 from engram_contract.errors import WalError
 from engram_contract.formats.entry import EntryType, encode_entry
 from engram_contract.ids import NodeName, SpaceId
-from engram_operator.local import ClusterFiles, ControlLoop
+from engram_operator.local.loop import ControlLoop
+from engram_operator.local.store import ClusterFiles
 from engram_sidecar import assignment_store as assignment_file
 from engram_sidecar import epochs
 from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalIOError, WalTruncated

@@ -1,8 +1,10 @@
 """Every object the operator sends is valid: its Events per the Kubernetes schema, its status
-patches (merged onto a MemorySpace) per the CRD's own schema, and only operator-owned fields."""
+patches (merged onto a MemorySpace) per the CRD's own schema, and only operator-owned fields.
+And the modules that build them from the decisions are pure: no I/O, no clock."""
 
 from __future__ import annotations
 
+import ast
 import copy
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,40 @@ import yaml
 
 from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_contract.kubernetes import OPERATOR_STATUS_FIELDS
-from engram_operator.kube_api import KubeApi, ObjectRef
-from engram_operator.kube_status import status_update
+from engram_operator.kube.api import KubeApi, ObjectRef
+from engram_operator.kube.status_patch import status_update
 from engram_operator.model import MemberReport, Placement, SpaceSpec, SwitchoverProgress
 from engram_operator.verdict import Verdict
 
 ROOT = Path(__file__).resolve().parents[2]
+OPERATOR = ROOT / "operator" / "engram_operator"
+# The pure core and the Kubernetes converters: what they may import (stdlib helpers, the shared
+# shapes, each other). No asyncio, aiohttp, kopf, clocks or files: they only compute.
+PURE = (
+    "model",
+    "verdict",
+    "placement",
+    "election",
+    "switchover",
+    "status",
+    "reconcile",
+    "kube/convert",
+    "kube/status_patch",
+)
+PURE_MAY_IMPORT = {
+    "__future__",
+    "collections.abc",
+    "dataclasses",
+    "typing",
+    "hashlib",
+    "math",
+    "re",
+    "json",
+    "engram_contract.ids",
+    "engram_contract.kubernetes",
+    "engram_contract.assignment",
+    *(f"engram_operator.{m.replace('/', '.')}" for m in PURE),
+}
 A, B, C = NodeName("node-a"), NodeName("node-b"), NodeName("node-c")
 
 
@@ -143,3 +173,17 @@ async def test_kube_operator_event_is_a_valid_kubernetes_event() -> None:
     (event,) = sent
     assert len(event["message"]) <= 1024
     kubernetes_validate.validate(event, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_kube_pure_modules_import_nothing_that_does_io(module: str) -> None:
+    tree = ast.parse((OPERATOR / f"{module}.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "engram_operator":
+            imported.update(f"engram_operator.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    assert imported - PURE_MAY_IMPORT == set()

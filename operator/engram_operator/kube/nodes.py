@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engram_contract.client import SidecarClient, SidecarError
-from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
+from engram_contract.ids import NodeName, SpaceId
 from engram_contract.kubernetes import (
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
@@ -45,8 +45,8 @@ from engram_contract.kubernetes import (
     LEASE_PREFIX,
     NodeAddresses,
 )
-from engram_operator.kube_api import KubeApi, KubeApiError
-from engram_operator.model import MemberReport, NodeInfo, Placement
+from engram_operator.kube.api import KubeApi, KubeApiError
+from engram_operator.model import MemberReport, NodeInfo, Placement, member_reports
 from engram_operator.verdict import (
     DEFAULT_TIMING,
     LeaseObservation,
@@ -414,28 +414,4 @@ class NodeMonitor:
 
     def reports(self, space: SpaceId) -> dict[NodeName, MemberReport]:
         """Each node's last report of `space`, with lag and state as its primary sees them."""
-        lag_view: Mapping[str, Any] = {}
-        for doc in self.status.values():
-            view = (doc.get("spaces") or {}).get(space)
-            if view and view.get("role") == "primary":
-                lag_view = view.get("replicas") or {}
-        out: dict[NodeName, MemberReport] = {}
-        for node, doc in self.status.items():
-            view = (doc.get("spaces") or {}).get(space)
-            if not view or view.get("role") not in ("primary", "replica"):
-                continue
-            role = view["role"]
-            seq = view.get("last_sequence" if role == "primary" else "applied_sequence", 0)
-            lag = lag_view.get(node) or {}
-            accepted = view.get("accepted_epoch")
-            out[node] = MemberReport(
-                node=node,
-                role=role,
-                epoch=Epoch(int(view.get("epoch", 0))),
-                applied_sequence=Sequence(int(seq or 0)),
-                lag_seconds=float(lag.get("lag_seconds", 0.0) or 0.0),
-                state=lag.get("state", "Healthy"),
-                last_epoch=Epoch(int(view.get("last_epoch") or 0)),
-                accepted_epoch=Epoch(accepted) if isinstance(accepted, int) else None,
-            )
-        return out
+        return member_reports(self.status, space)

@@ -1,7 +1,8 @@
 """The operator's part of MemorySpace.status, assembled from one tick (pure).
 
-Owns which fields the operator writes — contract.OPERATOR_STATUS_FIELDS only, never `members` or
-the lag totals, which the space's primary sidecar writes (design §3) — and what goes in them:
+Owns which fields the operator writes — `engram_contract.kubernetes.OPERATOR_STATUS_FIELDS` only,
+never `members` or the lag totals, which the space's primary sidecar writes (design §3) — and
+what goes in them:
 `status.build_status`'s phase, placement, conditions and message, plus `ready`, the SpecValid
 condition, `switchover`, `placedAt` and `observedGeneration`. Also the fingerprint that decides
 whether a patch is worth sending. No I/O, no clocks read here.
@@ -16,8 +17,8 @@ from typing import Final
 
 from engram_contract.ids import NodeName, SpaceId
 from engram_contract.kubernetes import OPERATOR_STATUS_FIELDS
-from engram_operator.kube_model import gist
 from engram_operator.model import MemberReport, Placement, SpaceSpec, SwitchoverProgress
+from engram_operator.reconcile import gist
 from engram_operator.status import Condition, Operation, SpaceStatus, build_status
 from engram_operator.verdict import Verdict
 

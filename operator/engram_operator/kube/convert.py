@@ -1,23 +1,22 @@
-"""Pure translations between MemorySpace objects and the control-plane model.
+"""Pure translations from MemorySpace objects to the control-plane model, and back for placements.
 
 Owns how `spec` becomes a `SpaceSpec` (with the CRD's defaults and rules, because an API server
-without the CRD's schema — or an old object — may hand us anything), and how `status` becomes the
-placement, switchover and promotion the core needs (kube_status writes it back). No I/O, no
-clocks read here.
+without the CRD's schema — or an old object — may hand us anything), how `status` becomes the
+placement, switchover and promotion the core needs (`status_patch` writes the operator's part
+back), and how a decision record fits an Event. No I/O, no clocks read here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
+from engram_contract.assignment import AckPolicy
 from engram_contract.ids import Epoch, NodeName
-from engram_operator.model import AckPolicy, Placement, SpaceSpec, SwitchoverProgress
-from engram_operator.status import Condition
+from engram_operator.model import Placement, SpaceSpec, SwitchoverProgress
 
 # The CRD allows at most 8 replicas (each is one more stream the primary ships).
 MAX_REPLICAS: Final = 8
@@ -31,8 +30,6 @@ class SpecResult:
 
     spec: SpaceSpec | None
     problem: str | None = None
-    # What the sidecars' assignment takes from the spec (contract.assignment_from_status).
-    wire: Mapping[str, object] = field(default_factory=dict)
 
 
 def _int(raw: Mapping[str, Any], key: str, default: int, low: int, high: int | None) -> int:
@@ -91,10 +88,11 @@ def parse_spec(raw: Mapping[str, Any]) -> SpecResult:
             failover_automatic=_bool(failover, "automatic", True, "spec.failover"),
             paused=_bool(raw, "paused", False),
             target_primary=NodeName(target) if target else None,
+            compression=compression == "zstd",
         )
     except ValueError as err:
         return SpecResult(spec=None, problem=str(err))
-    return SpecResult(spec=spec, wire={"ackPolicy": ack, "compression": compression})
+    return SpecResult(spec=spec)
 
 
 def placement_from_status(status: Mapping[str, Any]) -> Placement | None:
@@ -188,28 +186,3 @@ def event_message(summary: str, record: Mapping[str, object], limit: int) -> str
         elif step != "fence":
             doc.pop(step, None)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def gist(sentence: str) -> str:
-    """A sentence without its numbers: ticks that only move numbers say the same thing."""
-    return re.sub(r"\d+(\.\d+)?", "#", sentence)
-
-
-@dataclass
-class SpaceState:
-    """What the driver remembers about one space between ticks (rebuilt from status on start)."""
-
-    placement: Placement | None = None
-    switchover: SwitchoverProgress | None = None
-    last_promotion_epoch: Epoch | None = None
-    pending_epoch: Epoch | None = None  # a failover's epoch, recorded, nobody promoted yet
-    placed_at: str | None = None
-    placement_problem: str | None = None
-    conditions: tuple[Condition, ...] = ()
-    last_spec: SpaceSpec | None = None
-    wire: Mapping[str, object] = field(default_factory=dict)  # the last valid spec's, for pushes
-    last_sentence: str = ""
-    last_patch_gist: str = ""
-    last_patch_at: float = -math.inf
-    announced: dict[str, str] = field(default_factory=dict)
-    pending_events: list[tuple[str, str, str]] = field(default_factory=list)

@@ -30,10 +30,10 @@ from aiohttp import web
 from engram_contract.client import SidecarClient
 from engram_contract.ids import SpaceId, validate_space_id
 from engram_contract.kubernetes import API_GROUP, API_VERSION, PLURAL
-from engram_operator.kube_api import KubeApi, connection_info
-from engram_operator.kube_driver import SpaceDriver
-from engram_operator.kube_metrics import OperatorMetrics, serve
-from engram_operator.kube_nodes import NodeMonitor, parse_selector
+from engram_operator.kube.api import KubeApi, connection_info
+from engram_operator.kube.driver import SpaceDriver
+from engram_operator.kube.metrics import OperatorMetrics, serve
+from engram_operator.kube.nodes import NodeMonitor, parse_selector
 from engram_operator.placement import describe
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING

@@ -1,0 +1,17 @@
+"""The Kubernetes operator: the reconcile core driven by MemorySpaces, Leases and the sidecars.
+
+Talks to Kubernetes and to the sidecars (I/O):
+
+* `handlers`: the kopf wiring (one daemon per MemorySpace, login, settings, peering, the process);
+* `driver`: one space's tick (observation in, `reconcile`, the shared `executor`, status and
+  Events out);
+* `store`: the executor's store, the MemorySpace's status, with guarded epoch-changing writes;
+* `nodes`: the nodes (Lease reads, probes, heartbeats with write-lease grants, member reports);
+* `api`: the thin Kubernetes API client;
+* `metrics`: the operator's Prometheus metrics.
+
+Pure translations (no I/O, no clock read; tests/unit/test_kube_objects.py keeps them so):
+
+* `convert`: MemorySpace spec → `SpaceSpec`, status → placement, switchover and promotion;
+* `status_patch`: the operator's part of status, from one tick.
+"""
