@@ -68,7 +68,7 @@ from engram_contract.formats.entry import encode_entry
 from engram_contract.formats.frame import FrameDecoder
 from engram_contract.formats.messages import Ack, Nack, decode_message
 from engram_contract.ids import NodeName, SpaceId, space_wire_id
-from engram_sidecar.transport import client_handshake, next_frames, tune_socket
+from engram_sidecar.replication.transport import client_handshake, next_frames, tune_socket
 
 TPUT_REQUEST: Final = 1_000  # entries per HTTP request in the throughput runs
 TPUT_CONCURRENCY: Final = 8

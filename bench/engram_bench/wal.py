@@ -26,8 +26,8 @@ from pathlib import Path
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
 from engram_contract.formats.entry import EntryType, encode_entry
 from engram_contract.ids import SpaceId
-from engram_sidecar.groupcommit import GroupCommit
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log.groupcommit import GroupCommit
+from engram_sidecar.log.wal import SpaceLog
 
 PAYLOAD_BYTES = 100
 BATCH = 100

@@ -23,10 +23,12 @@ from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import validate_space_id
 from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
 from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
-from engram_sidecar.matching import epoch_at
-from engram_sidecar.node import Grant, Node, StaleAssignment
-from engram_sidecar.space import NotWritable, Space
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.grants import Grant
+from engram_sidecar.log.wal import SpaceLog
+from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.replication.matching import epoch_at
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.membership import NotWritable
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
@@ -453,9 +455,9 @@ async def post_fence(request: web.Request) -> web.Response:
         sp.note_epoch(epoch)
         if sp.role == "primary" and epoch > sp.assignment_epoch():
             sp.fence(f"control plane began epoch {epoch}")
-        await sp.commit.wait_durable(sp.log.last_sequence)
+        await sp.writer.sync_all()
     except (OSError, EngramError) as err:
-        sp.note_storage_error(err)
+        sp.writer.note_error(err)
         return _error(507, "storage_error", f"cannot record epoch {epoch}: {err}")
     node.metrics.epoch.labels(sp.id).set(sp.accepted_epoch)
     durable = sp.log.durable_sequence

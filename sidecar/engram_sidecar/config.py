@@ -69,7 +69,7 @@ class SidecarConfig:
     # Largest body of GET …/entries (its entries as encoded); the max_bytes query parameter may
     # ask for less.
     max_response_bytes: int = 8 * 1024 * 1024
-    # Replication listener, before authentication (engram_sidecar.admission): open connections
+    # Replication listener, before authentication (replication/admission.py): open connections
     # in all, handshakes in progress per source address, and one deadline per handshake.
     max_peer_connections: int = 256
     max_peer_handshakes_per_source: int = 32
@@ -93,7 +93,7 @@ class SidecarConfig:
     write_lease_seconds: float = 1.5
     control_plane_url: str = ""
     log_level: str = "INFO"
-    # Kubernetes (engram_sidecar.kube): node Lease, assignments and member reports via the API.
+    # Kubernetes (kube/agent.py): node Lease, assignments and member reports via the API.
     # host:port of the HTTP API that peers and the operator use; defaults to http_host:http_port
     advertise_http_address: str = ""
     kube_enabled: str = "auto"
@@ -208,7 +208,7 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("batch_max_delay", "must be 0 or more")
     if cfg.lag_critical_seconds < cfg.lag_warning_seconds:
         raise bad("lag_critical_seconds", "must be at least lag_warning_seconds")
-    # A slower API request leaves too little of the node Lease for one missed renewal (kube.py).
+    # A slower API request leaves too little of the node Lease for one missed renewal (kube/agent).
     most = LEASE_DURATION_SECONDS - 2 * LEASE_RENEW_SECONDS
     if not 0 < cfg.kube_timeout <= most:
         raise bad("kube_timeout", f"use more than 0 and at most {most}")

@@ -21,6 +21,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+# A grant that arrived later than this beyond the fastest recent one is refused (design-notes
+# "Write lease": the one timing assumption, the control plane's bound on message delay).
+MAX_GRANT_DELAY_NS = 500_000_000
 # Samples sent within this long (control-plane clock) of the newest form the baseline: long
 # enough to span any pause worth refusing grants for, short enough that clock drift (~100 ppm,
 # so ~3 ms here) stays far below max_delay.
@@ -51,3 +54,16 @@ class GrantClock:
 
     def accept(self, source: str, sent_ns: int, arrived_ns: int) -> bool:
         return self.lateness_ns(source, sent_ns, arrived_ns) <= self.max_delay_ns
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Who vouched and when: the control plane's id and monotonic send time (pushed grants), or
+    this node's own monotonic send time of the request that earned it (`sent_by_us`)."""
+
+    source: str = ""
+    sent_ns: int = 0
+    sent_by_us: float | None = None
+    # The lease the control plane grants, in seconds: the node keeps the shorter of it and its
+    # own `write_lease_seconds`, so the control plane's wait can't be shorter than the lease.
+    seconds: float | None = None

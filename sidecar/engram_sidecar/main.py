@@ -18,8 +18,8 @@ from aiohttp import web
 from engram_sidecar.api import make_app
 from engram_sidecar.config import SidecarConfig, load_config
 from engram_sidecar.errors import ConfigError, EngramError
-from engram_sidecar.kube import KubeSidecar, advertised_addresses
-from engram_sidecar.kube_client import resolve as resolve_kube
+from engram_sidecar.kube.agent import KubeSidecar, advertised_addresses
+from engram_sidecar.kube.client import resolve as resolve_kube
 from engram_sidecar.node import Node
 
 log = logging.getLogger("engram_sidecar")

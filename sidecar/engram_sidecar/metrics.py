@@ -285,7 +285,7 @@ class Metrics:
             _remove(self.storage_errors, space, kind)
 
     def add_admission_metrics(self) -> None:
-        """The replication listener's connection caps (engram_sidecar.admission)."""
+        """The replication listener's connection caps (engram_sidecar.replication.admission)."""
         r, P = self.registry, "engram_replication_"
         self.connections_refused = Counter(
             P + "connections_refused",

@@ -11,7 +11,7 @@ from typing import TextIO
 from engram_contract.formats.entry import EntryType
 from engram_contract.ids import validate_space_id
 from engram_sidecar.errors import InvalidSpaceId
-from engram_sidecar.verify import Problem, dump, verify_space
+from engram_sidecar.log.verify import Problem, dump, verify_space
 
 
 def _type_name(t: int) -> str:

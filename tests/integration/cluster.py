@@ -33,7 +33,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from engram_contract.formats.entry import Entry
-from engram_sidecar.verify import Problem, dump, verify_space
+from engram_sidecar.log.verify import Problem, dump, verify_space
 
 HOST: Final = "127.0.0.1"
 READY_TIMEOUT: Final = 20.0  # start-up of one node: imports, WAL recovery, listeners

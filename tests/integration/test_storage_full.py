@@ -19,12 +19,12 @@ from tests.integration.test_api_errors import fill, small_disk  # noqa: F401 - f
 from engram_contract.assignment import Assignment, Member
 from engram_contract.formats.entry import EntryType
 from engram_contract.ids import NodeName, SpaceId
-from engram_sidecar import assignment_store as assignment_file
-from engram_sidecar import epochs
 from engram_sidecar.errors import StorageError
-from engram_sidecar.storage_health import StorageHealth
-from engram_sidecar.verify import verify_space
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log import assignment_store as assignment_file
+from engram_sidecar.log import epochs
+from engram_sidecar.log.storage_health import StorageHealth
+from engram_sidecar.log.verify import verify_space
+from engram_sidecar.log.wal import SpaceLog
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import pytest
 
 from engram_contract.formats.entry import EntryType
 from engram_contract.ids import SpaceId
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log.wal import SpaceLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

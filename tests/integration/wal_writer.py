@@ -20,8 +20,8 @@ from pathlib import Path
 
 from engram_contract.formats.entry import EntryType
 from engram_contract.ids import validate_space_id
-from engram_sidecar.groupcommit import GroupCommit
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log.groupcommit import GroupCommit
+from engram_sidecar.log.wal import SpaceLog
 
 
 def digest(payload: bytes) -> str:

@@ -1,6 +1,6 @@
-"""The replication port before authentication: connection caps (engram_sidecar.admission), the
-handshake's small body limit and single deadline (engram_sidecar.transport), and the listener
-that applies them (Receiver), on real sockets on 127.0.0.1.
+"""The replication port before authentication: connection caps (`replication.admission`), the
+handshake's small body limit and single deadline (`replication.transport`), and the listener that
+applies them (Receiver), on real sockets on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from engram_contract.formats.messages import (
     NackReason,
 )
 from engram_contract.ids import NodeName
-from engram_sidecar.admission import Admission, Refused
 from engram_sidecar.config import SidecarConfig, load_config
 from engram_sidecar.metrics import Metrics
-from engram_sidecar.receiver import Receiver
-from engram_sidecar.transport import (
+from engram_sidecar.replication.admission import Admission, Refused
+from engram_sidecar.replication.receiver import Receiver
+from engram_sidecar.replication.transport import (
     HANDSHAKE_MAX_BODY,
     ClosedSilently,
     HandshakeTimeout,

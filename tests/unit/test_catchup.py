@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from engram_contract.ids import SpaceId
-from engram_sidecar import snapshot
-from engram_sidecar.catchup import Progress, TokenBucket, choose_path
 from engram_sidecar.errors import SequenceError
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log import snapshot
+from engram_sidecar.log.wal import SpaceLog
+from engram_sidecar.replication.catchup import TokenBucket, choose_path
+from engram_sidecar.space.replicas import CatchUpProgress
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ def test_catchup_choose_path(nxt: int, first: int, last: int, path: str) -> None
 
 def test_catchup_progress_rate_and_eta_on_virtual_time() -> None:
     t = [100.0]
-    p = Progress("snapshot", "far behind", 1000, 11_000, total_bytes=10, clock=lambda: t[0])
+    p = CatchUpProgress("snapshot", "far behind", 1000, 11_000, total_bytes=10, clock=lambda: t[0])
     assert p.total_entries == 10_000 and p.eta_seconds() is None
     t[0] += 2.0
     p.done_sequence = 5000

@@ -23,7 +23,7 @@ from engram_contract.formats.entry import HEADER
 from engram_operator.cli import _parser
 from engram_sidecar import api
 from engram_sidecar.config import SidecarConfig, load_config, setting_names
-from engram_sidecar.kube import KubeMetrics
+from engram_sidecar.kube.agent import KubeMetrics
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.node import Node
 

@@ -28,15 +28,15 @@ from engram_contract.formats.entry import EntryType, encode_entry
 from engram_contract.ids import NodeName, SpaceId
 from engram_operator.local.loop import ControlLoop
 from engram_operator.local.store import ClusterFiles
-from engram_sidecar import assignment_store as assignment_file
-from engram_sidecar import epochs
 from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalIOError, WalTruncated
-from engram_sidecar.groupcommit import GroupCommit
+from engram_sidecar.log import assignment_store as assignment_file
+from engram_sidecar.log import epochs
+from engram_sidecar.log.groupcommit import GroupCommit
+from engram_sidecar.log.segment import segment_name
+from engram_sidecar.log.snapshot import SnapshotBuilder
+from engram_sidecar.log.storage_health import StorageHealth, classify
+from engram_sidecar.log.wal import SpaceLog
 from engram_sidecar.metrics import Metrics
-from engram_sidecar.segment import segment_name
-from engram_sidecar.snapshot import SnapshotBuilder
-from engram_sidecar.storage_health import StorageHealth, classify
-from engram_sidecar.wal import SpaceLog
 
 SPACE = SpaceId("durable")
 REC = (EntryType.EPISODE_STORE, b"d" * 40)

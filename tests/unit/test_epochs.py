@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engram_contract.errors import WalCorruption
-from engram_sidecar import epochs
-from engram_sidecar.epochs import History, fork_point
+from engram_sidecar.log import epochs
+from engram_sidecar.log.epochs import History, fork_point
 
 
 def test_epochs_record_only_increases() -> None:

@@ -14,8 +14,8 @@ import pytest
 from engram_contract.formats.entry import EntryType, encode_entry
 from engram_contract.ids import SpaceId
 from engram_sidecar.errors import WalClosed, WalIOError
-from engram_sidecar.groupcommit import GroupCommit
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log.groupcommit import GroupCommit
+from engram_sidecar.log.wal import SpaceLog
 
 SPACE = SpaceId("gc-space")
 REC = (EntryType.EPISODE_STORE, b"m" * 100)
@@ -89,15 +89,27 @@ async def test_groupcommit_always_makes_each_append_durable(tmp_path: Path) -> N
     lg.close()
 
 
-async def test_groupcommit_append_stored_waits_for_durability(tmp_path: Path) -> None:
-    lg = open_log(tmp_path)
-    gc = GroupCommit(lg)
+async def test_groupcommit_settle_waits_as_the_policy_says(tmp_path: Path) -> None:
+    # What a replica does with a batch: append the primary's bytes, then settle.
     data = b"".join(
         encode_entry(sequence=s, timestamp_ns=s, entry_type=1, epoch=1, payload=b"r")
         for s in (1, 2, 3)
     )
-    assert await gc.append_stored(data) == (1, 3)
-    assert lg.durable_sequence == 3
+    lg = open_log(tmp_path)
+    gc = GroupCommit(lg)
+    assert gc.waits
+    assert lg.append_stored(data) == (1, 3)
+    assert gc.promised_sequence == 0  # written, not durable: nothing promised yet
+    await gc.settle(3)
+    assert lg.durable_sequence == gc.promised_sequence == 3
+    lg.close()
+    lg = open_log(tmp_path / "none")
+    gc = GroupCommit(lg, policy="none")
+    assert not gc.waits
+    assert lg.append_stored(data) == (1, 3)
+    await gc.settle(3)
+    assert gc.fsyncs == 0
+    assert gc.promised_sequence == 3  # held as far as `none` promises
     lg.close()
 
 
@@ -192,7 +204,7 @@ async def test_groupcommit_fsync_failure_fails_every_waiter_and_poisons_the_log(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     with monkeypatch.context() as m:
-        m.setattr("engram_sidecar.groupcommit.os.fsync", eio)
+        m.setattr("engram_sidecar.log.groupcommit.os.fsync", eio)
         results = await asyncio.gather(
             *(gc.append([REC], epoch=1) for _ in range(8)), return_exceptions=True
         )

@@ -48,7 +48,7 @@ class Api:
         """Vouch for the primary's write lease, as a control-plane heartbeat would."""
         sp = self.node.lookup(SPACE)
         assert sp is not None
-        sp.grant_lease(sp.clock())
+        sp.membership.grant_lease(sp.clock())
 
     async def post(self, body: str | bytes, content_type: str = "application/json") -> Any:
         self.grant()

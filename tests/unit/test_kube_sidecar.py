@@ -32,12 +32,13 @@ from engram_contract.kubernetes import (
     OPERATOR_STATUS_FIELDS,
     SIDECAR_STATUS_FIELDS,
 )
-from engram_sidecar.catchup import Progress
 from engram_sidecar.config import load_config
-from engram_sidecar.kube import KubeSidecar, member_report
-from engram_sidecar.kube_client import KubeClient, KubeSettings, lease_object, micro_time, resolve
+from engram_sidecar.kube.agent import KubeSidecar, member_report
+from engram_sidecar.kube.client import KubeClient, KubeSettings, lease_object, micro_time, resolve
 from engram_sidecar.node import Node
-from engram_sidecar.space import NotWritable, Space
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.membership import NotWritable
+from engram_sidecar.space.replicas import CatchUpProgress
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "engram"
@@ -594,7 +595,7 @@ async def test_kube_catch_up_is_reported_in_members_and_as_an_event(h: Harness) 
     sent = kube.client.sent  # type: ignore[attr-defined]
     sp: Space = await until(lambda: node.lookup("tenant-c"), "tenant-c assigned")
     n1 = NodeName("n1")
-    sp.replicas[n1].catchup = Progress("snapshot", "far behind", 0, 5000, total_bytes=1000)
+    sp.replicas[n1].catchup = CatchUpProgress("snapshot", "far behind", 0, 5000, total_bytes=1000)
 
     def catch_up_row() -> dict[str, Any] | None:
         for _, body in sent:

@@ -1,4 +1,4 @@
-"""Log matching (engram_sidecar.matching): the replica's check, the primary's back-up, overlaps.
+"""Log matching (`replication.matching`): the replica's check, the primary's back-up, overlaps.
 
 The exchange under test (design §4): a BATCH names the entry before its first one,
 (prev_epoch, first_seq - 1). The replica appends only if it holds that very entry (`check_prev`);
@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from engram_contract.formats.entry import HEADER_SIZE, encode_entry
-from engram_sidecar import epochs
-from engram_sidecar.matching import (
+from engram_contract.formats.batch import Batch, encode_batch
+from engram_contract.formats.entry import encode_entry
+from engram_contract.formats.frame import FrameDecoder
+from engram_contract.ids import Epoch, SpaceId, space_wire_id
+from engram_sidecar.log import epochs
+from engram_sidecar.replication.matching import (
     History,
     Mismatch,
     check_prev,
-    entry_epochs,
     epoch_at,
     epoch_end,
     epoch_start,
@@ -274,18 +276,26 @@ def _stored(epochs_by_seq: list[tuple[int, int]], *, size: int = 0) -> bytes:
     )
 
 
-def test_matching_entry_epochs_reads_each_stored_entry() -> None:
+def test_matching_compares_the_epochs_the_frame_decoder_read() -> None:
+    # The receiver compares an overlap by the epochs in `Batch.headers`, parsed and checked once
+    # by the frame decoder, instead of decoding the entries again.
     data = _stored([(7, 1), (8, 1), (9, 2), (10, 5)], size=33)
-    assert entry_epochs(data) == [1, 1, 2, 5]
-    assert entry_epochs(_stored([(1, 3)])) == [3]  # empty payload
-    assert entry_epochs(b"") == []
-
-
-def test_matching_entry_epochs_refuses_what_is_not_an_entry() -> None:
-    with pytest.raises(ValueError, match="magic"):
-        entry_epochs(bytes(HEADER_SIZE))
-    with pytest.raises(ValueError, match="short"):
-        entry_epochs(_stored([(1, 1)])[: HEADER_SIZE - 1])
+    frame = encode_batch(
+        space=space_wire_id(SpaceId("orders")),
+        epoch=5,
+        prev_epoch=1,
+        first_seq=7,
+        last_seq=10,
+        count=4,
+        entries=data,
+    )
+    (decoded,) = FrameDecoder().feed(frame)
+    batch = Batch.from_frame(decoded)
+    assert [h.epoch for h in batch.headers] == [1, 1, 2, 5]
+    assert [h.sequence for h in batch.headers] == [7, 8, 9, 10]
+    assert batch == Batch(
+        batch.space, batch.epoch, batch.first_seq, batch.last_seq, 4, data, Epoch(1)
+    )
 
 
 # --- the exchange, on simulated clusters ---------------------------------------------------------

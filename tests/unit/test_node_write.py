@@ -18,8 +18,10 @@ import pytest
 from engram_contract.assignment import Assignment, Member
 from engram_contract.ids import NodeName
 from engram_sidecar.config import SidecarConfig
-from engram_sidecar.node import Grant, Node
-from engram_sidecar.space import NotWritable, Space
+from engram_sidecar.grants import Grant
+from engram_sidecar.node import Node
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.membership import NotWritable
 
 
 def _assignment(primary: str, replicas: list[str], epoch: int) -> Assignment:
@@ -49,7 +51,7 @@ async def _node(tmp_path: Path) -> tuple[Node, Space, threading.Event]:
         gate.wait(5.0)
         real(fd)
 
-    sp.commit._fsync = slow_fsync
+    sp.writer.commit._fsync = slow_fsync
     return node, sp, gate
 
 
@@ -68,7 +70,7 @@ async def test_write_is_not_acknowledged_if_the_node_changed_during_its_fsync(
         elif change == "fenced":
             sp.note_epoch(2)
         else:
-            sp.lease_until = float("-inf")
+            sp.membership.lease_until = float("-inf")
         gate.set()
         with pytest.raises(NotWritable) as err:
             await asyncio.wait_for(write, 5.0)

@@ -1,16 +1,25 @@
-"""A hosted space's decisions: write lease, fencing, ack-policy waits, batch sealing."""
+"""A hosted space's decisions: write lease, fencing, ack-policy waits, batch sealing, and its one
+write path (the primary's `write`, the replica's `apply`), which checks every entry once."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from engram_contract.assignment import Assignment, Member
+from engram_contract.formats.batch import Batch
+from engram_contract.formats.frame import FrameDecoder
 from engram_contract.ids import NodeName, SpaceId
-from engram_sidecar.groupcommit import GroupCommit
-from engram_sidecar.space import NotWritable, Space
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log import wal as wal_module
+from engram_sidecar.log.groupcommit import GroupCommit
+from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.membership import NotWritable
 
 S = 1_000_000_000
 
@@ -24,19 +33,25 @@ def _assignment(
     return Assignment(epoch, m(primary), tuple(m(r) for r in replicas), policy)  # type: ignore[arg-type]
 
 
-def _space(tmp_path: Path, node: str = "n0") -> tuple[Space, list[float]]:
+def _space(
+    tmp_path: Path,
+    node: str = "n0",
+    *,
+    fsync: FsyncPolicy = "none",
+    hook: Callable[[int], None] | None = None,
+) -> tuple[Space, list[float]]:
     wal = SpaceLog(tmp_path / "s", space=SpaceId("orders"))
     now = [100.0]  # the node's monotonic clock, seconds
     sp = Space(
         space=SpaceId("orders"),
         node=NodeName(node),
         wal=wal,
-        commit=GroupCommit(wal, policy="none"),
+        commit=GroupCommit(wal, policy=fsync, fsync=hook),
         batch_max_entries=100,
         batch_max_delay=0.01,
         clock=lambda: now[0],
     )
-    sp.lease_seconds = 1.5
+    sp.membership.lease_seconds = 1.5
     return sp, now
 
 
@@ -44,7 +59,7 @@ def test_space_lease_needs_a_control_plane_grant(tmp_path: Path) -> None:
     sp, now = _space(tmp_path)
     sp.apply_assignment(_assignment("n0", ["n1", "n2"]))
     assert not sp.lease_valid()  # an assignment alone (e.g. reloaded from disk) grants nothing
-    sp.grant_lease(now[0])
+    sp.membership.grant_lease(now[0])
     assert sp.lease_valid()
     now[0] += 1.6
     assert not sp.lease_valid()
@@ -57,20 +72,20 @@ def test_space_replica_acks_never_renew_the_lease(tmp_path: Path) -> None:
     sp, now = _space(tmp_path)
     sp.apply_assignment(_assignment("n0", ["n1", "n2"]))
     sp.log.append([(1, b"{}")], epoch=1)
-    sp.grant_lease(now[0])
+    sp.membership.grant_lease(now[0])
     now[0] += 2.0
     sp.on_ack(NodeName("n1"), 1)
     sp.on_ack(NodeName("n2"), 1)
     assert not sp.lease_valid()
     with pytest.raises(NotWritable, match="no write lease") as err:
-        sp.check_writable()
+        sp.membership.check_writable()
     assert err.value.code == "unavailable"
 
 
 def test_space_lease_from_an_old_assignment_ends_with_a_new_one(tmp_path: Path) -> None:
     sp, now = _space(tmp_path)
     sp.apply_assignment(_assignment("n0", ["n1"]))
-    sp.grant_lease(now[0])
+    sp.membership.grant_lease(now[0])
     sp.apply_assignment(_assignment("n0", ["n1"], epoch=3))
     assert not sp.lease_valid()  # a grant vouched for epoch 1, not for epoch 3
 
@@ -78,15 +93,15 @@ def test_space_lease_from_an_old_assignment_ends_with_a_new_one(tmp_path: Path) 
 def test_space_higher_epoch_fences_and_demotion_clears_it(tmp_path: Path) -> None:
     sp, now = _space(tmp_path)
     sp.apply_assignment(_assignment("n0", ["n1"]))
-    sp.grant_lease(now[0])
+    sp.membership.grant_lease(now[0])
     sp.note_epoch(2)
     with pytest.raises(NotWritable, match="fenced"):
-        sp.check_writable()
+        sp.membership.check_writable()
     sp.apply_assignment(_assignment("n1", ["n0"], epoch=2))
     assert sp.role == "replica"
     assert sp.fenced_reason is None
     with pytest.raises(NotWritable) as err:
-        sp.check_writable()
+        sp.membership.check_writable()
     assert err.value.status == 421
     assert err.value.primary == "127.0.0.1:2001"
 
@@ -101,8 +116,9 @@ def test_space_replica_vouches_only_for_matched_entries(tmp_path: Path) -> None:
     # A new primary: nothing here is vouched for until one of its batches matches it.
     assert sp.matched_sequence == 0
     sp.matched_upto = 4
-    sp.on_truncated(2)
+    assert sp.cut(2) == 3  # a divergent tail cut: nothing past the cut is vouched for
     assert sp.matched_sequence == 2
+    assert sp.dropped_entries == 3
 
 
 async def test_space_quorum_timeout_is_not_acknowledged(tmp_path: Path) -> None:
@@ -126,11 +142,11 @@ async def test_space_seal_reports_batch_sizes(tmp_path: Path) -> None:
     sp, _ = _space(tmp_path)
     sp.apply_assignment(_assignment("n0", ["n1"], policy="async"))
     seen: list[int] = []
-    sp.on_batch = seen.append
+    sp.ring.on_batch = seen.append
     sp.log.append([(1, b"x")] * 250, epoch=1)
-    sp.on_append()  # nothing in flight: sealed at once, in batches of at most 100
+    sp.ring.on_append()  # nothing in flight: sealed at once, in batches of at most 100
     assert seen == [100, 100, 50]
-    frame, last = sp.batch_at(101) or (b"", 0)
+    frame, last = sp.ring.batch_at(101) or (b"", 0)
     assert last == 200 and frame
 
 
@@ -139,8 +155,130 @@ def test_space_lease_is_the_shorter_of_the_grant_and_its_own(tmp_path: Path) -> 
     # configured with a longer write_lease_seconds must not outlast it.
     sp, now = _space(tmp_path)
     sp.apply_assignment(_assignment("n0", ["n1"]))
-    sp.grant_lease(now[0], 0.5)
+    sp.membership.grant_lease(now[0], 0.5)
     assert sp.lease_valid(now[0] + 0.49) and not sp.lease_valid(now[0] + 0.5)
-    sp.lease_until = float("-inf")
-    sp.grant_lease(now[0], 60.0)  # never longer than the node's own 1.5 s
+    sp.membership.lease_until = float("-inf")
+    sp.membership.grant_lease(now[0], 60.0)  # never longer than the node's own 1.5 s
     assert not sp.lease_valid(now[0] + 1.5)
+
+
+# ---- the one write path ----------------------------------------------------------------------
+
+
+def _leading(sp: Space, now: list[float], policy: str = "async") -> None:
+    sp.apply_assignment(_assignment("n0", ["n1"], policy=policy))
+    sp.membership.grant_lease(now[0])
+
+
+def _frames(sp: Space) -> list[tuple[int, int, bytes]]:
+    return list(sp.ring._ring)
+
+
+async def test_space_write_seals_the_bytes_it_appended_as_the_wal_holds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The primary seals batches from what it just appended: no read back, no second CRC check.
+    # The frames are the very ones a read of the WAL would give: same batch cuts, same bytes.
+    sp, now = _space(tmp_path)
+    _leading(sp, now)
+    sp.ring.inflight = lambda: True  # a stream is busy: batches fill up to 100 or the timer
+    reads: list[int] = []
+    real_read = sp.log.read
+    monkeypatch.setattr(
+        sp.log, "read", lambda first, **kw: reads.append(first) or real_read(first, **kw)
+    )
+    for n in (1, 30, 99, 250, 7, 1, 1, 64):
+        await sp.write([(1, b'{"n":%d}' % i) for i in range(n)], ack_timeout=1.0)
+    sp.ring.seal()
+    assert reads == []
+    frames = _frames(sp)
+    assert frames[0][0] == 1 and frames[-1][1] == sp.log.last_sequence == 453
+    for first, last, frame in frames:
+        assert last - first + 1 <= 100
+        monkeypatch.undo()
+        assert (frame, last) == sp.ring.encode_from(first, upto=last)
+
+
+async def test_space_seal_cuts_large_entries_as_a_wal_read_does(tmp_path: Path) -> None:
+    sp, now = _space(tmp_path)
+    _leading(sp, now)
+    sp.ring.inflight = lambda: True
+    big = b"x" * (300 * 1024)
+    await sp.write([(1, big)] * 7 + [(1, b"{}")] * 3 + [(1, b"y" * (2 << 20))], ack_timeout=1.0)
+    sp.ring.seal()
+    frames = _frames(sp)
+    assert [(f, last) for f, last, _ in frames] == [(1, 3), (4, 6), (7, 10), (11, 11)]
+    for first, last, frame in frames:
+        assert (frame, last) == sp.ring.encode_from(first, upto=last)
+
+
+async def test_space_seal_reads_back_what_a_truncation_may_have_changed(tmp_path: Path) -> None:
+    # Bytes kept from an append are trusted only while the log's generation is the one they
+    # were written at; otherwise the ring encodes from the WAL, as for any older range.
+    sp, now = _space(tmp_path)
+    _leading(sp, now)
+    sp.ring.inflight = lambda: True
+    await sp.write([(1, b"{}")] * 10, ack_timeout=1.0)  # kept for sealing, not sealed yet
+    sp.log.truncate_after(4)  # behind the ring's back: 5..10 are rewritten below
+    sp.log.append([(1, b'{"other":1}')] * 6, epoch=1)
+    sp.ring.seal()
+    frames = _frames(sp)
+    assert [(f, last) for f, last, _ in frames] == [(1, 10)]
+    assert (frames[0][2], 10) == sp.ring.encode_from(1, upto=10)
+    await sp.write([(1, b'{"after":1}')] * 3, ack_timeout=1.0)  # kept afresh, sealed from memory
+    sp.ring.seal()
+    first, last, frame = _frames(sp)[-1]
+    assert (first, last) == (11, 13)
+    assert (frame, last) == sp.ring.encode_from(11, upto=13)
+
+
+async def test_space_ships_only_durable_entries_under_fsync_always(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def held(fd: int) -> None:
+        gate.wait(5.0)
+        os.fsync(fd)
+
+    sp, now = _space(tmp_path, fsync="always", hook=held)
+    _leading(sp, now)
+    write = asyncio.create_task(sp.write([(1, b"{}")] * 3, ack_timeout=1.0))
+    await asyncio.sleep(0.05)  # appended, waiting for its fsync
+    assert sp.log.last_sequence == 3 and sp.log.durable_sequence == 0
+    assert sp.sealed_upto == 0 and sp.ring.batch_at(1) is None  # nothing shippable yet
+    gate.set()
+    assert await asyncio.wait_for(write, 5.0) == (1, 3, 1)
+    assert sp.sealed_upto == 3
+    got = sp.ring.batch_at(1)
+    assert got is not None and got[1] == 3
+    await sp.writer.commit.stop()
+
+
+def _batch_of(sp: Space, first: int, last: int) -> Batch:
+    (frame,) = FrameDecoder().feed(sp.ring.encode_from(first, upto=last)[0])
+    return Batch.from_frame(frame)
+
+
+async def test_space_apply_takes_the_entries_as_the_frame_decoder_checked_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary, now = _space(tmp_path / "p")
+    _leading(primary, now)
+    await primary.write([(1, b'{"k":%d}' % i) for i in range(20)], ack_timeout=1.0)
+    replica, _ = _space(tmp_path / "r", node="n1")
+    replica.apply_assignment(_assignment("n0", ["n1"]))
+    batch = _batch_of(primary, 1, 20)
+    assert len(batch.headers) == 20
+
+    def walked(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the log parsed and checked the entries a second time")
+
+    monkeypatch.setattr(wal_module, "walk_entries", walked)
+    applied, written = replica.apply(batch.entries, batch.headers, int(batch.last_seq))
+    assert applied == 20 and written.last == 20
+    await replica.settle(written)
+    assert replica.matched_sequence == 20
+    assert replica.log.read(1, max_entries=100).data == primary.log.read(1, max_entries=100).data
+    monkeypatch.undo()
+    # A caller without checked headers gets the log's own checks.
+    with pytest.raises(wal_module.WalCorruption):
+        replica.apply(bytes(64), None, 21)

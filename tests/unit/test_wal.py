@@ -13,9 +13,9 @@ from engram_contract.errors import InvalidSpaceId, WalCorruption, WalError
 from engram_contract.formats.entry import HEADER_SIZE, EntryType, encode_entry
 from engram_contract.ids import SpaceId, validate_space_id
 from engram_sidecar.errors import SequenceError, WalClosed, WalIOError
-from engram_sidecar.segment import INDEX_EVERY, segment_name
-from engram_sidecar.verify import verify_space
-from engram_sidecar.wal import SpaceLog, WalStore
+from engram_sidecar.log.segment import INDEX_EVERY, scan, segment_name
+from engram_sidecar.log.verify import verify_space
+from engram_sidecar.log.wal import SpaceLog, WalStore
 
 TS = 1_700_000_000_000_000_000
 SPACE = SpaceId("space-1")
@@ -509,7 +509,7 @@ def test_wal_truncate_after_cuts_the_epoch_history(tmp_path: Path) -> None:
 
 
 def test_wal_deposed_primary_truncates_to_the_fork_point(tmp_path: Path) -> None:
-    from engram_sidecar.epochs import fork_point
+    from engram_sidecar.log.epochs import fork_point
 
     old = SpaceLog(tmp_path / "old" / SPACE, space=SPACE, clock_ns=_clock)
     new = SpaceLog(tmp_path / "new" / SPACE, space=SPACE, clock_ns=_clock)
@@ -531,6 +531,33 @@ def test_wal_deposed_primary_truncates_to_the_fork_point(tmp_path: Path) -> None
 
 
 # ---- the replica path -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_append", [1, 300, 2000])
+def test_wal_runs_of_any_size_rotate_and_index_as_entry_by_entry(
+    tmp_path: Path, per_append: int
+) -> None:
+    # An append (or a batch a replica applies) is written in as few chunks as its segments
+    # allow, its rotation points and sparse index found from the entries' sizes: the same
+    # segments and index points as writing one entry at a time, on the primary and the replica.
+    p = SpaceLog(tmp_path / "p" / SPACE, space=SPACE, segment_bytes=20_000)
+    r = SpaceLog(tmp_path / "r" / SPACE, space=SPACE, segment_bytes=20_000)
+    sizes = [(i * 37) % 300 for i in range(3000)]
+    for i in range(0, len(sizes), per_append):
+        p.append([(EntryType.MEMORY_UPDATE, b"v" * n) for n in sizes[i : i + per_append]], epoch=1)
+    _ship(p, r, max_entries=per_append)
+    one = SpaceLog(tmp_path / "one" / SPACE, space=SPACE, segment_bytes=20_000)
+    for n in sizes:
+        one.append([(EntryType.MEMORY_UPDATE, b"v" * n)], epoch=1)
+    for lg in (p, r):
+        assert [(s.first_sequence, s.last_sequence, s.size) for s in lg.segments] == [
+            (s.first_sequence, s.last_sequence, s.size) for s in one.segments
+        ]
+        for seg in lg.segments:  # indexed as written
+            assert seg.index == scan(seg.path, seg.first_sequence).index
+    assert len(one.segments) > 5
+    for lg in (p, r, one):
+        lg.close()
 
 
 def _ship(primary: SpaceLog, replica: SpaceLog, *, max_entries: int = 1000) -> None:
@@ -654,7 +681,7 @@ def test_wal_full_disk_leaves_no_partial_entry(
             return real_write(fd, bytes(data)[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # ... then the disk is full
 
-    monkeypatch.setattr("engram_sidecar.wal.os.write", full_disk)
+    monkeypatch.setattr("engram_sidecar.log.wal.os.write", full_disk)
     with pytest.raises(WalIOError) as exc:
         lg.append([(1, b"x" * 100), (1, b"y" * 100)], epoch=1)
     assert exc.value.retriable
@@ -688,7 +715,7 @@ def test_wal_full_disk_then_space_frees_without_reopen(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as m:
-        m.setattr("engram_sidecar.wal.os.write", no_space)
+        m.setattr("engram_sidecar.log.wal.os.write", no_space)
         with pytest.raises(WalIOError):
             lg.append([(1, b"lost")], epoch=1)
     fill(lg, 1)
@@ -719,7 +746,7 @@ def test_wal_full_disk_in_the_next_segment_rolls_back_the_whole_append(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the new segment's part
 
     with monkeypatch.context() as m:
-        m.setattr("engram_sidecar.wal.os.write", fail_second)
+        m.setattr("engram_sidecar.log.wal.os.write", fail_second)
         with pytest.raises(WalIOError):
             lg.append([(EntryType.EPISODE_STORE, payload_for(s)) for s in range(5, 15)], epoch=1)
     assert calls["n"] == 2
@@ -744,7 +771,7 @@ def test_wal_failed_rotation_keeps_the_log_usable(
         return real_open(path, flags, mode)
 
     with monkeypatch.context() as m:
-        m.setattr("engram_sidecar.wal.os.open", no_new_files)
+        m.setattr("engram_sidecar.log.wal.os.open", no_new_files)
         with pytest.raises(WalIOError):
             fill(lg, 10)
     n = lg.last_sequence
@@ -768,7 +795,7 @@ def test_wal_fsync_failure_poisons_the_log_until_reopened(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     with monkeypatch.context() as m:
-        m.setattr("engram_sidecar.wal.os.fsync", eio)
+        m.setattr("engram_sidecar.log.wal.os.fsync", eio)
         with pytest.raises(WalIOError):
             lg.sync()
     assert lg.durable_sequence == 3

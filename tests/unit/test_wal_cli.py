@@ -11,7 +11,7 @@ import pytest
 
 from engram_contract.formats.entry import HEADER_SIZE, EntryType
 from engram_contract.ids import SpaceId
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log.wal import SpaceLog
 from engram_sidecar.walcli import main
 
 SPACE = "cli-space"

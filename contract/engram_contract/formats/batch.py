@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Self
 
 import zstandard
 
 from engram_contract.errors import FrameTooLarge
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
-from engram_contract.formats.entry import check_payload, decode_header
+from engram_contract.formats.entry import EntryHeader, check_payload, decode_header
 from engram_contract.formats.frame import (
     DEFAULT_MAX_BODY,
     FLAG_COMPRESSED,
@@ -158,11 +158,12 @@ def decompress_body(data: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> bytes:
 
 def validate_batch_body(
     entries: bytes, *, first_seq: int, last_seq: int, count: int, epoch: int
-) -> None:
+) -> list[EntryHeader]:
     """Check that `entries` parse as whole, CRC-valid entries `first_seq..last_seq`, no gaps.
 
     Also that no entry claims an epoch above the frame's: a primary ships only entries written at
-    its own epoch or before. Raises BatchMismatch naming the entry and body offset.
+    its own epoch or before. Raises BatchMismatch naming the entry and body offset. Returns the
+    parsed headers, one per entry, so that nobody checks them again.
     """
     bad = _check_batch_range(first_seq, last_seq, count)
     if bad is not None:
@@ -171,6 +172,7 @@ def validate_batch_body(
     end = len(view)
     pos = 0
     want = first_seq
+    headers: list[EntryHeader] = []
     while pos < end:
         problem: str | None = None
         h = decode_header(view, pos) if want <= last_seq else f"more than the {count} entries"
@@ -186,6 +188,7 @@ def validate_batch_body(
                 problem = f"entry epoch {h.epoch} above the frame's {epoch}"
             else:
                 problem = check_payload(h, view[pos + ENTRY_HEADER_SIZE : stop])
+            headers.append(h)  # kept only if the body passes: a problem raises below
         if problem is not None:
             # Built only on failure: formatting per entry would cost more than the checks.
             raise BatchMismatch(f"BATCH entry {want - first_seq} at body offset {pos}: {problem}")
@@ -193,6 +196,7 @@ def validate_batch_body(
         pos = stop
     if want != last_seq + 1:
         raise BatchMismatch(f"BATCH body holds {want - first_seq} entries, header says {count}")
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +210,9 @@ class Batch:
     count: int
     entries: bytes
     prev_epoch: Epoch = _NO_EPOCH
+    # Set by `from_frame`: every entry's header, CRCs checked, so a receiver need not parse or
+    # check them again (empty for a Batch built by hand). Not part of the message's value.
+    headers: tuple[EntryHeader, ...] = field(default=(), compare=False, repr=False)
 
     def encode(self, *, compress: bool | int = False) -> bytes:
         return encode_batch(
@@ -237,7 +244,7 @@ class Batch:
             )
         raw = frame.body[PREV_EPOCH.size :]
         entries = decompress_body(raw, max_size=max_size) if frame.compressed else raw
-        validate_batch_body(
+        headers = validate_batch_body(
             entries,
             first_seq=frame.first_seq,
             last_seq=frame.last_seq,
@@ -252,6 +259,7 @@ class Batch:
             frame.count,
             entries,
             Epoch(prev_epoch),
+            tuple(headers),
         )
 
 

@@ -1,22 +1,22 @@
-"""Catch-up decisions and bookkeeping: which path a replica takes, its progress, and the throttle.
+"""Catch-up decisions: which path a replica takes, and the throttle every catch-up shares.
 
-Pure where it decides (`choose_path`), clock-injected where it measures (`Progress`,
-`TokenBucket`), so every rule is testable on virtual time.
+Pure where it decides (`choose_path`), clock-injected where it measures (`TokenBucket`), so every
+rule is testable on virtual time. A replica's progress through a catch-up, shown in status, is
+`engram_sidecar.space.replicas.CatchUpProgress`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
-Path = Literal["incremental", "snapshot"]
+from engram_sidecar.space.replicas import CatchUpPath
 
 
 @dataclass(frozen=True, slots=True)
 class PathChoice:
-    path: Path
+    path: CatchUpPath
     reason: str
 
 
@@ -38,56 +38,6 @@ def choose_path(
     if gap > threshold:
         return PathChoice("snapshot", f"{gap} entries behind, over catchupThreshold {threshold}")
     return PathChoice("incremental", f"{gap} entries behind, within catchupThreshold {threshold}")
-
-
-@dataclass
-class Progress:
-    """One replica's catch-up, for status, metrics and the CaughtUp record."""
-
-    path: Path
-    reason: str
-    start_sequence: int  # the replica's position when catch-up began
-    target: int  # the primary's last sequence when catch-up began
-    total_bytes: int = 0
-    done_bytes: int = 0
-    done_sequence: int = 0
-    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
-    started_at: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.started_at = self.clock()
-        self.done_sequence = self.start_sequence
-
-    @property
-    def total_entries(self) -> int:
-        return max(0, self.target - self.start_sequence)
-
-    @property
-    def done_entries(self) -> int:
-        return max(0, min(self.done_sequence, self.target) - self.start_sequence)
-
-    def rate(self) -> float:
-        """Entries per second so far."""
-        elapsed = self.clock() - self.started_at
-        return self.done_entries / elapsed if elapsed > 0 else 0.0
-
-    def eta_seconds(self) -> float | None:
-        r = self.rate()
-        left = self.total_entries - self.done_entries
-        return None if r <= 0 else left / r
-
-    def view(self) -> dict[str, object]:
-        eta = self.eta_seconds()
-        return {
-            "phase": self.path,
-            "reason": self.reason,
-            "entries_done": self.done_entries,
-            "entries_total": self.total_entries,
-            "bytes_done": self.done_bytes,
-            "bytes_total": self.total_bytes,
-            "rate_entries_per_second": round(self.rate(), 1),
-            "eta_seconds": None if eta is None else round(eta, 1),
-        }
 
 
 @dataclass

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from engram_contract.assignment import Assignment
-from engram_sidecar.segment import replace_atomically
+from engram_sidecar.log.segment import replace_atomically
 
 
 def save(path: Path, assignment: Assignment, accepted_epoch: int, *, space: str = "") -> None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from engram_sidecar.errors import WalCorruption
-from engram_sidecar.segment import replace_atomically
+from engram_sidecar.log.segment import replace_atomically
 
 History = list[tuple[int, int]]  # (epoch, first sequence), epochs strictly increasing
 

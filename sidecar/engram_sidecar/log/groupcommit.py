@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterable
 
 from engram_sidecar.errors import StorageError, WalIOError, WalTruncated
-from engram_sidecar.wal import FsyncPolicy, SpaceLog
+from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,31 @@ class GroupCommit:
             with contextlib.suppress(Exception):
                 await self._inflight
 
-    async def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> tuple[int, int]:
-        first, last = self.wal.append(records, epoch=epoch)
-        if self.policy == "always":
-            await self.wait_durable(last)
-        return first, last
+    @property
+    def waits(self) -> bool:
+        """Whether a write counts only once an fsync covers it (`always`), so `settle` waits."""
+        return self.policy == "always"
 
-    async def append_stored(self, data: bytes) -> tuple[int, int]:
-        first, last = self.wal.append_stored(data)
-        if self.policy == "always":
-            await self.wait_durable(last)
+    @property
+    def promised_sequence(self) -> int:
+        """The last entry the log holds as far as its policy promises: the last durable one
+        under `always`, the last written otherwise (with `none` nothing is ever synced, yet the
+        entries are held). What a replica may acknowledge, and what a primary may ship."""
+        if self.waits:
+            return self.wal.durable_sequence
+        return self.wal.last_sequence
+
+    async def settle(self, sequence: int, *, generation: int | None = None) -> None:
+        """Wait as the policy says for a write that ended at `sequence`: until an fsync covers
+        it under `always` (`wait_durable`, same arguments and errors), not at all otherwise."""
+        if self.waits:
+            await self.wait_durable(sequence, generation=generation)
+
+    async def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> tuple[int, int]:
+        """Append, then settle: for tools and benchmarks that drive a bare log. The sidecar
+        writes through `engram_sidecar.space.writer.SpaceWriter`, which settles the same way."""
+        first, last = self.wal.append(records, epoch=epoch)
+        await self.settle(last)
         return first, last
 
     async def wait_durable(self, sequence: int, *, generation: int | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Primary side of replication: one pooled connection per peer node, one stream per space on it.
+"""Primary side of replication: the pooled connection to one peer node, one stream per space on it.
 
 `PeerLink` dials a peer, authenticates, keeps the connection (keepalive, I/O timeouts), and
 redials with backoff; its circuit breaker marks the peer's replicas Degraded after repeated
@@ -19,17 +19,23 @@ import time
 from collections.abc import Callable
 
 from engram_contract.assignment import split_hostport
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
 from engram_contract.formats.frame import Frame, FrameDecoder
 from engram_contract.formats.messages import Ack, Nack, SnapshotAck, decode_message
 from engram_contract.ids import NodeName
-from engram_sidecar.breaker import Backoff, CircuitBreaker
-from engram_sidecar.catchup import TokenBucket
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.errors import ChecksumMismatch, EngramError, WireError
 from engram_sidecar.metrics import Metrics
-from engram_sidecar.space import Space
-from engram_sidecar.stream import Stream, StreamRefused
-from engram_sidecar.transport import PeerClosed, client_handshake, next_frames, tune_socket
+from engram_sidecar.replication.breaker import Backoff, CircuitBreaker
+from engram_sidecar.replication.catchup import TokenBucket
+from engram_sidecar.replication.stream import Stream, StreamRefused
+from engram_sidecar.replication.transport import (
+    PeerClosed,
+    client_handshake,
+    next_frames,
+    tune_socket,
+)
+from engram_sidecar.space.hosted import Space
 
 log = logging.getLogger(__name__)
 # While backing off, a cheap connect probe runs this often (seconds).
@@ -83,14 +89,14 @@ class PeerLink:
             )
             st.reset()
             self.streams[space.wire_id] = st
-            space.inflight = self._space_inflight(space)
+            space.ring.inflight = self._space_inflight(space)
         self._wake.set()
 
     def remove(self, space: Space) -> None:
         self.streams.pop(space.wire_id, None)
 
     def _space_inflight(self, space: Space) -> Callable[[], bool]:
-        prev = space.inflight
+        prev = space.ring.inflight
 
         def any_inflight() -> bool:
             s = self.streams.get(space.wire_id)
@@ -255,7 +261,7 @@ class PeerLink:
                     self.metrics.checksum_failures.labels(self.peer).inc()
                     raise
             for frame in pending:
-                self.metrics.bytes.labels("in").inc(64 + len(frame.body))
+                self.metrics.bytes.labels("in").inc(FRAME_HEADER_SIZE + len(frame.body))
                 msg = decode_message(frame)
                 s = self.streams.get(frame.space)
                 if s is None:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engram_contract.formats.entry import HEADER_SIZE, Entry, check_payload, decode_header
-from engram_sidecar import epochs as epoch_history
 from engram_sidecar.errors import WalCorruption
-from engram_sidecar.segment import list_segments, scan, valid_entry_after
+from engram_sidecar.log import epochs as epoch_history
+from engram_sidecar.log.segment import list_segments, scan, valid_entry_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""A small async Kubernetes API client on aiohttp, and the objects the sidecar writes (kube.py).
+"""A small async Kubernetes API client on aiohttp, and the objects the sidecar writes (agent.py).
 
 Not the `kubernetes` package: that client is synchronous, and the sidecar's event loop also runs
 the data plane. Every request here has a hard timeout (`kube_timeout`, 1 s by default), so an API

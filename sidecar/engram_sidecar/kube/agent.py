@@ -1,6 +1,6 @@
 """The sidecar on Kubernetes: its node Lease, its roles read back from the API, its member reports.
 
-Three tasks, each off the data plane's path (every API call has a timeout, kube_client.py):
+Three tasks, each off the data plane's path (every API call has a timeout, client.py):
 
 * **Node Lease.** Every LEASE_RENEW_SECONDS the sidecar renews the `coordination.k8s.io/v1` Lease
   `engram-node-<node>` (a JSON merge patch; created on 404). It is the node's liveness for the
@@ -49,7 +49,8 @@ from engram_contract.kubernetes import (
     lease_name,
 )
 from engram_sidecar.errors import InvalidSpaceId
-from engram_sidecar.kube_client import (
+from engram_sidecar.grants import Grant
+from engram_sidecar.kube.client import (
     KubeApiError,
     KubeClient,
     KubeSettings,
@@ -57,8 +58,8 @@ from engram_sidecar.kube_client import (
     lease_object,
     micro_time,
 )
-from engram_sidecar.node import Grant, Node, StaleAssignment
-from engram_sidecar.space import Space
+from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.space.hosted import Space
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,11 @@ from engram_contract.formats.messages import (
     SnapshotEnd,
 )
 from engram_contract.ids import Epoch, NodeName, Sequence
-from engram_sidecar import catchup, matching
 from engram_sidecar.errors import SequenceError
 from engram_sidecar.metrics import Metrics
-from engram_sidecar.space import Space
+from engram_sidecar.replication import catchup, matching
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.replicas import CatchUpPath, CatchUpProgress
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Stream:
         sp = self.space
         while self.inflight < self.window:
             try:
-                got = sp.batch_at(self.next_send)
+                got = sp.ring.batch_at(self.next_send)
             except SequenceError:
                 # The entries this replica needs were released (retention): only a snapshot
                 # can bring it back.
@@ -235,7 +236,7 @@ class Stream:
         if self.mode != "live":
             return
         outstanding = self.next_send - 1 - self.acked
-        self.inflight = 0 if outstanding <= 0 else -(-outstanding // sp.batch_max_entries)
+        self.inflight = 0 if outstanding <= 0 else -(-outstanding // sp.ring.batch_max_entries)
         self._maybe_caught_up()
 
     def _choose(self, replica_last: int, replica_last_epoch: int) -> None:
@@ -262,7 +263,7 @@ class Stream:
         self.next_send = nxt
         self.inflight = 0
         gap = sp.log.last_sequence - (nxt - 1)
-        if gap > sp.batch_max_entries:
+        if gap > sp.ring.batch_max_entries:
             self._progress("incremental", choice.reason, 0)
             self.metrics.catchups.labels(sp.id, "incremental").inc()
 
@@ -322,15 +323,15 @@ class Stream:
 
     # ---- progress -------------------------------------------------------------------------
 
-    def _prog(self) -> catchup.Progress | None:
+    def _prog(self) -> CatchUpProgress | None:
         rep = self.space.replicas.get(self.peer)
         return rep.catchup if rep is not None else None
 
-    def _progress(self, path: catchup.Path, reason: str, total_bytes: int) -> None:
+    def _progress(self, path: CatchUpPath, reason: str, total_bytes: int) -> None:
         rep = self.space.replicas.get(self.peer)
         if rep is None:
             return
-        rep.catchup = catchup.Progress(
+        rep.catchup = CatchUpProgress(
             path,
             reason,
             self.acked,

@@ -17,14 +17,15 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from engram_contract.formats.entry import EntryHeader
 from engram_contract.ids import SpaceId
-from engram_sidecar import epochs as epoch_history
 from engram_sidecar.errors import SequenceError, StorageError
-from engram_sidecar.segment import fsync_dir, write_all
-from engram_sidecar.wal import SpaceLog
+from engram_sidecar.log import epochs as epoch_history
+from engram_sidecar.log.segment import fsync_dir, write_all
+from engram_sidecar.log.wal import SpaceLog
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ class SnapshotBuilder:
             self.dir, space=space, segment_bytes=segment_bytes, first_sequence=first
         )
 
-    def append(self, data: bytes) -> int:
-        _, last = self.log.append_stored(data, payloads_checked=True)
+    def append(self, data: bytes, headers: Sequence[EntryHeader] | None = None) -> int:
+        """Append a chunk's entries; `headers` as for `SpaceLog.append_stored` (the payloads
+        are always checked already: chunks arrive through `Batch.from_frame`)."""
+        _, last = self.log.append_stored(data, payloads_checked=True, headers=headers)
         return last
 
     def durable(self) -> int:

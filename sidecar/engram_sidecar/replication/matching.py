@@ -17,8 +17,6 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engram_contract.formats.entry import HEADER_SIZE, decode_header
-
 History = Sequence[tuple[int, int]]  # (epoch, first sequence), both strictly increasing
 
 
@@ -106,20 +104,6 @@ def resend_point(*, history: History, last: int, replica_seq: int, replica_epoch
     if point == replica_seq:  # same sequence, different epoch: the fork is below it
         point -= 1
     return max(point, 0) + 1
-
-
-def entry_epochs(entries: bytes) -> list[int]:
-    """The epoch of each stored entry in `entries` (already validated by the frame decoder)."""
-    out = []
-    view = memoryview(entries)
-    pos = 0
-    while pos < len(view):
-        h = decode_header(view, pos)
-        if isinstance(h, str):
-            raise ValueError(h)
-        out.append(h.epoch)
-        pos += HEADER_SIZE + h.payload_size
-    return out
 
 
 def overlap(

@@ -4,8 +4,10 @@ Per frame: CRC (decoder), authentication (handshake first), space (known here?),
 the assignment's primary, at the assignment's epoch), then log matching (`matching`): the batch
 applies only after the entry it follows; entries already held are compared by epoch, and a
 divergent tail is cut. A gap or a mismatch is answered with NACK GAP/DIVERGED naming this log's
-entry to resume after. Applied entries go to the local WAL under its fsync policy; the ACK
-carries the highest durable sequence proven identical to the primary's (`Space.matched_sequence`).
+entry to resume after. Applied entries go through the space's one write path (`Space.apply`,
+then `Space.settle` as its fsync policy says), checked once: the frame decoder checked every
+entry's CRCs (`Batch.headers`) and the log takes them as checked. The ACK carries the highest
+durable sequence proven identical to the primary's (`Space.matched_sequence`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 from engram_contract.formats.batch import Batch, BatchMismatch
-from engram_contract.formats.entry import HEADER_SIZE
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.formats.entry import EntryHeader, walk_entries
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
 from engram_contract.formats.frame import Frame, FrameDecoder, MessageType
 from engram_contract.formats.messages import (
     Ack,
@@ -30,8 +35,6 @@ from engram_contract.formats.messages import (
     decode_message,
 )
 from engram_contract.ids import Epoch, NodeName, Sequence
-from engram_sidecar import matching
-from engram_sidecar.admission import Admission, Refused
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.errors import (
     ChecksumMismatch,
@@ -41,10 +44,11 @@ from engram_sidecar.errors import (
     WalTruncated,
     WireError,
 )
+from engram_sidecar.log.snapshot import SnapshotBuilder
 from engram_sidecar.metrics import Metrics
-from engram_sidecar.snapshot import SnapshotBuilder
-from engram_sidecar.space import Space
-from engram_sidecar.transport import (
+from engram_sidecar.replication import matching
+from engram_sidecar.replication.admission import Admission, Refused
+from engram_sidecar.replication.transport import (
     ClosedSilently,
     PeerClosed,
     next_frames,
@@ -52,6 +56,8 @@ from engram_sidecar.transport import (
     server_handshake,
     tune_socket,
 )
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.writer import Written
 
 log = logging.getLogger(__name__)
 _SNAPSHOT_TYPES = frozenset(
@@ -191,7 +197,7 @@ class Receiver:
                 if not pending:
                     pending = await next_frames(reader, decoder, idle)
                 for frame in pending:
-                    self.metrics.bytes.labels("in").inc(HEADER_SIZE + len(frame.body))
+                    self.metrics.bytes.labels("in").inc(FRAME_HEADER_SIZE + len(frame.body))
                     reply = await self._on_frame(peer, frame, writer, acks)
                     if reply:
                         writer.write(reply)
@@ -250,7 +256,7 @@ class Receiver:
             try:
                 space.note_epoch(frame.epoch)
             except EngramError as err:
-                space.note_storage_error(err)
+                space.writer.note_error(err)
                 return self._nack(NackReason.INTERNAL, frame, f"cannot record epoch: {err}"[:200])
         if frame.epoch != a.epoch:
             return self._nack(
@@ -327,7 +333,7 @@ class Receiver:
                         f"chunk starts at {msg.first_seq}, snapshot expects {have + 1}"
                     )
                 if msg.last_seq > have:  # a resent chunk may overlap what is held
-                    b.append(_skip_entries(msg.entries, have + 1 - int(msg.first_seq)))
+                    b.append(*_skip_entries(msg, _checked(msg), have + 1 - int(msg.first_seq)))
                     await asyncio.to_thread(b.durable)
                     if space.snapshot_builder is not b:
                         return b""  # replaced meanwhile by a newer SNAPSHOT_BEGIN
@@ -366,9 +372,8 @@ class Receiver:
         wal = space.log
         space.primary_last_seq = max(space.primary_last_seq, int(batch.last_seq))
         try:
-            wal.forget_unwritten_epochs()
+            space.writer.forget_unwritten_epochs()
         except (WalError, OSError) as err:
-            space.note_storage_error(err)
             return self._nack(NackReason.INTERNAL, None, str(err)[:200], space=space)
         verdict = matching.check_prev(
             history=wal.history,
@@ -387,42 +392,34 @@ class Receiver:
                 hint=verdict.epoch_hint,
             )
         skip = 0
+        headers = _checked(batch)
         if batch.first_seq <= wal.last_sequence:
-            epochs = matching.entry_epochs(batch.entries)
             skip, diverged_at = matching.overlap(
                 history=wal.history,
                 last=wal.last_sequence,
                 first_seq=int(batch.first_seq),
-                epochs=epochs,
+                epochs=[h.epoch for h in headers],
             )
             if diverged_at is not None:
                 self._cut(space, diverged_at - 1, int(batch.epoch))
         try:
-            if skip < batch.count:
-                data = _skip_entries(batch.entries, skip)
-                first, last = wal.append_stored(data, payloads_checked=True)
-                self.metrics.entries_applied.labels(space.id).inc(last - first + 1)
-            generation = wal.generation
+            data, rest = _skip_entries(batch, headers, skip)
+            applied, written = space.apply(data, rest, int(batch.last_seq))
         except (WalError, OSError) as err:
-            space.note_storage_error(err)
             log.error("space %s: cannot apply batch: %s", space.id, err)
             return self._nack(NackReason.INTERNAL, None, str(err)[:200], space=space)
-        space.clear_storage_error()
-        space.matched_upto = max(space.matched_upto, int(batch.last_seq))
-        if space.commit.policy == "always":
-            t = asyncio.create_task(
-                self._ack_when_durable(space, int(batch.last_seq), generation, writer)
-            )
+        if applied:
+            self.metrics.entries_applied.labels(space.id).inc(applied)
+        if space.writer.waits:
+            t = asyncio.create_task(self._ack_when_settled(space, written, writer))
             acks.add(t)
             t.add_done_callback(acks.discard)
             return b""
         return self._ack(space)
 
     def _cut(self, space: Space, keep_upto: int, epoch: int) -> None:
-        dropped = space.log.truncate_after(keep_upto)
-        space.on_truncated(keep_upto)
+        dropped = space.cut(keep_upto)
         self.metrics.truncated_entries.labels(space.id).inc(dropped)
-        space.dropped_entries += dropped
         log.warning(
             "space %s: dropped %d divergent entries after %d to follow %s at epoch %d",
             space.id,
@@ -432,16 +429,15 @@ class Receiver:
             epoch,
         )
 
-    async def _ack_when_durable(
-        self, space: Space, seq: int, generation: int, writer: asyncio.StreamWriter
+    async def _ack_when_settled(
+        self, space: Space, written: Written, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            await space.commit.wait_durable(seq, generation=generation)
+            await space.settle(written)
         except WalTruncated:
             return  # cut by a newer batch's log matching meanwhile: that batch acks for itself
         except EngramError as err:
-            space.note_storage_error(err)
-            log.error("space %s: fsync failed; not acking %d: %s", space.id, seq, err)
+            log.error("space %s: fsync failed; not acking %d: %s", space.id, written.last, err)
             writer.close()
             return
         if not writer.is_closing():
@@ -475,10 +471,17 @@ class Receiver:
         return Nack(reason, Sequence(resend_from), message, sid, Epoch(ep), Epoch(hint)).encode()
 
 
-def _skip_entries(data: bytes, n: int) -> bytes:
-    """`data` without its first `n` stored entries (the part of an overlap we already hold)."""
-    pos = 0
-    for _ in range(n):
-        size = int.from_bytes(data[pos + 24 : pos + 28], "little")
-        pos += HEADER_SIZE + size
-    return data[pos:] if pos else data
+def _checked(batch: Batch) -> Seq[EntryHeader]:
+    """The batch's entry headers as the frame decoder parsed and checked them (`Batch.headers`);
+    a Batch built any other way has none, and is checked here instead."""
+    return batch.headers or walk_entries(batch.entries, where="batch")
+
+
+def _skip_entries(
+    batch: Batch, headers: Seq[EntryHeader], n: int
+) -> tuple[bytes, Seq[EntryHeader]]:
+    """The batch's entries without its first `n` (the part of an overlap we already hold)."""
+    if n == 0:
+        return batch.entries, headers
+    pos = sum(ENTRY_HEADER_SIZE + h.payload_size for h in headers[:n])
+    return batch.entries[pos:], headers[n:]

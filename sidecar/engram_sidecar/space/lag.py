@@ -1,4 +1,5 @@
-"""Replica lag and state: pure functions over numbers, so every rule is testable on virtual time.
+"""Replica lag and state: pure functions over numbers, so every rule is testable on virtual time
+(and `timestamp_of`, the one read of the log a lag needs).
 
 Lag has two explicit units (engram-facts.md §5.4 mixes them): `entries` = primary last sequence
 minus the replica's acked sequence, and `seconds` = the age of the oldest entry the replica lacks,
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from engram_contract.formats.entry import decode_header
+from engram_sidecar.log.wal import SpaceLog
 
 ReplicaState = Literal["Healthy", "Lagging", "Degraded", "Failed", "CatchingUp"]
 
@@ -34,6 +38,15 @@ def compute_lag(
     if entries == 0 or oldest_missing_ts_ns is None:
         return Lag(entries, 0.0)
     return Lag(entries, max(0.0, (now_ns - oldest_missing_ts_ns) / 1e9))
+
+
+def timestamp_of(log: SpaceLog, sequence: int) -> int | None:
+    """When the entry at `sequence` was written (its header), or None if the log lacks it."""
+    if sequence < log.first_sequence or sequence > log.last_sequence:
+        return None
+    r = log.read(sequence, max_entries=1)
+    h = decode_header(r.data)
+    return None if isinstance(h, str) else h.timestamp_ns
 
 
 def classify(

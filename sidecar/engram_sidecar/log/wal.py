@@ -20,12 +20,14 @@ anything durable after it (`SyncTicket`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -41,9 +43,9 @@ from engram_contract.formats.entry import (
     walk_entries,
 )
 from engram_contract.ids import SpaceId, validate_space_id
-from engram_sidecar import epochs as epoch_history
 from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalCorruption, WalIOError
-from engram_sidecar.segment import (
+from engram_sidecar.log import epochs as epoch_history
+from engram_sidecar.log.segment import (
     INDEX_EVERY,
     Segment,
     fsync_dir,
@@ -71,6 +73,17 @@ class ReadResult:
     last_sequence: int
     count: int
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Entries just written by `SpaceLog.append_entries`: their bytes exactly as stored, and
+    where each one ends in `data` (so a primary can ship them without reading them back)."""
+
+    first: int
+    last: int
+    data: bytes
+    ends: list[int]  # ends[i]: offset in `data` just past entry first + i
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +293,11 @@ class SpaceLog:
         The entries are in the page cache when this returns, not yet durable: call `sync()` or
         await the group commit.
         """
+        done = self.append_entries(records, epoch=epoch)
+        return done.first, done.last
+
+    def append_entries(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+        """`append`, returning the entries' stored bytes too (what a primary ships)."""
         self._check_usable()
         if epoch < self.last_epoch:
             raise SequenceError(
@@ -296,20 +314,33 @@ class SpaceLog:
         ]
         if not parts:
             raise SequenceError("append of no entries")
-        self._write(b"".join(parts), first, seq - 1, epoch, ts)
-        return first, seq - 1
+        data = b"".join(parts)
+        ends = list(itertools.accumulate(map(len, parts)))
+        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=ts)
+        return Appended(first, seq - 1, data, ends)
 
-    def append_stored(self, data: bytes, *, payloads_checked: bool = False) -> tuple[int, int]:
+    def append_stored(
+        self,
+        data: bytes,
+        *,
+        payloads_checked: bool = False,
+        headers: Sequence[EntryHeader] | None = None,
+    ) -> tuple[int, int]:
         """Append entries already encoded by a primary (a replica applying a batch).
 
         Every entry is checked (header CRCs, sequences continuing from next_sequence, epochs not
         going back) before a byte is written, so a bad batch leaves the log untouched. Payload
-        CRCs too, unless the caller just checked them (`Batch.from_frame` does).
+        CRCs too, unless the caller just checked them (`Batch.from_frame` does). A caller that
+        already parsed and checked every header and payload (`Batch.headers`) passes `headers`,
+        one per entry of `data`, and no CRC is computed twice.
         """
         self._check_usable()
-        entries = walk_entries(
-            data, where=f"batch for space {self.space}", check_payloads=not payloads_checked
-        )
+        if headers is None:
+            entries: Sequence[EntryHeader] = walk_entries(
+                data, where=f"batch for space {self.space}", check_payloads=not payloads_checked
+            )
+        else:
+            entries = headers
         if not entries:
             raise SequenceError("batch of no entries")
         first = entries[0].sequence
@@ -317,30 +348,37 @@ class SpaceLog:
             raise SequenceError(
                 f"space {self.space}: batch starts at {first}, log expects {self.next_sequence}"
             )
+        # One pass: sequences continue, epochs never go back, where each entry ends (no CRC:
+        # checked above, or by the caller that passed `headers`).
         epoch = self.last_epoch
+        rises: list[tuple[int, int]] = []  # (epoch, first sequence) of each epoch begun here
+        ends: list[int] = []
+        end = 0
         for i, e in enumerate(entries):
             if e.sequence != first + i:
                 raise SequenceError(f"batch sequence jumps to {e.sequence} at entry {i}")
             if e.epoch < epoch:
                 raise SequenceError(f"entry {e.sequence} has epoch {e.epoch} after epoch {epoch}")
+            if e.epoch > epoch:
+                rises.append((e.epoch, e.sequence))
             epoch = e.epoch
-        self._write_entries(data, entries)
-        return first, entries[-1].sequence
-
-    def _write_entries(self, data: bytes, entries: list[EntryHeader]) -> None:
+            end += HEADER_SIZE + e.payload_size
+            ends.append(end)
+        if end != len(data):
+            raise SequenceError(f"batch entries cover {end} of its {len(data)} bytes")
         # Record every epoch change inside the batch, then write the bytes.
-        for e in entries:
-            if e.epoch > self.last_epoch:
-                self._note_epoch(e.epoch, e.sequence)
+        for e_epoch, e_first in rises:
+            self._note_epoch(e_epoch, e_first)
+        last = entries[-1]
         self._write(
-            data,
-            entries[0].sequence,
-            entries[-1].sequence,
-            entries[-1].epoch,
-            entries[-1].timestamp_ns,
+            data, ends, first=first, last=last.sequence, epoch=last.epoch, ts=last.timestamp_ns
         )
+        return first, last.sequence
 
-    def _write(self, data: bytes, first: int, last: int, epoch: int, ts: int) -> None:
+    def _write(
+        self, data: bytes, ends: list[int], *, first: int, last: int, epoch: int, ts: int
+    ) -> None:
+        """Write entries `first..last`; `ends[i]` is where entry first + i ends in `data`."""
         if epoch > self.last_epoch:
             self._note_epoch(epoch, first)
         # Rotation is decided entry by entry (rotate before an entry that would take a non-empty
@@ -348,28 +386,38 @@ class SpaceLog:
         # primary's bytes in batches of any size cuts its segments where the primary did, so
         # their segment files are byte-identical. A batch may therefore span two segments.
         view = memoryview(data)
-        pos, seq = 0, first
-        while pos < len(view):
+        k = 0  # the next entry to write, as an index into `ends`
+        while k < len(ends):
             seg = self._active
-            end, nxt, size = pos, seq, seg.size
-            while end < len(view):
-                n = HEADER_SIZE + int.from_bytes(view[end + 24 : end + 28], "little")
-                if size > 0 and size + n > self.segment_bytes:
-                    break
-                size, end, nxt = size + n, end + n, nxt + 1
+            pos = ends[k - 1] if k else 0
+            # Entries k..j fit the active segment; an empty one takes at least entry k.
+            j = bisect.bisect_right(ends, pos + self.segment_bytes - seg.size, k) - 1
             try:
-                if end == pos:
-                    self._rotate()
-                    continue
-                self._write_chunk(seg, view[pos:end], seq, nxt - 1, ts)
+                if j < k:
+                    if seg.size > 0:
+                        self._rotate()
+                        continue
+                    j = k
+                self._write_chunk(seg, view[pos : ends[j]], ends=ends, k=k, j=j, first=first, ts=ts)
             except WalIOError:
-                if seq > first:
+                if k > 0:
                     self._undo_append(first)
                 raise
-            pos, seq = end, nxt
-        assert seq - 1 == last
+            k = j + 1
+        assert first + k - 1 == last
 
-    def _write_chunk(self, seg: Segment, data: memoryview, first: int, last: int, ts: int) -> None:
+    def _write_chunk(
+        self,
+        seg: Segment,
+        data: memoryview,
+        *,
+        ends: list[int],
+        k: int,
+        j: int,
+        first: int,
+        ts: int,
+    ) -> None:
+        """Write entries k..j of a run that starts at sequence `first` (`data` holds just them)."""
         start = seg.size
         try:
             view = data
@@ -380,9 +428,9 @@ class SpaceLog:
             self._rollback(seg, start, err)
             raise StorageError("write to", seg.path, err, space=self.space) from err
         if seg.index is not None:
-            self._index_range(seg, data, start, first)
+            self._index_range(seg, start, ends=ends, k=k, j=j, first=first)
         seg.size = start + len(data)
-        seg.last_sequence = last
+        seg.last_sequence = first + j
         self.last_timestamp_ns = ts
 
     def _undo_append(self, first: int) -> None:
@@ -393,16 +441,19 @@ class SpaceLog:
             self._failed = self._failed or err
             log.exception("space %s: cannot drop a partly written append", self.space)
 
-    def _index_range(self, seg: Segment, data: memoryview, start: int, first: int) -> None:
+    def _index_range(
+        self, seg: Segment, start: int, *, ends: list[int], k: int, j: int, first: int
+    ) -> None:
+        """Index points (every INDEX_EVERY sequences of the segment) of entries k..j, written
+        at offset `start` of `seg`."""
         assert seg.index is not None
-        pos, seq = 0, first
-        count_before = seq - seg.first_sequence
-        while pos < len(data):
-            if (count_before + (seq - first)) % INDEX_EVERY == 0:
-                seg.index.append((seq, start + pos))
-            size = int.from_bytes(data[pos + 24 : pos + 28], "little")
-            pos += HEADER_SIZE + size
-            seq += 1
+        base = ends[k - 1] if k else 0
+        seq = first + k
+        seq += -(seq - seg.first_sequence) % INDEX_EVERY
+        while seq <= first + j:
+            i = seq - first
+            seg.index.append((seq, start + (ends[i - 1] if i else 0) - base))
+            seq += INDEX_EVERY
 
     def _rollback(self, seg: Segment, start: int, err: OSError) -> None:
         try:
