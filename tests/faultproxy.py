@@ -5,9 +5,10 @@ set per direction — ``"up"`` (client → target), ``"down"`` (target → clien
 may be changed while traffic flows; they apply to what arrives after the change.
 
 Units. In framed mode (the default) each direction's byte stream is split into wire frames using
-nothing but the frame header's body-length field (a little-endian u32 at offset 52 of the 64-byte
-header; frame size = 64 + body length); nothing else is parsed or validated, so the proxy works on
-frames that are deliberately malformed. Every fault then acts on whole frames. With
+nothing but the frame header's body-length field (a little-endian u32 at `BODY_LENGTH_OFFSET` of the
+`HEADER_SIZE`-byte header, both from `engram_contract.formats.frame`; frame size = header + body
+length); nothing else is parsed or validated, so the proxy works on frames that are deliberately
+malformed. Every fault then acts on whole frames. With
 ``framed=False`` the unit is whatever one socket read returned (a chunk), so the same faults act on
 arbitrary byte streams. A framed direction whose body length exceeds ``max_body`` (a stream that is
 not made of frames) falls back to raw chunks for the rest of that connection (``desynced``).
@@ -48,9 +49,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal, Self
 
-HEADER_SIZE: Final = 64
-BODY_LENGTH_OFFSET: Final = 52
-_BODY_LENGTH: Final = struct.Struct("<I")
+from engram_contract.formats.frame import BODY_LENGTH_OFFSET, HEADER_SIZE
+
+_BODY_LENGTH: Final = struct.Struct("<I")  # the frame header's body-length field
 _READ_SIZE: Final = 64 * 1024
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 

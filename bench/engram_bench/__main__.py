@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engram_bench import harness
+from engram_bench import runner
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
     args = p.parse_args(argv)
-    return harness.main(quick=args.quick, only=args.only, docs=args.docs, json_path=args.json)
+    return runner.main(quick=args.quick, only=args.only, docs=args.docs, json_path=args.json)
 
 
 if __name__ == "__main__":

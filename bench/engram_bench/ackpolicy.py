@@ -26,14 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.cluster import BenchCluster, RawProcess, bench_dir, ndjson_body
 from engram_bench.load import LoadResult, error_text, http_send, open_loop, ping_rtts, raw_fsync
+from engram_bench.rawpeer import RawProcess
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
+from engram_bench.sidecars import BenchCluster, bench_dir, ndjson_body
+from engram_contract.assignment import AckPolicy
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
 
 PAYLOAD: Final = 100
+ENTRY_BYTES: Final = ENTRY_HEADER_SIZE + PAYLOAD  # one stored entry
 REQUESTS_PER_S: Final = 1_000
 LOADS: Final = (1_000, 10_000)
-CASES: Final = (
+CASES: Final[tuple[tuple[AckPolicy, int], ...]] = (
     ("async", 2),
     ("one", 2),
     ("quorum", 2),
@@ -78,7 +83,7 @@ async def _main(quick: bool) -> dict[str, Any]:
     data: dict[str, Any] = {"quick": quick, "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix=".engram-bench-ack-", dir=bench_dir()) as tmp:
         root = Path(tmp)
-        fsync = await asyncio.to_thread(raw_fsync, root / "fsync.bin", b.fsync_s)
+        fsync = await asyncio.to_thread(raw_fsync, root / "fsync.bin", b.fsync_s, ENTRY_BYTES)
         async with BenchCluster(root / "nodes") as c, RawProcess("sink") as sink:
             for n in ("p", "r1", "r2", "r3", "r4"):
                 c.add_node(n)
@@ -154,7 +159,7 @@ def run(*, quick: bool) -> Section:
             "-",
         ],
         [
-            "baseline: raw 64-byte round trip",
+            f"baseline: raw {FRAME_HEADER_SIZE}-byte round trip",
             *("-", "-", "-"),
             *(fmt_ms(r[q]) for q in pct),
             *(ratio(r[99], f[99]), "-", "-"),
@@ -195,8 +200,9 @@ def run(*, quick: bool) -> Section:
         "nodes fsync always, on the same disk as the fsync baseline; the replicas drain "
         "between rows. 'acks needed' = replica acknowledgements beyond the primary's own "
         "durable copy.",
-        "Baselines, same run: os.write + os.fsync of a 164-byte record on the data disk; a "
-        "64-byte ping-pong to a plain asyncio sink process on loopback; GET /healthz on the "
+        f"Baselines, same run: os.write + os.fsync of a {ENTRY_BYTES}-byte record on the data "
+        f"disk; a {FRAME_HEADER_SIZE}-byte ping-pong to a plain asyncio sink process on loopback; "
+        "GET /healthz on the "
         "primary at the same schedule. fsync + RTT is the floor for `one` before any HTTP.",
         f"Write P99 < {GOAL_P99_S * 1000:g} ms: "
         + ("met in every row." if not over else "NOT met for " + ", ".join(over) + "."),

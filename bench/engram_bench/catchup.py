@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.cluster import BenchCluster, BenchError, bench_dir, ndjson_body
 from engram_bench.load import LoadResult, Sampler, error_text, http_send, open_loop
 from engram_bench.pipeline import raw_pipeline
 from engram_bench.report import Section, fmt_ms, percentile
+from engram_bench.sidecars import BenchCluster, BenchError, bench_dir, ndjson_body
 
 PAYLOAD: Final = 100
 GAP: Final = 10_000

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.cluster import BenchCluster, bench_dir
 from engram_bench.load import closed_loop, error_text, http_send, open_loop
 from engram_bench.pipeline import raw_pipeline
 from engram_bench.report import Section, fmt_ms, fmt_rate, ratio
+from engram_bench.sidecars import BenchCluster, bench_dir
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 
 PAYLOAD: Final = 100
-ENTRY_HEADER: Final = 64
 REQUEST: Final = 1_000
 CONCURRENCY: Final = 8
 FIXED_LOAD: Final = 10_000.0
@@ -99,7 +99,7 @@ async def _mode(c: BenchCluster, space: str, b: Budget) -> dict[str, Any]:
         "applied_per_s": mid / (t_applied - t0),
         "bytes_out": out1 - out0,
         "bytes_in_replica": in1 - in0,
-        "stored_bytes": last * (ENTRY_HEADER + PAYLOAD),
+        "stored_bytes": last * (ENTRY_HEADER_SIZE + PAYLOAD),
         "fixed": fixed.summary(),
         "errors": {**dict(res.errors), **dict(fixed.errors)},
     }
@@ -145,10 +145,10 @@ def run(*, quick: bool) -> Section:
     )
     s.rows.append(
         [
-            "baseline: stored entries (64 + 100 bytes)",
+            f"baseline: stored entries ({ENTRY_HEADER_SIZE} + {PAYLOAD} bytes)",
             "-",
             "-",
-            f"{ENTRY_HEADER + PAYLOAD}",
+            f"{ENTRY_HEADER_SIZE + PAYLOAD}",
             "1.00x",
             "-",
             fmt_rate(data["raw_per_s"]) + " (raw pipeline)",
@@ -166,7 +166,7 @@ def run(*, quick: bool) -> Section:
                 f"{m['entries']:,}",
                 f"{m['bytes_out']:,.0f}",
                 f"{per[key]:.1f}",
-                ratio(per[key], ENTRY_HEADER + PAYLOAD),
+                ratio(per[key], ENTRY_HEADER_SIZE + PAYLOAD),
                 ratio(per[key], per["off"]),
                 fmt_rate(m["applied_per_s"]),
                 ratio(m["applied_per_s"], data["raw_per_s"]),

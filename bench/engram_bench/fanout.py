@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.cluster import BenchCluster, bench_dir, ndjson_body
 from engram_bench.load import Sampler, closed_loop, error_text, http_send, open_loop
 from engram_bench.pipeline import raw_pipeline
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
+from engram_bench.sidecars import BenchCluster, bench_dir, ndjson_body
 
 PAYLOAD: Final = 100
 REQUEST: Final = 1_000

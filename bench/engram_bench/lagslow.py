@@ -5,7 +5,7 @@ writer offers a fixed load in 100-entry requests for the same time in every row,
 (lag_seconds and lag_entries of GET /v1/spaces/{space} on the primary) is sampled every 50 ms:
 
 - **baseline**: the replica connected directly;
-- **delayed link**: the primary reaches the replica through a TCP proxy (`cluster.RawProcess`
+- **delayed link**: the primary reaches the replica through a TCP proxy (`rawpeer.RawProcess`
   ``delay``) that holds every chunk for `DELAY_S` each way: a replica in a distant zone;
 - **paused replica**: partway through, the replica process gets SIGSTOP for `pause_s`, then
   SIGCONT: a replica stalled by GC, a noisy neighbour or a slow disk. Reported: the peak lag
@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.cluster import HOST, BenchCluster, RawProcess, bench_dir
 from engram_bench.load import LoadResult, Sampler, error_text, open_loop, ping_rtts
+from engram_bench.rawpeer import RawProcess
 from engram_bench.redispeer import OursSide
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile
+from engram_bench.sidecars import BenchCluster, bench_dir
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
+from engram_contract.launcher import HOST
 
 PAYLOAD: Final = 100
 REQUEST: Final = 100
@@ -181,7 +184,8 @@ def run(*, quick: bool) -> Section:
         f"({PAYLOAD}-byte payloads) for {b.run_s:g} s per row; lag sampled every "
         f"{SAMPLE_S * 1000:.0f} ms from GET /v1/spaces/{{space}} on the primary (lag_seconds = "
         "age of the oldest entry the replica lacks).",
-        f"Baseline round trips, same run (64-byte ping-pong to a plain sink): direct P50 "
+        f"Baseline round trips, same run ({FRAME_HEADER_SIZE}-byte ping-pong to a plain sink): "
+        "direct P50 "
         f"{fmt_ms(d50)} / P99 {fmt_ms(d99)}; through the delay proxy P50 {fmt_ms(p50)} / P99 "
         f"{fmt_ms(p99)} (the proxy adds {fmt_ms(p50 - d50)} per round trip).",
         f"Goal: lag < {GOAL_LAG_S:g} s behind the delayed link: "

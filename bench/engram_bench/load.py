@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from engram_bench.cluster import HOST, HttpError, LeanHttp
+from engram_bench.leanhttp import HttpError, LeanHttp
 from engram_bench.report import percentile
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
+from engram_contract.launcher import HOST
 
 Send = Callable[[], Awaitable[str]]
 Clock = Callable[[], float]
@@ -253,7 +255,7 @@ class Sampler(Generic[T]):
         return self.points
 
 
-def raw_fsync(path: Path, seconds: float, entry_bytes: int = 164) -> list[float]:
+def raw_fsync(path: Path, seconds: float, entry_bytes: int) -> list[float]:
     """The disk's floor for one durable append: os.write + os.fsync of one entry-sized record,
     repeated for `seconds`; the latency of each."""
     record = b"e" * entry_bytes
@@ -276,16 +278,17 @@ def raw_fsync(path: Path, seconds: float, entry_bytes: int = 164) -> list[float]
 
 
 async def ping_rtts(port: int, n: int) -> list[float]:
-    """Stop-and-wait round trips of a 64-byte frame to a `RawProcess("sink")` (or through a
-    proxy to one); the first is dropped (connection warm-up)."""
+    """Stop-and-wait round trips of a bare frame header (body length 0) to a
+    `RawProcess("sink")` (or through a proxy to one), which answers one of the same size; the
+    first is dropped (connection warm-up)."""
     r, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5.0)
-    frame = bytes(64)  # a 64-byte header with body length 0: the sink answers 64 bytes
+    frame = bytes(FRAME_HEADER_SIZE)
     out = []
     try:
         for _ in range(n):
             t = time.perf_counter()
             w.write(frame)
-            await asyncio.wait_for(r.readexactly(64), 10.0)
+            await asyncio.wait_for(r.readexactly(FRAME_HEADER_SIZE), 10.0)
             out.append(time.perf_counter() - t)
     finally:
         w.close()

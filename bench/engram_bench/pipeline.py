@@ -15,12 +15,18 @@ import struct
 import time
 from typing import Final
 
-from engram_bench.cluster import HOST, RawProcess
+from engram_bench.rawpeer import RawProcess
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.formats.entry import encode_entry
+from engram_contract.formats.frame import BODY_LENGTH_OFFSET
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
+from engram_contract.launcher import HOST
 
-PAYLOAD: Final = 100  # bytes per stored payload; 164 bytes per entry with its header
+PAYLOAD: Final = 100  # bytes per stored payload
+ENTRY_BYTES: Final = ENTRY_HEADER_SIZE + PAYLOAD  # one stored entry, header included
 WIRE_BATCH: Final = 100  # entries per BATCH frame (the sidecar's batch_max_entries default)
 RAW_WINDOW: Final = 32  # frames in flight (the sidecar's max_inflight_batches)
+_BODY_LENGTH: Final = struct.Struct("<I")  # the frame header's body-length field
 
 
 def raw_frame(entries: int) -> bytes:
@@ -30,9 +36,14 @@ def raw_frame(entries: int) -> bytes:
         )
         for s in range(1, entries + 1)
     )
-    head = bytearray(64)
-    struct.pack_into("<I", head, 52, len(body))
-    return bytes(head) + body
+    return frame_header(len(body)) + body
+
+
+def frame_header(body_length: int) -> bytes:
+    """A bare frame header: zero but for its body length, which is all the raw peers read."""
+    head = bytearray(FRAME_HEADER_SIZE)
+    _BODY_LENGTH.pack_into(head, BODY_LENGTH_OFFSET, body_length)
+    return bytes(head)
 
 
 def nodelay(w: asyncio.StreamWriter) -> None:
@@ -55,7 +66,7 @@ async def raw_pipeline(sinks: int, duration: float) -> float:
         async def reader() -> None:
             nonlocal acked
             while True:
-                await r.readexactly(64)
+                await r.readexactly(FRAME_HEADER_SIZE)
                 acked += 1
                 more.set()
 

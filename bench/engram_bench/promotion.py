@@ -38,9 +38,10 @@ from typing import Any, Final
 
 import aiohttp
 
-from engram_bench.cluster import bench_dir, free_port
 from engram_bench.report import Section, percentile
+from engram_bench.sidecars import bench_dir
 from engram_contract.ids import NodeName, SpaceId
+from engram_contract.launcher import free_port
 from engram_operator.local.loop import TIMING, ControlLoop
 from engram_operator.local.store import ClusterFiles
 from engram_operator.local.supervisor import LocalNode, Processes

@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engram_bench import plots
-from engram_bench.cluster import bench_dir
 from engram_bench.report import Section, machine_description
+from engram_bench.sidecars import bench_dir
 from engram_bench.summary import goals_section
 
 

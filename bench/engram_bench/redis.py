@@ -11,7 +11,7 @@ The same workload: 100-byte payloads (the same NDJSON lines: for us one line per
 HTTP request, for Redis one ``XADD <stream> * p <line>`` per entry in one pipeline written at
 once), a space per stream, the same request sizes, concurrency and schedule, driven by the same
 code (`load.open_loop` / `load.closed_loop`) through clients equally lean
-(`cluster.LeanHttp`, `resp.RespPool`).
+(`leanhttp.LeanHttp`, `resp.RespPool`).
 
 Measured: the most entries/s (8 concurrent requests of 1,000 entries, closed loop) accepted by
 the primary and applied by the replica; write latency at open-loop loads of 1K..100K entries/s
@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.cluster import BenchCluster, bench_dir
 from engram_bench.load import LoadResult, Sampler, closed_loop, open_loop, raw_fsync
 from engram_bench.redispeer import (
     SETTINGS,
@@ -44,6 +43,8 @@ from engram_bench.redispeer import (
 )
 from engram_bench.redisreport import render
 from engram_bench.report import Section, percentile
+from engram_bench.sidecars import BenchCluster, bench_dir
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 
 PAYLOAD: Final = 100
 REQUEST: Final = 1_000
@@ -166,7 +167,9 @@ async def _main(quick: bool, binary: str) -> dict[str, Any]:
     data: dict[str, Any] = {"quick": quick, "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix=".engram-bench-redis-", dir=bench_dir()) as tmp:
         root = Path(tmp)
-        data["fsync"] = await asyncio.to_thread(raw_fsync, root / "fsync.bin", b.fsync_s)
+        data["fsync"] = await asyncio.to_thread(
+            raw_fsync, root / "fsync.bin", b.fsync_s, ENTRY_HEADER_SIZE + PAYLOAD
+        )
         async with BenchCluster(root / "nodes") as c, RedisPair(binary, root / "redis") as pair:
             c.add_node("p")
             c.add_node("r")

@@ -27,17 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from engram_bench.cluster import (
-    HOST,
-    READY_TIMEOUT,
-    STOP_TIMEOUT,
-    BenchCluster,
-    BenchError,
-    die_with_parent,
-    free_port,
-    ndjson_body,
-    rss_bytes,
-)
 from engram_bench.load import OK, Send, http_send
 from engram_bench.resp import (
     RespConnection,
@@ -47,6 +36,8 @@ from engram_bench.resp import (
     info_fields,
     xadd_pipeline,
 )
+from engram_bench.sidecars import BenchCluster, BenchError, ndjson_body, rss_bytes
+from engram_contract.launcher import HOST, READY_TIMEOUT, STOP_TIMEOUT, die_with_parent, free_port
 
 # Durability equal to our `fsync always` + ackPolicy async: the primary answers only after its
 # AOF write is fsynced; the replica fsyncs its own AOF too; replication is asynchronous.

@@ -22,13 +22,13 @@ Five scenarios, one table each:
 - **pool overhead**: BATCH → ACK round trip on an authenticated replication connection to a real
   replica (the wire modules directly: `client_handshake`, `encode_batch`, ACK decoding), minus
   the round trip of a frame of the same size to a plain asyncio server that answers each frame
-  with 64 bytes (what an ACK is).
+  with a bare frame header.
 - **memory**: the replica process's RSS (VmRSS) with 1, 4 and 8 spaces streaming at once, and
   the increment per stream.
 
 Node processes use the defaults but for `log_level` WARNING (and `fsync none` where a row says
 so); a lease renewer stands in for the control plane. The load generators speak HTTP through a
-minimal client (`cluster.LeanHttp`) so they take as little CPU from the nodes as they can. Data
+minimal client (`leanhttp.LeanHttp`) so they take as little CPU from the nodes as they can. Data
 lives in a temporary directory under $ENGRAM_BENCH_DIR or the current directory (a real disk,
 not tmpfs). Goals are reported, never asserted.
 """
@@ -47,27 +47,29 @@ from typing import Any, Final
 
 import aiohttp
 
-from engram_bench.cluster import (
-    HOST,
-    BenchCluster,
-    BenchError,
-    HttpError,
-    LeanHttp,
-    RawProcess,
-    bench_dir,
-    ndjson_body,
-    rss_bytes,
-)
+from engram_bench.leanhttp import HttpError, LeanHttp
 from engram_bench.load import LoadResult, error_text, http_send, raw_fsync
 from engram_bench.load import open_loop as load_open_loop
-from engram_bench.pipeline import PAYLOAD, RAW_WINDOW, WIRE_BATCH, nodelay, raw_frame, raw_pipeline
+from engram_bench.pipeline import (
+    ENTRY_BYTES,
+    PAYLOAD,
+    RAW_WINDOW,
+    WIRE_BATCH,
+    nodelay,
+    raw_frame,
+    raw_pipeline,
+)
+from engram_bench.rawpeer import RawProcess
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
+from engram_bench.sidecars import BenchCluster, BenchError, bench_dir, ndjson_body, rss_bytes
+from engram_contract.assignment import Member, assignment_document
 from engram_contract.formats.batch import encode_batch
-from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.formats.entry import encode_entry
+from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
 from engram_contract.formats.frame import FrameDecoder
 from engram_contract.formats.messages import Ack, Nack, decode_message
 from engram_contract.ids import NodeName, SpaceId, space_wire_id
+from engram_contract.launcher import HOST
 from engram_sidecar.replication.transport import client_handshake, next_frames, tune_socket
 
 TPUT_REQUEST: Final = 1_000  # entries per HTTP request in the throughput runs
@@ -231,7 +233,7 @@ async def throughput(c: BenchCluster, b: Budget) -> tuple[Section, float]:
     errors = {k: v for t in (one, two) for k, v in t.errors.items()}
     s.notes = [
         f"Writer: {TPUT_CONCURRENCY} concurrent NDJSON requests of {TPUT_REQUEST:,} entries "
-        f"({PAYLOAD}-byte payloads, {PAYLOAD + 64} bytes per stored entry) for {b.tput_s:g} s, "
+        f"({PAYLOAD}-byte payloads, {ENTRY_BYTES} bytes per stored entry) for {b.tput_s:g} s, "
         "closed loop. 'applied' = entries every replica holds / time from the first write until "
         "the last replica applied the last entry.",
         "Baseline, same run: writer → relay process → sink process(es) over asyncio TCP on "
@@ -269,9 +271,7 @@ async def latency(c: BenchCluster, b: Budget, scratch: Path) -> Section:
     await c.assign("latency", primary, ["n1"])
     await c.assign("latency-solo", primary, [])
     await c.wait_streaming("latency", primary)
-    fsync = await asyncio.to_thread(
-        raw_fsync, scratch / "fsync.bin", b.fsync_s, ENTRY_HEADER_SIZE + PAYLOAD
-    )
+    fsync = await asyncio.to_thread(raw_fsync, scratch / "fsync.bin", b.fsync_s, ENTRY_BYTES)
     client = c.http(primary)
     noop = await open_loop(
         client,
@@ -379,7 +379,8 @@ async def latency(c: BenchCluster, b: Budget, scratch: Path) -> Section:
         "what shipping to a replica on the same cores costs); latency from the intended send "
         "time (coordinated-omission safe). 'NOT sustained' = under 95% of the offered entries "
         "acknowledged, or errors.",
-        "Baselines, same run: os.write + os.fsync of one 164-byte entry on the data directory's "
+        f"Baselines, same run: os.write + os.fsync of one {ENTRY_BYTES}-byte entry on the data "
+        "directory's "
         "disk, and GET /healthz on the same node at the same request rate through the same "
         f"client. The client, the primary and the replica share the machine's {os.cpu_count()} "
         "cores.",
@@ -603,12 +604,9 @@ async def _pooled_rtts(
     c: BenchCluster, target: str, space: str, n: int, entries: int
 ) -> list[float]:
     """BATCH → ACK round trips on an authenticated connection to `target` (stop and wait)."""
-    doc = {
-        "epoch": 1,
-        "primary": {"node": POOL_CLIENT, "address": f"{HOST}:9"},
-        "replicas": [c[target].member()],
-    }
-    await c.assign_raw(space, target, doc)
+    # This process plays the primary (it dials, it never listens: port 9 is discard).
+    doc = assignment_document(1, [Member(POOL_CLIENT, f"{HOST}:9"), c[target].member()])
+    await c.put_assignment(space, target, doc)
     frames = _batches(space, n, entries)
     r, w = await asyncio.wait_for(asyncio.open_connection(HOST, c[target].replication_port), 5.0)
     tune_socket(w, 10.0)
@@ -652,7 +650,7 @@ async def _raw_rtts(port: int, n: int, entries: int) -> list[float]:
             t = time.perf_counter()
             w.write(frame)
             await w.drain()
-            await asyncio.wait_for(r.readexactly(64), 10.0)
+            await asyncio.wait_for(r.readexactly(FRAME_HEADER_SIZE), 10.0)
             rtts.append(time.perf_counter() - t)
     finally:
         w.close()
@@ -675,7 +673,7 @@ async def pool_overhead(c: BenchCluster, b: Budget) -> Section:
                 {
                     "replica": f"{node} ({fsync})",
                     "entries": entries,
-                    "frame_bytes": 64 + entries * (64 + PAYLOAD),
+                    "frame_bytes": FRAME_HEADER_SIZE + entries * ENTRY_BYTES,
                     "p50_s": percentile(real, 50),
                     "p99_s": percentile(real, 99),
                     "raw_p50_s": percentile(base, 50),
@@ -719,7 +717,8 @@ async def pool_overhead(c: BenchCluster, b: Budget) -> Section:
         "until its ACK. The replica validates both CRC32Cs of every entry, appends to its WAL "
         "and acks (after an fsync when fsync is always).",
         "Baseline, same run: a frame of the same size to a plain asyncio server in its own "
-        "process that reads it whole and answers 64 bytes (the size of an ACK).",
+        f"process that reads it whole and answers a bare {FRAME_HEADER_SIZE}-byte frame header "
+        "(a real ACK is that header and a small body).",
         f"Goal: pool overhead < {GOAL_OVERHEAD_S * 1000:g} ms per batch (P50, 100-entry batch, "
         f"fsync none, so the disk is not counted): {'met' if met else 'NOT met'} "
         f"({fmt_ms(head['overhead_p50_s'])}). The overhead is taken at the median: the "

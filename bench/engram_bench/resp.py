@@ -1,7 +1,7 @@
 """Just enough RESP2 (the Redis protocol) for the Redis peer benchmark, over plain asyncio.
 
 Why not the `redis` package: the load generator shares the machine's cores with the servers it
-measures, so it must cost as little per request as `cluster.LeanHttp` costs our sidecar. A
+measures, so it must cost as little per request as `leanhttp.LeanHttp` costs our sidecar. A
 request here is one pipeline, written as a single pre-encoded buffer; its replies are counted
 with `bytes.count` (every XADD reply is one bulk string: two CRLFs), and parsed in full only when
 an error reply shows up. `RespPool` hands out one connection per request in flight, opening more

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engram_bench.report import Section, fmt_ms, fmt_rate, percentile, ratio
-from engram_contract.formats.entry import EntryType, encode_entry
+from engram_contract.formats.entry import HEADER_SIZE, EntryType, encode_entry
 from engram_contract.ids import SpaceId
 from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.wal import SpaceLog
@@ -219,7 +219,8 @@ def run(*, quick: bool) -> Section:
     p99_ok = gc64.p99_s < P99_GOAL_S
     rate_ok = best_batched.entries_per_s >= BATCHED_GOAL_PER_S
     section.notes = [
-        f"Payloads of {PAYLOAD_BYTES} bytes ({PAYLOAD_BYTES + 64} bytes per entry on disk). "
+        f"Payloads of {PAYLOAD_BYTES} bytes ({PAYLOAD_BYTES + HEADER_SIZE} bytes per entry on "
+        "disk). "
         f"Data on {fs}. Budget per scenario: {budget.seconds:g} s or {budget.appends:,} appends"
         f"{' (quick run)' if quick else ''}.",
         "Baseline: one writer doing os.write + os.fsync per entry, measured in the same run. "

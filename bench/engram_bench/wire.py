@@ -1,16 +1,15 @@
-"""Benchmark: wire protocol v1 BATCH frames, encode and decode, against a bare framing baseline.
+"""Benchmark: wire protocol BATCH frames, encode and decode, against a bare framing baseline.
 
 A batch is 100 entries with 100-byte payloads (the seed's batch size). The baseline packs a
-64-byte header with `struct` and runs CRC32C over the header and the same entry bytes: that is
-the least any framing with a checksum can cost in Python. The rows then add what the protocol
-does on top: encoding, the incremental decoder, and the receiver's per-entry checks (entry header
-CRC, payload CRC, sequence and epoch), without and with zstd.
+frame header (`frame.HEADER`) with `struct` and runs CRC32C over the header and the same entry
+bytes: that is the least any framing with a checksum can cost in Python. The rows then add what
+the protocol does on top: encoding, the incremental decoder, and the receiver's per-entry checks
+(entry header CRC, payload CRC, sequence and epoch), without and with zstd.
 """
 
 from __future__ import annotations
 
 import random
-import struct
 import time
 from collections.abc import Callable
 
@@ -18,13 +17,20 @@ from crc32c import crc32c
 
 from engram_bench.report import Section, fmt_rate, ratio
 from engram_contract.formats.batch import Batch, encode_batch
+from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.formats.entry import encode_entry
-from engram_contract.formats.frame import FrameDecoder
+from engram_contract.formats.frame import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    VERSION,
+    FrameDecoder,
+    MessageType,
+)
 from engram_contract.ids import SpaceId, space_wire_id
 
 ENTRIES = 100
 PAYLOAD = 100
-_BARE = struct.Struct("<IBBHQ16sQQIIII")
 
 
 def _entries() -> bytes:
@@ -64,10 +70,12 @@ def run(*, quick: bool) -> Section:
     rounds, budget = (1, 0.2) if quick else (5, 0.6)
     space = space_wire_id(SpaceId("bench"))
     body = _entries()
-    assert len(body) == ENTRIES * (64 + PAYLOAD)
+    assert len(body) == ENTRIES * (ENTRY_HEADER_SIZE + PAYLOAD)
 
     def bare() -> None:
-        head = _BARE.pack(0x52474E45, 1, 10, 0, 1, space, 1, ENTRIES, ENTRIES, len(body), 0, 0)
+        head = HEADER.pack(
+            MAGIC, VERSION, MessageType.BATCH, 0, 1, space, 1, ENTRIES, ENTRIES, len(body), 0, 0
+        )
         crc32c(body, crc32c(head))
 
     def encoder(compress: bool) -> Callable[[], bytes]:
@@ -117,7 +125,7 @@ def run(*, quick: bool) -> Section:
     wire_raw = len(encoder(False)())
     wire_zstd = len(encoder(True)())
     cases: list[tuple[str, Callable[[], object], int]] = [
-        ("baseline: struct.pack header + crc32c", bare, 64 + len(body)),
+        ("baseline: struct.pack header + crc32c", bare, HEADER_SIZE + len(body)),
         ("encode, raw", encoder(False), wire_raw),
         ("decode frame only (frame CRC), raw", frame_only(), wire_raw),
         ("decode + validate, raw", decode_only(False), wire_raw),
@@ -142,7 +150,8 @@ def run(*, quick: bool) -> Section:
     section.notes = [
         f"Batches of {ENTRIES} entries with {PAYLOAD}-byte payloads (half random, half text); "
         f"best of {rounds} run(s) of {budget:.2f} s each.",
-        "Baseline: the least a checksummed 64-byte framing costs in Python (one struct.pack, one "
+        f"Baseline: the least a checksummed {HEADER_SIZE}-byte framing costs in Python (one "
+        "struct.pack, one "
         "CRC32C over header and body). 'cost vs baseline' is time per batch relative to it "
         "(1.00x = no more than the baseline).",
         "Validate = the receiver's checks: entry header CRC, payload CRC, contiguous sequences, "

@@ -1,10 +1,12 @@
 """A harness of real sidecar processes on 127.0.0.1 for the integration tests.
 
-`Cluster` picks free ports, writes the shared secret, starts each node as
-``sys.executable -m engram_sidecar ...`` (the package is installed editable), waits for
-``/readyz``, sends assignments, writes entries and reads views and metrics over HTTP (aiohttp), and
-stops, kills, pauses (SIGSTOP), resumes (SIGCONT) or restarts nodes. Each node's stdout and stderr
-go to ``<tmp>/<node>.log``; `Cluster.log_tails` is printed when a test fails.
+`Cluster` starts each node with the launcher's process harness (`engram_contract.launcher`:
+the command line, free ports, the shared secret, dying with the test process), waits for
+``/readyz``, sends assignments (the document from `engram_contract.assignment`), grants write
+leases as a control plane does (`engram_contract.client.SidecarClient`), writes entries and reads
+views and metrics over HTTP (aiohttp), and stops, kills, pauses (SIGSTOP), resumes (SIGCONT) or
+restarts nodes. Each node's stdout and stderr go to ``<tmp>/<node>.log``; `Cluster.log_tails` is
+printed when a test fails.
 
 Every wait is bounded: each HTTP request has a total timeout, each poll loop a deadline, and each
 process stop falls back to SIGKILL. Node processes also get ``PR_SET_PDEATHSIG`` (SIGKILL), so a
@@ -15,12 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,15 +31,27 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from engram_contract.assignment import AckPolicy, assignment_document
+from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.formats.entry import Entry
+from engram_contract.ids import SpaceId
+from engram_contract.launcher import (
+    HOST,  # noqa: F401 - other test modules import it from here
+    LOG_TAIL_LINES,
+    READY_TIMEOUT,
+    STOP_TIMEOUT,
+    SidecarProcess,
+    SidecarStartError,
+    clean_env,
+    die_with_parent,
+    free_port,
+    write_secret,
+)
 from engram_sidecar.log.verify import Problem, dump, verify_space
 
-HOST: Final = "127.0.0.1"
-READY_TIMEOUT: Final = 20.0  # start-up of one node: imports, WAL recovery, listeners
-STOP_TIMEOUT: Final = 10.0  # SIGTERM to exit before SIGKILL
 REQUEST_TIMEOUT: Final = 15.0  # default bound on one HTTP request
 LEASE_EVERY: Final = 0.2  # seconds between the harness's write-lease grants
-LOG_TAIL_LINES: Final = 40
+LEASE_SECONDS: Final = 1.5  # the write lease each grant offers
 
 # Settings that make failure detection and recovery fast enough for tests (all are flags).
 FAST_FLAGS: Final[Mapping[str, str]] = {
@@ -54,37 +65,9 @@ FAST_FLAGS: Final[Mapping[str, str]] = {
 
 T = TypeVar("T")
 
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (and that we haven't handed out)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free port found")
-
-
-def write_secret(path: Path, secret: str | None = None) -> Path:
-    path.write_text((secret or secrets.token_hex(24)) + "\n")
-    path.chmod(0o600)
-    return path
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # the running process's libc (Linux)
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL it when the test process goes away.
-
-    Only one libc call, resolved before the fork: nothing that could take a lock.
-    """
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+# Other test modules take the launcher's helpers from here (HOST, free_port, write_secret, and
+# this for the processes they start themselves).
+_die_with_parent = die_with_parent
 
 
 class IntegrationError(AssertionError):
@@ -102,100 +85,22 @@ class Response:
 
 
 @dataclass
-class Node:
-    name: str
-    data_dir: Path
-    http_port: int
-    replication_port: int
-    secret_file: Path
-    log_path: Path
-    flags: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
+class Node(SidecarProcess):
+    """A sidecar of one test: the launcher's process harness, plus signals, a stop that dumps
+    the stacks of a node that ignores SIGTERM, and its WAL on disk."""
+
     forced_kills: int = 0  # stops where SIGTERM was not honoured in time
 
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.replication_port}"
-
-    @property
-    def http(self) -> str:
-        return f"{HOST}:{self.http_port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.http}"
-
-    @property
-    def token(self) -> str:
-        return self.secret_file.read_text().strip()
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise IntegrationError(f"node {self.name} is not running")
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def member(self, *, address: str | None = None) -> dict[str, str]:
-        return {"node": self.name, "address": address or self.address, "http": self.http}
-
-    def command(self) -> list[str]:
-        args = [
-            sys.executable,
-            "-m",
-            "engram_sidecar",
-            "--node",
-            self.name,
-            "--data-dir",
-            str(self.data_dir),
-            "--http-port",
-            str(self.http_port),
-            "--replication-port",
-            str(self.replication_port),
-            "--secret-file",
-            str(self.secret_file),
-        ]
-        for k, v in self.flags.items():
-            args += ["--" + k.replace("_", "-"), v]
-        return args
-
-    def spawn(self) -> None:
+    def spawn(self, *, env: Mapping[str, str] | None = None) -> None:
         if self.running():
             raise IntegrationError(f"node {self.name} is already running (pid {self.pid})")
-        self.starts += 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONFAULTHANDLER"] = "1"
-        with self.log_path.open("ab") as log:
-            log.write(f"==== start #{self.starts}: {' '.join(self.command())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, see above
-            )
+        # PYTHONFAULTHANDLER: a SIGABRT (see `stop`) dumps every thread's stack to the log.
+        super().spawn(env=env or clean_env({"PYTHONFAULTHANDLER": "1"}))
 
     def send(self, sig: signal.Signals) -> None:
         if not self.running():
             raise IntegrationError(f"node {self.name} is not running; cannot send {sig.name}")
         os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL, and reap the process (bounded)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # a stopped process dies either way
-                self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=STOP_TIMEOUT)
 
     def pause(self) -> None:
         self.send(signal.SIGSTOP)
@@ -207,34 +112,18 @@ class Node:
         """SIGTERM and wait up to `timeout`; SIGKILL after that. Returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
+        if not await self.terminate(timeout):
+            # Hung on shutdown: SIGABRT makes faulthandler dump every thread's stack to the
+            # log (PYTHONFAULTHANDLER is set), then SIGKILL.
+            self.forced_kills += 1
+            with self.log_path.open("a") as log:
+                log.write(f"==== harness: no exit {timeout} s after SIGTERM; SIGABRT\n")
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-                self.proc.terminate()
-            deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # a child's exit has no event to await without a thread
-            if self.proc.poll() is None:
-                # Hung on shutdown: SIGABRT makes faulthandler dump every thread's stack to the
-                # log (PYTHONFAULTHANDLER is set), then SIGKILL.
-                self.forced_kills += 1
-                with self.log_path.open("a") as log:
-                    log.write(f"==== harness: no exit {timeout} s after SIGTERM; SIGABRT\n")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGABRT)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=2.0)
-                self.kill()
+                os.kill(self.proc.pid, signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=2.0)
+            self.kill()
         return self.proc.returncode
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # ---- the node's WAL on disk --------------------------------------------------------------
 
@@ -282,6 +171,7 @@ class Cluster:
         self.lease_paused: set[str] = set()  # nodes the "control plane" can't reach
         self.control_plane_id = f"test-{os.getpid()}-{id(self)}"
         self._lease_tasks: dict[str, asyncio.Task[None]] = {}
+        self._controls: dict[str, SidecarClient] = {}  # admin token -> the control plane's client
 
     async def __aenter__(self) -> Cluster:
         return self
@@ -336,21 +226,14 @@ class Cluster:
         chosen = [n for n in chosen if not n.running()]
         for n in chosen:
             n.spawn()
-        await asyncio.gather(*(self._ready_or_new_ports(n, timeout) for n in chosen))
-
-    async def _ready_or_new_ports(self, node: Node, timeout: float) -> None:
-        """Wait for `node`; on its first start only, retry on fresh ports if one was taken
-        between `free_port` and the bind (other processes on this machine pick ports too)."""
-        for attempt in range(3):
-            try:
-                await self.wait_ready(node.name, timeout=timeout)
-                return
-            except IntegrationError as err:
-                taken = "address already in use" in str(err).lower()
-                if not taken or node.starts > attempt + 1 or attempt == 2:
-                    raise
-            node.http_port, node.replication_port = free_port(), free_port()
-            node.spawn()
+        try:
+            # On a node's first start, a port taken between `free_port` and the bind (other
+            # processes on this machine pick ports too) means a start on new ones.
+            await asyncio.gather(
+                *(n.wait_ready_or_new_ports(self.session, timeout=timeout) for n in chosen)
+            )
+        except SidecarStartError as err:
+            raise IntegrationError(str(err)) from None
 
     async def start_nodes(self, count: int, **flags: object) -> list[Node]:
         nodes = [self.add_node(f"n{i}", **flags) for i in range(count)]
@@ -358,28 +241,10 @@ class Cluster:
         return nodes
 
     async def wait_ready(self, name: str, *, timeout: float = READY_TIMEOUT) -> None:
-        node = self.nodes[name]
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if not node.running():
-                code = node.proc.returncode if node.proc else None
-                raise IntegrationError(
-                    f"node {name} exited with code {code} during start-up:\n{node.log_tail()}"
-                )
-            try:
-                async with self.session.get(
-                    node.url + "/readyz", timeout=aiohttp.ClientTimeout(total=1.0)
-                ) as r:
-                    if r.status == 200:
-                        return
-                    last = f"HTTP {r.status}"
-            except (aiohttp.ClientError, TimeoutError) as err:
-                last = repr(err)
-            await asyncio.sleep(0.05)
-        raise IntegrationError(
-            f"node {name} not ready within {timeout} s ({last}):\n{node.log_tail()}"
-        )
+        try:
+            await self.nodes[name].wait_ready(self.session, timeout=timeout)
+        except SidecarStartError as err:
+            raise IntegrationError(str(err)) from None
 
     async def restart(self, name: str, *, timeout: float = READY_TIMEOUT) -> None:
         node = self.nodes[name]
@@ -398,6 +263,9 @@ class Cluster:
         await asyncio.gather(*self._lease_tasks.values(), return_exceptions=True)
         self._lease_tasks.clear()
         await asyncio.gather(*(n.stop() for n in self.nodes.values() if n.running()))
+        for control in self._controls.values():
+            await control.close()
+        self._controls.clear()
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
@@ -466,7 +334,7 @@ class Cluster:
         replicas: Sequence[str],
         *,
         epoch: int = 1,
-        ack_policy: str = "async",
+        ack_policy: AckPolicy = "async",
         compression: bool = False,
         addresses: Mapping[str, str] | None = None,
         to: Iterable[str] | None = None,
@@ -494,21 +362,15 @@ class Cluster:
         replicas: Sequence[str],
         *,
         epoch: int = 1,
-        ack_policy: str = "async",
+        ack_policy: AckPolicy = "async",
         compression: bool = False,
         addresses: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
+        """The assignment document (`engram_contract.assignment`); `addresses` overrides
+        members' replication addresses."""
         addr = dict(addresses or {})
-        p = self.nodes[primary]
-        return {
-            "epoch": epoch,
-            "primary": p.member(address=addr.get(primary)),
-            "replicas": [
-                {"node": r, "address": addr.get(r, self.nodes[r].address)} for r in replicas
-            ],
-            "ackPolicy": ack_policy,
-            "compression": compression,
-        }
+        members = [self.nodes[n].member(address=addr.get(n)) for n in (primary, *replicas)]
+        return assignment_document(epoch, members, ack_policy=ack_policy, compression=compression)
 
     async def put_assignment(
         self, name: str, space: str, doc: Any, *, token: str | None = None
@@ -542,26 +404,29 @@ class Cluster:
                     self._lease_pump(primary)
                 )
 
+    def _control(self, token: str) -> SidecarClient:
+        """The control plane's client for nodes with this admin token (a test may give nodes
+        secrets of their own), speaking as this harness."""
+        control = self._controls.get(token)
+        if control is None:
+            control = SidecarClient(
+                token, probe_timeout=LEASE_EVERY * 2, lease_seconds=LEASE_SECONDS
+            )
+            control.control_plane = self.control_plane_id
+            self._controls[token] = control
+        return control
+
     async def _lease_pump(self, name: str) -> None:
         """Grant `name` its write leases every LEASE_EVERY s while it leads anything."""
         while True:
             epochs = self.leads.get(name, {})
             node = self.nodes[name]
             if epochs and name not in self.lease_paused and node.running():
-                body = {
-                    "control_plane": self.control_plane_id,
-                    "sent_mono_ns": time.monotonic_ns(),
-                    "lease_seconds": 1.5,
-                    "epochs": dict(epochs),
-                }
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                    await self.request(
-                        "POST",
-                        name,
-                        "/v1/lease",
-                        json_body=body,
-                        headers={"Authorization": f"Bearer {node.token}"},
-                        timeout=LEASE_EVERY * 2,
+                with contextlib.suppress(SidecarError):
+                    await self._control(node.token).heartbeat(
+                        node.http,
+                        {SpaceId(sp): e for sp, e in epochs.items()},
+                        sent_mono_ns=time.monotonic_ns(),
                     )
             await asyncio.sleep(LEASE_EVERY)
 

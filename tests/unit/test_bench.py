@@ -1,23 +1,25 @@
 """The benchmark harness's pure parts: percentiles, open-loop scheduling (coordinated omission),
-report rendering, RESP, Redis lag conversion, metric parsing. Virtual time only: no assertion
-here depends on how fast this machine is."""
+report rendering, RESP, Redis lag conversion, metric parsing, the assignments it sends and the
+raw baselines' framing. Virtual time only: no assertion here depends on how fast this machine
+is."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
 
 from engram_bench import load, resp
 from engram_bench.ackpolicy import acks_needed
-from engram_bench.cluster import metric_value, ndjson_body
 from engram_bench.compression import mixed_body
 from engram_bench.publish import write_results
 from engram_bench.redispeer import offset_lag
 from engram_bench.report import Section, percentile, ratio
+from engram_bench.sidecars import BenchCluster, metric_value, ndjson_body
 from engram_bench.summary import goals_section
 
 # ---- percentiles ---------------------------------------------------------------------------------
@@ -415,3 +417,81 @@ def test_acks_needed_matches_the_assignment_rule(policy: str, replicas: int, nee
     )
     assert a.replicas_needed() == needed
     assert acks_needed(policy, replicas) == needed
+
+
+# ---- what the bench sends: assignments from the contract's builder, frames in its layout --------
+
+
+class _RecordingControl:
+    """Stands in for the control plane's `SidecarClient`: records each PUT assignment."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict[str, object]]] = []
+
+    async def assign(
+        self, http: str, space: str, doc: dict[str, object], *, sent_mono_ns: int
+    ) -> dict[str, object]:
+        assert sent_mono_ns > 0
+        self.sent.append((http, space, dict(doc)))
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_bench_assignments_are_the_contracts_document(tmp_path: Path) -> None:
+    from engram_contract.assignment import Assignment
+
+    c = BenchCluster(tmp_path)
+    for name in ("p", "r", "rd"):
+        c.add_node(name)
+    control = _RecordingControl()
+    c.control = control  # type: ignore[assignment]
+    await c.assign("s", "p", ["r", "rd"], ack_policy="quorum", epoch=3, via={"rd": "127.0.0.1:9"})
+    assert [http for http, _, _ in control.sent] == [c[n].http for n in ("p", "r", "rd")]
+    docs = {json.dumps(doc, sort_keys=True) for _, _, doc in control.sent}
+    assert len(docs) == 1  # every member gets the same document
+    a = Assignment.from_json(control.sent[0][2])
+    assert (a.epoch, a.ack_policy, a.compression) == (3, "quorum", False)
+    assert a.primary == c["p"].member()
+    assert [m.address for m in a.replicas] == [c["r"].address, "127.0.0.1:9"]
+    assert [m.http for m in a.replicas] == [c["r"].http, c["rd"].http]
+    assert c.leads == {"s": ("p", 3)}
+    await c.close()
+
+
+def test_raw_frames_use_the_contracts_frame_layout() -> None:
+    from engram_bench import rawpeer
+    from engram_bench.pipeline import ENTRY_BYTES, PAYLOAD, frame_header, raw_frame
+    from engram_contract.formats import entry, frame
+
+    head = frame_header(1234)
+    assert len(head) == frame.HEADER_SIZE
+    assert struct.unpack_from("<I", head, frame.BODY_LENGTH_OFFSET) == (1234,)
+    assert ENTRY_BYTES == entry.HEADER_SIZE + PAYLOAD
+    assert len(raw_frame(3)) == frame.HEADER_SIZE + 3 * ENTRY_BYTES
+    # The raw peers' script gets the layout from the contract, not typed into it.
+    prelude: dict[str, object] = {}
+    exec(rawpeer._RAW_PRELUDE, prelude)
+    assert (prelude["HDR"], prelude["BODY_LENGTH_OFFSET"]) == (
+        frame.HEADER_SIZE,
+        frame.BODY_LENGTH_OFFSET,
+    )
+    assert rawpeer._RAW_SCRIPT.startswith(rawpeer._RAW_PRELUDE)
+
+
+async def test_raw_sink_answers_each_frame_with_a_bare_header() -> None:
+    from engram_bench.pipeline import frame_header, raw_frame
+    from engram_bench.rawpeer import RawProcess
+    from engram_contract.formats import frame
+    from engram_contract.launcher import HOST
+
+    async with RawProcess("sink") as sink:
+        r, w = await asyncio.wait_for(asyncio.open_connection(HOST, sink.port), 5.0)
+        try:
+            w.write(frame_header(0) + raw_frame(3) + raw_frame(1))
+            await w.drain()
+            got = await asyncio.wait_for(r.readexactly(3 * frame.HEADER_SIZE), 5.0)
+            assert got == bytes(3 * frame.HEADER_SIZE)
+        finally:
+            w.close()

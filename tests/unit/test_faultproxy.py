@@ -11,14 +11,17 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from tests.faultproxy import FaultProxy, _address, _parser, configure
 
+from engram_contract.formats.frame import BODY_LENGTH_OFFSET, HEADER_SIZE
+
 WAIT = 2.0  # bound on anything that should happen
 QUIET = 0.2  # how long "nothing arrives" is watched
 
 
 def make_frame(body: bytes, tag: int = 0) -> bytes:
-    """A frame as the proxy sees one: 64-byte header, body length (u32 LE) at offset 52, body."""
-    header = bytearray((tag * 7 + i) & 0xFF for i in range(64))
-    struct.pack_into("<I", header, 52, len(body))
+    """A frame as the proxy sees one: a frame header, noise but for its body length (u32 LE at
+    BODY_LENGTH_OFFSET), then the body."""
+    header = bytearray((tag * 7 + i) & 0xFF for i in range(HEADER_SIZE))
+    struct.pack_into("<I", header, BODY_LENGTH_OFFSET, len(body))
     return bytes(header) + body
 
 
@@ -131,7 +134,8 @@ async def test_proxy_passes_frames_split_across_writes(echo: Target) -> None:
     sent = make_frame(b"") + make_frame(b"x" * 100, tag=1) + make_frame(bytes(range(256)) * 20, 2)
     async with FaultProxy("127.0.0.1", echo.port) as proxy:
         reader, writer = await connect(proxy)
-        cuts = [0, 1, 63, 64, 70, 170, 171, 1000, len(sent)]
+        h = HEADER_SIZE  # cut inside, at and after the first header, then inside the second
+        cuts = [0, 1, h - 1, h, h + 6, 2 * h + 42, 2 * h + 43, 1000, len(sent)]
         for start, end in itertools.pairwise(cuts):
             await send(writer, sent[start:end])
             await asyncio.sleep(0.002)
@@ -225,7 +229,7 @@ async def test_drop_applies_to_its_direction_only(echo: Target) -> None:
 
 
 async def test_corrupt_with_probability_one_flips_exactly_one_bit_per_frame(sink: Target) -> None:
-    sent = frames(40, body_size=64)  # header and body the same size: both get hit
+    sent = frames(40, body_size=HEADER_SIZE)  # header and body the same size: both get hit
     async with FaultProxy("127.0.0.1", sink.port, seed=3) as proxy:
         _, writer = await connect(proxy)
         proxy.set_corrupt(1.0, "up")
@@ -240,8 +244,8 @@ async def test_corrupt_with_probability_one_flips_exactly_one_bit_per_frame(sink
             diff = [a ^ b for a, b in zip(frame, out, strict=True)]
             assert sum(bin(d).count("1") for d in diff) == 1
             positions.append(next(i for i, d in enumerate(diff) if d))
-        assert any(p < 64 for p in positions)
-        assert any(p >= 64 for p in positions)
+        assert any(p < HEADER_SIZE for p in positions)
+        assert any(p >= HEADER_SIZE for p in positions)
         assert proxy.stats["corrupted"] == 40
         close(writer)
 

@@ -48,6 +48,10 @@ HEADER: Final = struct.Struct(
 )
 HEADER_SIZE: Final = HEADER.size
 assert HEADER_SIZE == 64
+# Derived from the declaration above, never typed twice (as frame.py's offsets): for readers that
+# peek at one field of a stored entry (its size) without decoding the header.
+PAYLOAD_SIZE_OFFSET: Final = struct.calcsize("<IQQI")
+assert PAYLOAD_SIZE_OFFSET == 24
 
 _CRC_OFFSET: Final = 32
 _CRC_END: Final = 36
