@@ -6,21 +6,67 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import MutableMapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from aiohttp import web
+# ---- test-only: a skewed wall clock --------------------------------------------------------------
+# The chaos tests (tests/chaos) start a node with ENGRAM_TEST_WALL_CLOCK_OFFSET_S=<seconds> to
+# give it a wrong wall clock: time.time and time.time_ns of this process read that many seconds
+# ahead (negative: behind). It is applied here, before the sidecar's own modules are imported, so
+# that every reader of the wall clock sees the same skewed time (some bind time.time_ns as a
+# default argument at import). The monotonic clock is untouched. Not a setting: the variable is
+# removed from the environment before the settings are read. Never set it in production
+# (docs/configuration.md, "Test-only hooks").
+TEST_WALL_CLOCK_OFFSET_ENV = "ENGRAM_TEST_WALL_CLOCK_OFFSET_S"
 
-from engram_sidecar.api import make_app
-from engram_sidecar.config import SidecarConfig, load_config
-from engram_sidecar.errors import ConfigError, EngramError
-from engram_sidecar.kube.agent import KubeSidecar, advertised_addresses
-from engram_sidecar.kube.client import resolve as resolve_kube
-from engram_sidecar.node import Node
+
+def apply_test_wall_clock_offset(environ: MutableMapping[str, str]) -> tuple[float, str | None]:
+    """Pop the test-only offset from `environ` and skew this process's wall clock by it.
+
+    Returns (offset in seconds, error): the error says why a value was refused (then the clock is
+    left alone, and `main` exits with a configuration error).
+    """
+    raw = environ.pop(TEST_WALL_CLOCK_OFFSET_ENV, "").strip()
+    if not raw:
+        return 0.0, None
+    try:
+        offset = float(raw)
+    except ValueError:
+        offset = math.nan
+    if not math.isfinite(offset) or abs(offset) > 365 * 86400:
+        return 0.0, f"{TEST_WALL_CLOCK_OFFSET_ENV}={raw!r}: expected seconds, at most a year"
+    if offset == 0.0:
+        return 0.0, None
+    offset_ns = round(offset * 1e9)
+    real_time, real_time_ns = time.time, time.time_ns
+
+    def skewed_time() -> float:
+        return real_time() + offset
+
+    def skewed_time_ns() -> int:
+        return real_time_ns() + offset_ns
+
+    time.time = skewed_time
+    time.time_ns = skewed_time_ns
+    return offset, None
+
+
+TEST_WALL_CLOCK_OFFSET, TEST_WALL_CLOCK_ERROR = apply_test_wall_clock_offset(os.environ)
+
+from aiohttp import web  # noqa: E402 - after the clock hook, on purpose
+
+from engram_sidecar.api import make_app  # noqa: E402
+from engram_sidecar.config import SidecarConfig, load_config  # noqa: E402
+from engram_sidecar.errors import ConfigError, EngramError  # noqa: E402
+from engram_sidecar.kube.agent import KubeSidecar, advertised_addresses  # noqa: E402
+from engram_sidecar.kube.client import resolve as resolve_kube  # noqa: E402
+from engram_sidecar.node import Node  # noqa: E402
 
 log = logging.getLogger("engram_sidecar")
 
@@ -81,6 +127,12 @@ async def serve(cfg: SidecarConfig, *, ready: asyncio.Event | None = None) -> No
 
 
 def main(args: argparse.Namespace) -> int:
+    if TEST_WALL_CLOCK_ERROR is not None:
+        print(
+            f"engram-replication sidecar: configuration error: {TEST_WALL_CLOCK_ERROR}",
+            file=sys.stderr,
+        )
+        return 2
     flags = {f.name: getattr(args, f.name) for f in fields(SidecarConfig) if f.name != "extra"}
     cfg_file = args.config or (
         Path(os.environ["ENGRAM_CONFIG"]) if os.environ.get("ENGRAM_CONFIG") else None
@@ -96,6 +148,12 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=cfg.log_level, format=f"%(asctime)s {cfg.node} %(levelname)s %(name)s: %(message)s"
     )
+    if TEST_WALL_CLOCK_OFFSET:
+        log.warning(
+            "test-only hook: this process's wall clock is offset by %+.3f s (%s)",
+            TEST_WALL_CLOCK_OFFSET,
+            TEST_WALL_CLOCK_OFFSET_ENV,
+        )
     try:
         asyncio.run(serve(cfg))
     except EngramError as err:

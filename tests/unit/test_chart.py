@@ -1,12 +1,13 @@
 """The Helm chart, the Dockerfile, and the copies they hold of files kept elsewhere.
 
-Helm templates are Go templates, not YAML, until helm renders them. Where `helm` is installed the
-chart is linted and rendered (default values and ci/full-values.yaml) and the output checked.
-Where it is not (this repository's CI machine has no Debian or PyPI package of it), those tests
-skip, and the static checks below still run: the values against their schema, the copies of
-the CRD, the alert rules, the dashboard and the RBAC rules against their sources, block structure,
-every `include` and `.Values` path, every ENGRAM_* variable the templates set, and the
-Dockerfile's stages, user, entrypoint and ports.
+Helm templates are Go templates, not YAML, until helm renders them. Where `helm` is built
+(`make k8s-tools`, from the module pinned in tools/k8s/; CI builds it whenever Go is present) or
+installed, the chart is linted and rendered (default values and ci/full-values.yaml) and the
+output checked; tests/k8s/test_k8s_chart.py then installs it on a real API server. Without helm
+those tests skip, and the static checks below still run: the values against their schema, the
+copies of the CRD, the alert rules, the dashboard and the RBAC rules against their sources, block
+structure, every `include` and `.Values` path, every ENGRAM_* variable the templates set, and
+the Dockerfile's stages, user, entrypoint and ports.
 """
 
 from __future__ import annotations
@@ -29,10 +30,23 @@ from engram_sidecar.config import load_config, setting_names
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "engram-replication"
 TEMPLATES = CHART / "templates"
-HELM = shutil.which("helm")
+
+
+def _helm_binary() -> str | None:
+    """The helm that `make k8s-tools` builds from its pinned module (tools/k8s/), else one on
+    PATH. Its build stamps in the Kubernetes version helm assumes without a cluster (1.36), so
+    the chart's kubeVersion constraint is judged against a current one."""
+    from tests.k8s import tools
+
+    built = tools.find("helm")
+    return str(built) if built is not None else shutil.which("helm")
+
+
+HELM = _helm_binary()
 needs_helm = pytest.mark.skipif(
     HELM is None,
-    reason="helm is not installed (no Debian or PyPI package provides it); static checks only",
+    reason="helm is not built: `make k8s-tools` builds it from tools/k8s (needs Go); "
+    "static checks only",
 )
 
 # Sidecar settings the node StatefulSet sets itself (not through nodes.sidecar.config).
@@ -428,7 +442,14 @@ def test_dockerignore_keeps_the_context_to_the_sources() -> None:
     ]
     assert lines[0] == "*"
     allowed = {ln[1:] for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "operator/", "sidecar/", "bench/"}
+    assert allowed == {
+        "pyproject.toml",
+        "README.md",
+        "contract/",
+        "operator/",
+        "sidecar/",
+        "bench/",
+    }
     # Every source the build stage copies (all words of each COPY but its destination) is let in.
     sources = {
         src
@@ -439,7 +460,14 @@ def test_dockerignore_keeps_the_context_to_the_sources() -> None:
     assert sources <= allowed, (
         f"the Dockerfile copies what .dockerignore leaves out: {sources - allowed}"
     )
-    assert {"operator/", "sidecar/", "bench/"} <= sources
+    assert {"contract/", "operator/", "sidecar/", "bench/"} <= sources
+
+
+def test_dockerfile_runtime_image_has_no_benchmark() -> None:
+    # The wheel needs bench/ to build (it is one of its packages); the runtime venv drops it,
+    # and `engram-replication bench` there says so instead of failing on an import.
+    text = (ROOT / "Dockerfile").read_text()
+    assert "site-packages/engram_bench" in text and "rm -rf" in text
 
 
 # ---- rendered by helm (where installed) ------------------------------------------------------

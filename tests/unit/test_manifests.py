@@ -181,31 +181,27 @@ def test_rbac_rules_name_known_resources_in_the_right_role_kind(name: str) -> No
 
 
 def test_rbac_operator_grants_exactly_what_it_needs() -> None:
+    """Each verb is one the code uses: tests/k8s/test_k8s_rbac.py reads a real API server's audit
+    log to show it (and drops each rule to show what breaks). No ClusterRole: the operator runs
+    namespace-scoped with kopf's CRD scanning off."""
     group, plural = kubernetes.API_GROUP, kubernetes.PLURAL
     assert _grants("operator.yaml") == {
         *((group, plural, v) for v in ("get", "list", "watch", "patch")),
         (group, f"{plural}/status", "patch"),
-        *(("coordination.k8s.io", "leases", v) for v in ("get", "list", "watch")),
-        *(("", "pods", v) for v in ("get", "list", "watch")),
-        *(("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")),
-        *((g, "events", "create") for g in ("", "events.k8s.io")),
-        *(
-            ("apiextensions.k8s.io", "customresourcedefinitions", v)
-            for v in ("get", "list", "watch")
-        ),
+        ("coordination.k8s.io", "leases", "list"),
+        *(("kopf.dev", "kopfpeerings", v) for v in ("list", "watch", "patch")),
+        ("", "events", "create"),
     }
+    assert {o["kind"] for o in _rbac("operator.yaml")} == {"ServiceAccount", "Role", "RoleBinding"}
 
 
 def test_rbac_node_grants_exactly_what_it_needs() -> None:
     group, plural = kubernetes.API_GROUP, kubernetes.PLURAL
     assert _grants("node.yaml") == {
-        *(
-            ("coordination.k8s.io", "leases", v)
-            for v in ("get", "list", "watch", "create", "update", "patch")
-        ),
-        *((group, plural, v) for v in ("get", "list", "watch")),
+        *(("coordination.k8s.io", "leases", v) for v in ("list", "create", "patch")),
+        (group, plural, "list"),
         (group, f"{plural}/status", "patch"),
-        *((g, "events", "create") for g in ("", "events.k8s.io")),
+        ("", "events", "create"),
     }
 
 
