@@ -30,6 +30,7 @@ def space_view(sp: Space, peers: PeerPool) -> dict[str, Any]:
         "primary": a.primary.node if a else None,
         "fenced": sp.fenced_reason,
         "dropped_entries": sp.dropped_entries,
+        "truncations": list(sp.truncations),
         "write_lease": sp.lease_valid() if sp.role == "primary" else None,
         "wal_bytes": sp.log.size_bytes,
     }

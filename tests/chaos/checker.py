@@ -208,8 +208,13 @@ def check_space(
     r.promotions = len(promotions)
     r.decisions = list(promotions)
     for d in promotions:
-        lost = d.get("entriesPossiblyLost")
-        if lost is None:
+        # entriesLost: measured when the deposed primary cut its divergent tail (exact, and
+        # it includes every acknowledged write the failover lost); else the decision-time
+        # estimate, which can't see writes acknowledged after the old primary's last report.
+        measured, lost = d.get("entriesLost"), d.get("entriesPossiblyLost")
+        if measured is not None:
+            r.possibly_lost += max(int(measured), int(lost or 0))
+        elif lost is None:
             r.possibly_lost_unknown += 1
         else:
             r.possibly_lost += int(lost)

@@ -15,6 +15,7 @@ from engram_contract.assignment import Assignment, Member
 from engram_contract.formats.batch import Batch
 from engram_contract.formats.frame import FrameDecoder
 from engram_contract.ids import NodeName, SpaceId
+from engram_sidecar.log import truncations
 from engram_sidecar.log import wal as wal_module
 from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
@@ -116,9 +117,12 @@ def test_space_replica_vouches_only_for_matched_entries(tmp_path: Path) -> None:
     # A new primary: nothing here is vouched for until one of its batches matches it.
     assert sp.matched_sequence == 0
     sp.matched_upto = 4
-    assert sp.cut(2) == 3  # a divergent tail cut: nothing past the cut is vouched for
+    assert sp.cut(2, 2) == 3  # a divergent tail cut: nothing past the cut is vouched for
     assert sp.matched_sequence == 2
     assert sp.dropped_entries == 3
+    # Recorded durably, so a restarted node still reports what the failover cost.
+    assert [(t["epoch"], t["after"], t["dropped"]) for t in sp.truncations] == [(2, 2, 3)]
+    assert [(t["epoch"], t["dropped"]) for t in truncations.load(sp.path)] == [(2, 3)]
 
 
 async def test_space_quorum_timeout_is_not_acknowledged(tmp_path: Path) -> None:

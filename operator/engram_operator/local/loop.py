@@ -28,7 +28,7 @@ from engram_contract.kubernetes import NodeAddresses
 from engram_operator import reconcile as rc
 from engram_operator.election import DecisionRecord
 from engram_operator.executor import Executor
-from engram_operator.local.store import ClusterFiles, ClusterState, SpaceRecord
+from engram_operator.local.store import ClusterFiles, ClusterState, SpaceRecord, measure_losses
 from engram_operator.local.supervisor import LocalNode
 from engram_operator.model import MemberReport, NodeInfo, Placement, SpaceSpec, member_reports
 from engram_operator.reconcile import DEFAULT_SETTINGS
@@ -254,6 +254,11 @@ class ControlLoop:
                 self.say(decision.sentence)
             rec.last_sentence = decision.sentence
             sentences.append(decision.sentence)
+            views: dict[str, dict[str, Any]] = {
+                str(node): st.get("spaces", {}).get(sid) or {} for node, st in self.status.items()
+            }
+            if measure_losses(rec.decisions, views):
+                self.cluster.save()
         return sentences
 
     def poll_requests(self) -> None:

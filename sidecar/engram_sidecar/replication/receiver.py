@@ -418,7 +418,7 @@ class Receiver:
         return self._ack(space)
 
     def _cut(self, space: Space, keep_upto: int, epoch: int) -> None:
-        dropped = space.cut(keep_upto)
+        dropped = space.cut(keep_upto, epoch)
         self.metrics.truncated_entries.labels(space.id).inc(dropped)
         log.warning(
             "space %s: dropped %d divergent entries after %d to follow %s at epoch %d",

@@ -17,6 +17,7 @@ from pathlib import Path
 from engram_contract.assignment import Assignment
 from engram_contract.formats.entry import EntryHeader
 from engram_contract.ids import NodeName, SpaceId, space_wire_id
+from engram_sidecar.log import truncations
 from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.snapshot import SnapshotBuilder
 from engram_sidecar.log.storage_health import StorageHealth
@@ -72,6 +73,7 @@ class Space:
         self.snapshot_key: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self.caught_up: deque[dict[str, object]] = deque(maxlen=20)  # CaughtUp records
         self.dropped_entries = 0  # divergent entries cut when this node was deposed
+        self.truncations = truncations.load(self.path)  # the same cuts, kept across restarts
         # A write appended entries up to this sequence (the node keeps a gauge of it).
         self.on_appended: Callable[[int], None] = lambda last: None
 
@@ -207,12 +209,22 @@ class Space:
     async def settle(self, w: Written) -> None:
         await self.writer.settle(w)
 
-    def cut(self, keep_upto: int) -> int:
-        """Drop this log's divergent tail after `keep_upto`; returns how many entries went."""
+    def cut(self, keep_upto: int, epoch: int) -> int:
+        """Drop this log's divergent tail after `keep_upto` to follow the primary of `epoch`;
+        returns how many entries went, and records them (`log.truncations`)."""
         dropped = self.writer.truncate_after(keep_upto)
         self.matched_upto = min(self.matched_upto, keep_upto)
         self.ring.on_truncated(keep_upto)
         self.dropped_entries += dropped
+        if dropped:
+            self.truncations = truncations.record(
+                self.path,
+                self.truncations,
+                epoch=epoch,
+                after=keep_upto,
+                dropped=dropped,
+                space=self.id,
+            )
         return dropped
 
     def replace_log(self, wal: SpaceLog, commit: GroupCommit) -> GroupCommit:
