@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import random
 import secrets
 import signal
 import socket
@@ -47,6 +48,38 @@ def free_port(host: str = HOST) -> int:
             _handed_out.add(port)
             return port
     raise RuntimeError("no free port found")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def stable_port(host: str = HOST, *, rng: random.Random | None = None) -> int:
+    """A port for a listener restarted on the same port, *below* the kernel's ephemeral range.
+
+    Outgoing connections and bind-to-0 listeners take ephemeral ports: a node port from that
+    range could be taken by one of them while the node is down, and its restart would fail.
+    Checked bindable now, and never handed out twice by this process.
+    """
+    low, _ = _ephemeral_range()
+    lo, hi = (10000, low - 1) if low > 12000 else (low // 2, low - 1)
+    pick = rng or random.Random()
+    for _ in range(1000):
+        port = pick.randint(lo, hi)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port found in {lo}..{hi}")
 
 
 def die_with_parent() -> None:

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +35,7 @@ import aiohttp
 from tests.chaos.links import CP, LinkMatrix
 
 from engram_contract.ids import NodeName, SpaceId
+from engram_contract.launcher import die_with_parent, stable_port
 from engram_operator.local.loop import TIMING, ControlLoop
 from engram_operator.local.store import ClusterFiles
 from engram_operator.local.supervisor import LocalNode
@@ -75,48 +73,9 @@ NODE_FLAGS: Final = (
     "INFO",
 )
 
-_handed_out: set[int] = set()
-_port_rng = random.Random()
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 for a node's listener, *below* the kernel's ephemeral range.
-
-    The nodes are restarted on the same ports, and the routers, proxies and every outgoing
-    connection take ephemeral ports (bind to port 0): a node port from that range could be
-    taken by one of them while the node is down. Ports are checked bindable now and never
-    handed out twice.
-    """
-    low, _ = _ephemeral_range()
-    lo, hi = (10000, low - 1) if low > 12000 else (low // 2, low - 1)
-    for _ in range(1000):
-        port = _port_rng.randint(lo, hi)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port found in {lo}..{hi}")
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:  # between fork and exec: one libc call, no locks
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+# Node ports below the ephemeral range: nodes restart on the same ports while routers, proxies
+# and outgoing connections take ephemeral ones (engram_contract.launcher.stable_port).
+free_port = stable_port
 
 
 @dataclass
@@ -362,7 +321,7 @@ class ChaosCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, see above
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl call
             )
 
     async def start_node(self, name: str, *, skew: float = 0.0) -> bool:
