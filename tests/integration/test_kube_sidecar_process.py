@@ -97,6 +97,13 @@ async def test_kube_sidecars_take_roles_from_status_and_report_members(cluster: 
         assert await role("n0") == ("primary", 2)
         assert await role("n1") == ("replica", 2)
 
+        # The Kubernetes agent vouches for its write lease only from a status read made after
+        # 2 s of continuous Lease renewals (engram_sidecar.kube.agent): wait for it, bounded.
+        async def leased() -> bool:
+            r = await cluster.request("GET", "n0", "/v1/spaces/tenant-a")
+            return r.status == 200 and r.body.get("write_lease") is True
+
+        await cluster.wait_until(leased, timeout=10, what="n0's write lease from its renewals")
         # ackPolicy one: acknowledged once n1 holds the entries; addresses came from the Leases.
         r = await cluster.write_json("n0", "tenant-a", [{"payload": {"i": i}} for i in range(3)])
         assert r.status == 200, r
