@@ -118,23 +118,32 @@ PROGRAMS = {
 }
 
 
+def _exec(command: str, rest: Sequence[str]) -> int:
+    """Run `command`'s own program in place of this process (same pid, signals, exit code)."""
+    module = PROGRAMS[command]
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        print(
+            f"error: `{command}` needs the {module} package, which this installation leaves"
+            " out (the runtime image has no benchmark: run it from a source checkout,"
+            " `make bench`)",
+            file=sys.stderr,
+        )
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *rest])
+    return 0  # not reached: execv replaces the process
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PROGRAMS:
+        # Handed over whole, before argparse: it would read the program's own options (e.g.
+        # `bench --quick`, `sidecar --node n0`) as this parser's and refuse them.
+        return _exec(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     if args.command in PROGRAMS:
-        module = PROGRAMS[args.command]
-        if importlib.util.find_spec(module.split(".")[0]) is None:
-            print(
-                f"error: `{args.command}` needs the {module} package, which this installation"
-                " leaves out (the runtime image has no benchmark: run it from a source checkout,"
-                " `make bench`)",
-                file=sys.stderr,
-            )
-            return 2
-        # exec, not a subprocess: same pid, signals and exit code, as if run directly.
-        cmd = [sys.executable, "-m", module, *args.args]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, cmd)
+        return _exec(args.command, args.args)
     if args.command == "operator":
         from engram_operator.kube import handlers as kube_handlers
 

@@ -198,3 +198,23 @@ def test_wal_cli_console_script_exit_codes(tmp_path: Path) -> None:
     bad_id = _console("wal", "verify", "--data-dir", str(tmp_path), "--space", "NO")
     assert bad_id.returncode == 2
     assert "invalid memory space id" in bad_id.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (("sidecar", "--help"), "--replication-port"),
+        (("sidecar", "--node", "n0", "--help"), "--replication-port"),
+        (("bench", "--help"), "--quick"),
+        (("wal", "verify", "--help"), "--data-dir"),
+    ],
+)
+def test_console_script_hands_each_program_its_own_options(
+    args: tuple[str, ...], expect: str
+) -> None:
+    """`engram-replication sidecar|bench|wal …` execs the program with its options untouched:
+    the product's parser must not read `--quick` or `--node` as its own (it used to refuse
+    them: `bench --quick` in CI, `sidecar --node` in the chart)."""
+    res = _console(*args)
+    assert res.returncode == 0, res.stderr
+    assert expect in res.stdout
