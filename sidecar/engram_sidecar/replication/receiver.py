@@ -393,16 +393,16 @@ class Receiver:
             )
         skip = 0
         headers = _checked(batch)
-        if batch.first_seq <= wal.last_sequence:
-            skip, diverged_at = matching.overlap(
-                history=wal.history,
-                last=wal.last_sequence,
-                first_seq=int(batch.first_seq),
-                epochs=[h.epoch for h in headers],
-            )
-            if diverged_at is not None:
-                self._cut(space, diverged_at - 1, int(batch.epoch))
         try:
+            if batch.first_seq <= wal.last_sequence:
+                skip, diverged_at = matching.overlap(
+                    history=wal.history,
+                    last=wal.last_sequence,
+                    first_seq=int(batch.first_seq),
+                    epochs=[h.epoch for h in headers],
+                )
+                if diverged_at is not None:
+                    self._cut(space, diverged_at - 1, int(batch.epoch))
             data, rest = _skip_entries(batch, headers, skip)
             applied, written = space.apply(data, rest, int(batch.last_seq))
         except (WalError, OSError) as err:
