@@ -286,3 +286,16 @@ async def test_space_apply_takes_the_entries_as_the_frame_decoder_checked_them(
     # A caller without checked headers gets the log's own checks.
     with pytest.raises(wal_module.WalCorruption):
         replica.apply(bytes(64), None, 21)
+
+
+def test_space_a_snapshot_that_discards_a_divergent_tail_records_it(tmp_path: Path) -> None:
+    # A deposed primary brought back by a snapshot loses its tail wholesale, not by a cut: the
+    # failover's measured loss (decision records' entriesLost) must count it all the same.
+    sp, _ = _space(tmp_path, node="n1")
+    sp.note_discarded(100, 0, 3)
+    assert sp.truncations == []
+    sp.note_discarded(100, 7, 3)
+    assert [(t["epoch"], t["after"], t["dropped"]) for t in truncations.load(sp.path)] == [
+        (3, 100, 7)
+    ]
+    assert sp.dropped_entries == 7

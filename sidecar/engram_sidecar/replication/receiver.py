@@ -44,6 +44,7 @@ from engram_sidecar.errors import (
     WalTruncated,
     WireError,
 )
+from engram_sidecar.log.epochs import fork_point
 from engram_sidecar.log.snapshot import SnapshotBuilder
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.replication import matching
@@ -341,7 +342,20 @@ class Receiver:
             if isinstance(msg, SnapshotEnd):
                 b.finish()
                 space.snapshot_builder = None
+                # What of this log the snapshot discards that the primary never had: a deposed
+                # primary's divergent tail, replaced wholesale instead of cut by log matching.
+                # Counted like a cut, so the failover's measured loss includes it.
+                begun = space.snapshot_key
+                old_history, old_last = list(space.log.history), space.log.last_sequence
                 self.install_snapshot(space)
+                if begun is not None and old_last > 0:
+                    fork = fork_point(
+                        local=old_history,
+                        local_last=old_last,
+                        leader=list(begun[2]),
+                        leader_last=b.last,
+                    )
+                    space.note_discarded(fork, old_last - fork, begun[0])
                 return self._snap_ack(space, space.log.last_sequence, installed=True)
         except (WalError, OSError) as err:
             log.error("space %s: snapshot failed, starting over: %s", space.id, err)

@@ -227,6 +227,16 @@ class Space:
             )
         return dropped
 
+    def note_discarded(self, after: int, dropped: int, epoch: int) -> None:
+        """A snapshot replaced `dropped` entries after `after` that the primary of `epoch`
+        never had: recorded like a cut (`cut`), since they are just as gone."""
+        if dropped <= 0:
+            return
+        self.dropped_entries += dropped
+        self.truncations = truncations.record(
+            self.path, self.truncations, epoch=epoch, after=after, dropped=dropped, space=self.id
+        )
+
     def replace_log(self, wal: SpaceLog, commit: GroupCommit) -> GroupCommit:
         """A snapshot of the primary's log was installed: it is this space's log now, and all
         of it is the primary's. Returns the old group commit, to stop."""
