@@ -184,9 +184,20 @@ class RedisPair:
         return info_fields(raw if isinstance(raw, bytes) else b"")
 
     async def offsets(self) -> tuple[int, int]:
-        """(primary master_repl_offset, replica slave_repl_offset), asked at the same time."""
-        p, r = await asyncio.gather(self.info(self.ctl_p), self.info(self.ctl_r))
-        return int(p["master_repl_offset"]), int(r["slave_repl_offset"])
+        """(primary master_repl_offset, replica slave_repl_offset), asked at the same time.
+
+        A replica still (re)syncing answers INFO without its offset for a moment: ask again,
+        bounded (2 s), rather than fail the run on a KeyError."""
+        p: dict[str, str] = {}
+        r: dict[str, str] = {}
+        for _ in range(40):
+            p, r = await asyncio.gather(self.info(self.ctl_p), self.info(self.ctl_r))
+            if "master_repl_offset" in p and "slave_repl_offset" in r:
+                return int(p["master_repl_offset"]), int(r["slave_repl_offset"])
+            await asyncio.sleep(0.05)
+        raise RuntimeError(
+            f"redis INFO replication lacks the offsets after 2 s: primary {p}, replica {r}"
+        )
 
     async def xlen(self, key: str) -> int:
         assert self.ctl_p is not None
