@@ -96,12 +96,21 @@ async def test_replica_sigkill_restart_resumes_without_gap_or_duplicate(cluster:
     log = WriteLog()
     batches = [payloads(space, b, 200) for b in range(60)]
     killed_at: dict[str, int] = {}
+    # The writer holds after 20 batches until n1 is killed, so the kill always lands mid-log
+    # even when n1's assignment arrives late and the writer would otherwise finish first.
+    killed = asyncio.Event()
+
+    async def n1_holds_some() -> bool:
+        view = await cluster.space_view("n1", space)
+        return int(view.get("last_sequence", 0)) >= 1
 
     async def chaos() -> None:
         await cluster.wait_until(
             lambda: _acked_at_least(log, 2_000), timeout=30, what="2000 entries written"
         )
+        await cluster.wait_until(n1_holds_some, timeout=30, what="n1 to hold an entry")
         cluster["n1"].kill()  # SIGKILL: no shutdown, no final fsync
+        killed.set()
         # What survived, as the restart will find it (a torn last entry is cut at recovery).
         wal = cluster["n1"].wal_entries(space, torn_tail_ok=True)
         killed_at["last"] = wal[-1].sequence if wal else 0
@@ -113,7 +122,9 @@ async def test_replica_sigkill_restart_resumes_without_gap_or_duplicate(cluster:
         await cluster.start("n1")
 
     async def writer() -> None:
-        for b in batches:
+        for i, b in enumerate(batches):
+            if i == 20:
+                await asyncio.wait_for(killed.wait(), 40)
             await write_batches(cluster, "n0", space, [b], log)
             await asyncio.sleep(0.01)
 
