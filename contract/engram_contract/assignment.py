@@ -9,6 +9,7 @@ and the tests all build it here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,12 +42,68 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class Tuning:
+    """A space's replication settings from its spec (spec.batch, spec.lag, spec.catchupThreshold).
+
+    Each field left None means "the node's own setting" (its configuration), so a document
+    without them, from an older control plane, keeps today's behaviour.
+    """
+
+    batch_max_entries: int | None = None
+    batch_max_delay: float | None = None  # seconds
+    lag_warning_seconds: float | None = None
+    lag_critical_seconds: float | None = None
+    catchup_threshold: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        batch = _drop_none(
+            {"maxEntries": self.batch_max_entries, "maxDelaySeconds": self.batch_max_delay}
+        )
+        lag = _drop_none(
+            {
+                "warningSeconds": self.lag_warning_seconds,
+                "criticalSeconds": self.lag_critical_seconds,
+            }
+        )
+        if batch:
+            out["batch"] = batch
+        if lag:
+            out["lag"] = lag
+        if self.catchup_threshold is not None:
+            out["catchupThreshold"] = self.catchup_threshold
+        return out
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Tuning:
+        batch = _object(doc.get("batch", {}), "batch", {"maxEntries", "maxDelaySeconds"})
+        lag = _object(doc.get("lag", {}), "lag", {"warningSeconds", "criticalSeconds"})
+        t = cls(
+            batch_max_entries=_int(batch.get("maxEntries"), "batch.maxEntries", 1, 10_000),
+            batch_max_delay=_seconds(batch.get("maxDelaySeconds"), "batch.maxDelaySeconds", 0, 1),
+            lag_warning_seconds=_seconds(lag.get("warningSeconds"), "lag.warningSeconds", 0, 3600),
+            lag_critical_seconds=_seconds(
+                lag.get("criticalSeconds"), "lag.criticalSeconds", 0, 3600
+            ),
+            catchup_threshold=_int(doc.get("catchupThreshold"), "catchupThreshold", 1, MAX_EPOCH),
+        )
+        w, c = t.lag_warning_seconds, t.lag_critical_seconds
+        if w is not None and c is not None and c < w:
+            raise AssignmentError("lag.criticalSeconds must be at least lag.warningSeconds")
+        return t
+
+
+NO_TUNING = Tuning()
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     epoch: int
     primary: Member
     replicas: tuple[Member, ...]
     ack_policy: AckPolicy = "async"
     compression: bool = False
+    tuning: Tuning = NO_TUNING
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -72,13 +129,23 @@ class Assignment:
             "replicas": [r.to_json() for r in self.replicas],
             "ackPolicy": self.ack_policy,
             "compression": self.compression,
+            **self.tuning.to_json(),
         }
 
     @classmethod
     def from_json(cls, doc: Any) -> Assignment:
         if not isinstance(doc, dict):
             raise AssignmentError("assignment must be a JSON object")
-        unknown = set(doc) - {"epoch", "primary", "replicas", "ackPolicy", "compression"}
+        unknown = set(doc) - {
+            "epoch",
+            "primary",
+            "replicas",
+            "ackPolicy",
+            "compression",
+            "batch",
+            "lag",
+            "catchupThreshold",
+        }
         if unknown:
             raise AssignmentError(f"unknown field(s): {', '.join(sorted(unknown))}")
         epoch = doc.get("epoch")
@@ -98,7 +165,36 @@ class Assignment:
         comp = doc.get("compression", False)
         if not isinstance(comp, bool):
             raise AssignmentError("compression must be true or false")
-        return cls(epoch, primary, replicas, policy, comp)
+        return cls(epoch, primary, replicas, policy, comp, Tuning.from_json(doc))
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _object(doc: Any, where: str, keys: set[str]) -> Mapping[str, Any]:
+    if not isinstance(doc, dict):
+        raise AssignmentError(f"{where} must be an object")
+    unknown = set(doc) - keys
+    if unknown:
+        raise AssignmentError(f"unknown field(s) in {where}: {', '.join(sorted(unknown))}")
+    return doc
+
+
+def _int(v: Any, where: str, lo: int, hi: int) -> int | None:
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise AssignmentError(f"{where} must be an integer {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _seconds(v: Any, where: str, lo: float, hi: float) -> float | None:
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise AssignmentError(f"{where} must be a number of seconds {lo:g}..{hi:g}, got {v!r}")
+    return float(v)
 
 
 def _member(doc: Any, where: str) -> Member:
@@ -147,7 +243,50 @@ def assignment_from_status(
         [Member(NodeName(n), addresses[n]["address"], addresses[n]["http"]) for n in names],
         ack_policy=policy if policy in ACK_POLICIES else "async",
         compression=compression not in (None, False, "none"),
+        tuning=tuning_from_spec(spec),
     )
+
+
+def parse_duration(text: str) -> float:
+    """A spec duration ("10ms", "500us", "0.25s") in seconds; ValueError if malformed."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s)", text)
+    if m is None:
+        raise ValueError(f"a duration is a number and a unit (us, ms, s), got {text!r}")
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+
+def tuning_from_spec(spec: Mapping[str, object]) -> Tuning:
+    """The Tuning a MemorySpace spec asks for (spec.batch, spec.lag, spec.catchupThreshold).
+
+    Values the CRD's schema refuses are left to the node's own settings here rather than
+    raised: the operator reports a bad spec (kube/convert.py); a sidecar rebuilding its roles
+    from the API must not stop over one.
+    """
+    batch = spec.get("batch")
+    lag = spec.get("lag")
+    batch = batch if isinstance(batch, Mapping) else {}
+    lag = lag if isinstance(lag, Mapping) else {}
+    delay: float | None = None
+    raw_delay = batch.get("maxDelay")
+    if isinstance(raw_delay, str):
+        try:
+            delay = parse_duration(raw_delay)
+        except ValueError:
+            delay = None
+    doc: dict[str, Any] = {
+        "batch": _drop_none({"maxEntries": batch.get("maxEntries"), "maxDelaySeconds": delay}),
+        "lag": _drop_none(
+            {
+                "warningSeconds": lag.get("warningSeconds"),
+                "criticalSeconds": lag.get("criticalSeconds"),
+            }
+        ),
+        "catchupThreshold": spec.get("catchupThreshold"),
+    }
+    try:
+        return Tuning.from_json(doc)
+    except AssignmentError:
+        return NO_TUNING
 
 
 def assignment_document(
@@ -156,8 +295,11 @@ def assignment_document(
     *,
     ack_policy: AckPolicy = "async",
     compression: bool = False,
+    tuning: Tuning = NO_TUNING,
 ) -> dict[str, Any]:
     """The JSON document for `members` (the primary first) at `epoch`: the one way to build it."""
     if not members:
         raise AssignmentError("an assignment needs a primary")
-    return Assignment(epoch, members[0], tuple(members[1:]), ack_policy, compression).to_json()
+    return Assignment(
+        epoch, members[0], tuple(members[1:]), ack_policy, compression, tuning
+    ).to_json()

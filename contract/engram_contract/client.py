@@ -41,8 +41,18 @@ class SidecarClient:
     """HTTP to the nodes' sidecars, addressed by their `host:port` (a Lease annotation, or
     local mode's cluster.json)."""
 
-    def __init__(self, token: str, *, probe_timeout: float, lease_seconds: float = 1.5) -> None:
+    def __init__(
+        self,
+        token: str,
+        *,
+        probe_timeout: float,
+        lease_seconds: float = 1.5,
+        handles_drain: bool = False,
+    ) -> None:
         self._token = token
+        # Heartbeats say this control plane moves a draining node's spaces away: a sidecar
+        # that hears it waits for that on SIGTERM (drain_timeout), else it exits at once.
+        self.handles_drain = handles_drain
         self._probe_timeout = probe_timeout
         # The write lease each grant offers: the reconcile settings' `write_lease`, so the wait
         # before a promotion can never be shorter than what a node was granted.
@@ -112,20 +122,28 @@ class SidecarClient:
         except (aiohttp.ClientError, TimeoutError) as err:
             raise SidecarError(f"{method} {path} on {http}: {err!r}") from err
 
-    async def healthz(self, http: str) -> bool:
-        """The direct probe: does the node answer `/healthz` within the probe timeout?"""
+    async def healthz(self, http: str, *, expect: str | None = None) -> bool:
+        """The direct probe: does the node answer `/healthz` within the probe timeout? With
+        `expect`, only an answer naming that node counts: another node now listening at the
+        address (a reused pod IP) says nothing about the one we asked for."""
         try:
-            await self._call("GET", http, "/healthz", timeout=self._probe_timeout)
+            doc = await self._call("GET", http, "/healthz", timeout=self._probe_timeout)
         except SidecarError:
             return False
-        return True
+        return expect is None or (isinstance(doc, dict) and doc.get("node") == expect)
 
     async def heartbeat(
-        self, http: str, epochs: Mapping[SpaceId, int], *, sent_mono_ns: int
+        self,
+        http: str,
+        epochs: Mapping[SpaceId, int],
+        *,
+        sent_mono_ns: int,
+        expect: str | None = None,
     ) -> dict[str, Any]:
         """`POST /v1/lease`: renew the write leases of the spaces the node leads at `epochs`,
         stamped `sent_mono_ns` (our monotonic clock, read just before). Answers the node's
-        `/v1/status`."""
+        `/v1/status`. With `expect`, an answer from another node (a reused address) is an
+        error, like no answer: it proves nothing about `expect`."""
         body = {
             "granted_at_ns": time.time_ns(),
             "control_plane": self.control_plane,
@@ -133,6 +151,8 @@ class SidecarClient:
             "lease_seconds": self.lease_seconds,
             "epochs": dict(epochs),
         }
+        if self.handles_drain:
+            body["handles_drain"] = True
         doc = await self._call(
             "POST",
             http,
@@ -143,6 +163,10 @@ class SidecarClient:
         )
         if not isinstance(doc, dict):
             raise SidecarError(f"POST /v1/lease on {http}: not an object")
+        if expect is not None and doc.get("node") != expect:
+            raise SidecarError(
+                f"POST /v1/lease on {http}: answered by node {doc.get('node')!r}, not {expect!r}"
+            )
         return doc
 
     async def assign(

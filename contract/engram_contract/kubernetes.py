@@ -24,6 +24,8 @@ LEASE_RENEW_SECONDS: Final = 0.5
 LABEL_NODE_LEASE: Final = "engram.io/node-lease"  # value "true"
 ANNOTATION_HTTP: Final = "engram.io/http-address"  # host:port of the sidecar's HTTP API
 ANNOTATION_REPLICATION: Final = "engram.io/replication-address"  # host:port of its listener
+# "true" while the sidecar shuts down (SIGTERM): the operator switches its spaces away first.
+ANNOTATION_DRAINING: Final = "engram.io/draining"
 
 # MemorySpace.status: who writes which field (design §3: no field has two writers). The operator
 # sends merge patches containing only OPERATOR_STATUS_FIELDS; the space's primary sidecar only

@@ -167,7 +167,7 @@ LOG_TAIL_LINES: Final = 40
 
 
 class SidecarStartError(RuntimeError):
-    """A sidecar exited during start-up or did not answer `/readyz` in time; the message ends
+    """A sidecar exited during start-up or did not answer `/healthz` in time; the message ends
     with the tail of its log."""
 
 
@@ -261,8 +261,10 @@ class SidecarProcess:
             self.proc = spawn(spec, log, env=env)
 
     async def wait_ready(self, session: aiohttp.ClientSession, *, timeout: float) -> None:
-        """Until `/readyz` answers 200; SidecarStartError if the process exits or `timeout`
-        passes first."""
+        """Until `/healthz` answers 200 (the node serves HTTP only once its replication
+        listener is bound; `/readyz` waits for its spaces to catch up too, which a harness
+        that restarts a node may not want); SidecarStartError if the process exits or
+        `timeout` passes first."""
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -273,7 +275,7 @@ class SidecarProcess:
                 )
             try:
                 async with session.get(
-                    self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=1.0)
+                    self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=1.0)
                 ) as r:
                     if r.status == 200:
                         return

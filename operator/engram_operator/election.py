@@ -238,8 +238,11 @@ def elect(
     only: NodeName | None = None,
     new_epoch: Epoch | None = None,
     fence: FenceRound | None = None,
+    draining: frozenset[NodeName] = frozenset(),
 ) -> DecisionRecord:
     """Choose a new primary among `placement.replicas` to replace `placement.primary`.
+
+    A node in `draining` is shutting down (a rolling update, a node drain) and is never chosen.
 
     `reports` holds each member's last known progress (a dead old primary's last report too).
     `cause` says why the old primary is being replaced, e.g. "node-a dead: lease expired ...".
@@ -267,6 +270,8 @@ def elect(
             answer=answers.get(node) if fence is not None else None,
             fenced=fence is not None,
         )
+        if why is None and node in draining:
+            why = "is draining (shutting down); it rejoins as a replica"
         if why is None and only is not None and node != only:
             why = f"not the requested target {only}"
         if why is not None:

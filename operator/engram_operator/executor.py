@@ -276,6 +276,7 @@ class Executor:
             members,
             ack_policy=spec.ack_policy,
             compression=spec.compression,
+            tuning=spec.tuning,
         )
         # An assignment that makes a node primary grants its write lease: stamped, and
         # remembered as sent before it is (the failover's lease wait starts from it).

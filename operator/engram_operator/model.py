@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from engram_contract.assignment import AckPolicy
+from engram_contract.assignment import NO_TUNING, AckPolicy, AssignmentError, Tuning
 from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_operator.verdict import Verdict
 
@@ -41,6 +41,9 @@ class NodeInfo:
     address: str
     zone: str | None = None
     rack: str | None = None
+    # Shutting down (SIGTERM): its spaces are switched over to other nodes, and it is never
+    # chosen as a new primary or a new member.
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +59,9 @@ class SpaceSpec:
     target_primary: NodeName | None = None
     # Replication frames compressed with zstd (spec.compression: zstd); part of the assignment.
     compression: bool = False
+    # spec.batch, spec.lag and spec.catchupThreshold: carried to the nodes in the assignment;
+    # the lag thresholds also judge the status (None fields: the nodes' own settings).
+    tuning: Tuning = NO_TUNING
 
     def __post_init__(self) -> None:
         if self.replicas < 0:
@@ -111,6 +117,8 @@ class MemberReport:
     state: MemberState = "Healthy"
     last_epoch: Epoch = NO_EPOCH
     accepted_epoch: Epoch | None = None
+    # The spec settings the member applies (None: not reported), compared with the spec's.
+    tuning: Tuning | None = None
 
     @property
     def log_position(self) -> tuple[int, int]:
@@ -180,6 +188,12 @@ def member_reports(
         seq = view.get("last_sequence" if role == "primary" else "applied_sequence", 0)
         lag = lag_view.get(node) or {}
         accepted = view.get("accepted_epoch")
+        tuning = None
+        if isinstance(view.get("tuning"), dict):
+            try:
+                tuning = Tuning.from_json(view["tuning"])
+            except AssignmentError:
+                tuning = None
         out[node] = MemberReport(
             node=node,
             role=role,
@@ -189,5 +203,6 @@ def member_reports(
             state=lag.get("state", "Healthy"),
             last_epoch=Epoch(int(view.get("last_epoch") or NO_EPOCH)),
             accepted_epoch=Epoch(accepted) if isinstance(accepted, int) else None,
+            tuning=tuning,
         )
     return out

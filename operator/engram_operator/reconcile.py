@@ -250,6 +250,7 @@ def _tick(obs: Observation, placement: Placement, now: float, settings: Settings
         _reassert(obs, placement)
         or _repair(obs, placement, now, settings)
         or _resend(obs, placement)
+        or _drain(obs, placement, now, settings)
         or _switchover(obs, placement, now, settings)
         or _steady(obs, placement, now, settings)
     )
@@ -272,13 +273,17 @@ def _alive(obs: Observation) -> list[NodeInfo]:
     return [n for n in obs.nodes if _state(obs, n.name) == "Alive"]
 
 
+def _draining(obs: Observation) -> frozenset[NodeName]:
+    return frozenset(n.name for n in obs.nodes if n.draining)
+
+
 def _state(obs: Observation, node: NodeName) -> str | None:
     verdict = obs.verdicts.get(node)
     return verdict.state if verdict else None
 
 
 def _first_placement(obs: Observation) -> Decision:
-    alive = _alive(obs)
+    alive = [n for n in _alive(obs) if not n.draining]
     cap = primary_cap(sum(obs.primary_load.values()) + 1, len(alive))
     result = place(
         obs.space, obs.spec, alive, None, primary_load=obs.primary_load, max_primaries=cap
@@ -321,6 +326,7 @@ def _failover(
         cause=cause,
         only=only,
         new_epoch=epoch,
+        draining=_draining(obs),
     )
     if plan.winner is None:
         return _wait(f"cannot fail over space {space} ({cause}): {plan.reason}", record=plan)
@@ -397,6 +403,7 @@ def conclude_failover(
         only=fence.only,
         new_epoch=fence.epoch,
         fence=round_,
+        draining=_draining(obs),
     )
     if record.winner is None:
         sentence = f"cannot fail over space {space} ({fence.cause}): {record.reason}"
@@ -496,10 +503,56 @@ def _fence(obs: Observation, placement: Placement, split: str) -> Decision:
     return Decision(actions=actions, sentence=sentence)
 
 
+def _drain(
+    obs: Observation, placement: Placement, now: float, settings: Settings
+) -> Decision | None:
+    """The primary is draining (it got SIGTERM: a rolling update, a node drain): switch the space
+    over to its most advanced live replica that is not draining, the same lag-aware handover as
+    a switchover the user asks for, so an `async` space loses nothing. spec.targetPrimary, when
+    set, wins (that switchover moves the primary away too)."""
+    draining = _draining(obs)
+    if placement.primary not in draining or obs.spec.target_primary is not None:
+        return None
+    progress = obs.switchover
+    candidates = [
+        r
+        for r in placement.replicas
+        if r not in draining and _state(obs, r) == "Alive" and r in obs.reports
+    ]
+    if progress is not None and progress.target in candidates:
+        target = progress.target
+    elif progress is not None:
+        return _clear(
+            f"switchover of space {obs.space} to {progress.target} withdrawn:"
+            f" {placement.primary} is draining and {progress.target} can't take over"
+        )
+    elif candidates:
+        target = max(candidates, key=lambda r: (obs.reports[r].log_position, r))
+    else:
+        return _wait(
+            f"primary {placement.primary} of space {obs.space} is draining, but no live replica"
+            " that is not draining can take over; it leads until it stops"
+        )
+    return _switch_to(
+        obs,
+        placement,
+        target=target,
+        progress=progress,
+        now=now,
+        settings=settings,
+        why=f"{placement.primary} is draining",
+    )
+
+
 def _switchover(
     obs: Observation, placement: Placement, now: float, settings: Settings
 ) -> Decision | None:
     target, progress = obs.spec.target_primary, obs.switchover
+    if target is not None and target in _draining(obs) and target != placement.primary:
+        reason = f"cannot switch space {obs.space} over to {target}: it is draining (shutting down)"
+        if progress is not None and progress.aborted_at is not None:
+            return _wait(reason)
+        return Decision(actions=(AbortSwitchover(target=target, reason=reason),), sentence=reason)
     step = switchover.next_step(
         space=obs.space,
         placement=placement,
@@ -516,9 +569,50 @@ def _switchover(
         return _clear(step.reason)
     if step is None or target is None:
         return None
+    return _act(obs, target, progress, step, doing=f"switching space {obs.space} over to {target}")
+
+
+def _switch_to(
+    obs: Observation,
+    placement: Placement,
+    *,
+    target: NodeName,
+    progress: SwitchoverProgress | None,
+    now: float,
+    settings: Settings,
+    why: str,
+) -> Decision | None:
+    step = switchover.next_step(
+        space=obs.space,
+        placement=placement,
+        target=target,
+        progress=progress,
+        verdicts=obs.verdicts,
+        reports=obs.reports,
+        now=now,
+        timeout=settings.switchover_timeout,
+        ready_lag=settings.switchover_ready_lag,
+        retry_after=settings.switchover_retry_after,
+    )
+    if isinstance(step, switchover.Finished):
+        return _clear(step.reason)
+    if step is None:
+        return None
+    return _act(
+        obs, target, progress, step, doing=f"switching space {obs.space} over to {target} ({why})"
+    )
+
+
+def _act(
+    obs: Observation,
+    target: NodeName,
+    progress: SwitchoverProgress | None,
+    step: switchover.SwitchoverStep,
+    *,
+    doing: str,
+) -> Decision | None:
     fresh = progress is None or progress.aborted_at is not None
     begin: tuple[Action, ...] = (BeginSwitchover(target=target),) if fresh else ()
-    doing = f"switching space {obs.space} over to {target}"
     match step:
         case switchover.CoolingDown(reason=reason):
             return _wait(reason)
@@ -538,6 +632,7 @@ def _switchover(
                 sentence=f"{doing}: {step.reason}",
                 operation="SwitchingOver",
             )
+    return None  # Finished: the callers handle it first
 
 
 def _clear(sentence: str) -> Decision:
@@ -551,6 +646,8 @@ def _usable(
     verdict = obs.verdicts.get(node)
     if verdict is None:
         return False
+    if node not in placement.members and node in _draining(obs):
+        return False  # shutting down: no new seats (a member keeps its own, it comes back)
     if verdict.state == "Alive":
         return True
     if node not in placement.members:
@@ -608,10 +705,23 @@ def _resend(obs: Observation, placement: Placement) -> Decision | None:
         and (r.role, r.epoch) != (placement.role_of(r.node), placement.epoch)
     ]
     silent = [m for m in placement.members if m not in obs.reports and _state(obs, m) == "Alive"]
-    if not stale and not silent:
+    # A member that applies other spec settings than the spec's (spec.batch, spec.lag or
+    # spec.catchupThreshold changed): the same assignment with the new settings.
+    retuned = [
+        r
+        for r in sorted(obs.reports.values(), key=lambda r: r.node)
+        if r not in stale
+        and _state(obs, r.node) == "Alive"
+        and placement.role_of(r.node) is not None
+        and r.tuning is not None
+        and r.tuning != obs.spec.tuning
+    ]
+    if not stale and not silent and not retuned:
         return None
     parts = [f"{r.node} (reports {r.role} at epoch {r.epoch})" for r in stale]
     parts += [f"{m} (reports nothing)" for m in silent]
+    parts += [f"{r.node} (applies other spec settings)" for r in retuned]
+    stale += retuned
     sentence = (
         f"re-sent the epoch {placement.epoch} assignment of space {obs.space} to {', '.join(parts)}"
     )

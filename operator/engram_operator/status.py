@@ -26,8 +26,21 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 # The design's replica states, plus two the control plane adds: no report yet, or not reachable.
 RowState = MemberState | Literal["Unknown", "Unreachable"]
 
-# Lag warning of design §7: a replica whose oldest missing entry is older than this is Lagging.
+# Lag thresholds of design §7, unless spec.lag sets them (the sidecars' defaults too): a
+# replica whose oldest missing entry is older than the warning is Lagging, than the critical
+# one Degraded.
 LAG_WARNING_SECONDS: Final = 1.0
+LAG_CRITICAL_SECONDS: Final = 5.0
+
+
+def lag_thresholds(spec: SpaceSpec) -> tuple[float, float]:
+    """(warning, critical) seconds of lag for `spec`'s space."""
+    t = spec.tuning
+    warning = LAG_WARNING_SECONDS if t.lag_warning_seconds is None else t.lag_warning_seconds
+    critical = LAG_CRITICAL_SECONDS if t.lag_critical_seconds is None else t.lag_critical_seconds
+    return warning, critical
+
+
 # Replica states that still receive the stream, so replication is happening.
 _STREAMING: Final[frozenset[str]] = frozenset({"Healthy", "Lagging", "CatchingUp"})
 
@@ -313,6 +326,7 @@ def _problems(
 ) -> list[tuple[str, str]]:
     """(Reason, message) for every way the space falls short, most serious first."""
     found: list[tuple[str, str]] = []
+    warning, critical = lag_thresholds(spec)
     if split:
         found.append(("SplitBrain", split))
     blind = next((v for v in verdicts.values() if v.state == "Unknown"), None)
@@ -337,11 +351,20 @@ def _problems(
         verdict = verdicts.get(row.node)
         if row.role != "replica" or (verdict is not None and verdict.state != "Alive"):
             continue  # the primary's problems and unreachable replicas are listed above
+        seconds = row.lag_seconds or 0.0
         if row.state in ("Degraded", "Failed"):
             found.append(("ReplicaDegraded", f"replica {row.node} is {row.state}"))
         elif row.state == "Unknown":
             found.append(("ReplicaNotReporting", f"replica {row.node} has not reported"))
-        elif row.state != "Healthy" or (row.lag_seconds or 0.0) >= LAG_WARNING_SECONDS:
+        elif seconds > critical:
+            found.append(
+                (
+                    "ReplicaDegraded",
+                    f"replica {row.node} is {seconds:.1f} s behind,"
+                    f" past the {critical:g} s critical lag (spec.lag.criticalSeconds)",
+                )
+            )
+        elif row.state != "Healthy" or seconds >= warning:
             lag = f"{row.lag_entries} entries / {row.lag_seconds or 0.0:.1f} s behind"
             found.append(("ReplicaLagging", f"replica {row.node} is {row.state}, {lag}"))
     found.sort(key=lambda p: _SEVERITY.index(p[0]))

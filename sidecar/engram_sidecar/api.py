@@ -419,6 +419,8 @@ async def post_lease(request: web.Request) -> web.Response:
         seconds = _lease_seconds(doc.get("lease_seconds"))
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         return _error(400, "bad_request", f"lease body: {err}")
+    if doc.get("handles_drain") is True:
+        node.note_drain_handler()
     if source and epochs:
         grants = node.grant_leases(
             Grant(source=source[:128], sent_ns=sent, seconds=seconds), epochs
@@ -477,14 +479,20 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    # The name lets a prober tell this node from another that now holds its old address (a
+    # reused pod IP): an answer from the wrong node must not make a dead one look alive.
+    return web.json_response({"ok": True, "node": request.app[NODE_KEY].name})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when every hosted space is caught up (a rollout moves on only then)."""
     node = request.app[NODE_KEY]
     if node.replication_port == 0:
         return _error(503, "starting", "replication listener not up yet")
-    return web.json_response({"ok": True})
+    why = node.readiness()
+    if why is not None:
+        return _error(503, "draining" if node.draining else "not_caught_up", why)
+    return web.json_response({"ok": True, "node": node.name})
 
 
 def make_app(node: Node) -> web.Application:

@@ -103,6 +103,12 @@ class SidecarConfig:
     kube_ca_file: Path | None = None
     kube_timeout: float = 1.0
     status_report_interval: float = 2.0
+    # Shutdown (SIGTERM): ask the control plane to switch every space led here to a replica,
+    # and wait up to this long for it before exiting (0: exit at once). Keep it below the pod's
+    # terminationGracePeriodSeconds. SIGINT always stops at once.
+    drain_timeout: float = 25.0
+    # /readyz: a replica is caught up when at most this many entries behind its primary.
+    ready_max_lag_entries: int = 1000
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -206,6 +212,10 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
             raise bad(name, "must be greater than 0")
     if cfg.batch_max_delay < 0:
         raise bad("batch_max_delay", "must be 0 or more")
+    if cfg.drain_timeout < 0:
+        raise bad("drain_timeout", "must be 0 or more")
+    if cfg.ready_max_lag_entries < 0:
+        raise bad("ready_max_lag_entries", "must be 0 or more")
     if cfg.lag_critical_seconds < cfg.lag_warning_seconds:
         raise bad("lag_critical_seconds", "must be at least lag_warning_seconds")
     # A slower API request leaves too little of the node Lease for one missed renewal (kube/agent).

@@ -104,10 +104,18 @@ async def serve(cfg: SidecarConfig, *, ready: asyncio.Event | None = None) -> No
         cfg.data_dir,
     )
     stop = asyncio.Event()
+    now = asyncio.Event()  # SIGINT: stop at once, even in the middle of a drain
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # SIGTERM (Kubernetes, a supervisor) drains first; SIGINT (Ctrl-C) stops at once.
+        if sig != signal.SIGTERM:
+            now.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     kube = None
     kube_settings = resolve_kube(cfg)
     if kube_settings is not None:
@@ -118,12 +126,33 @@ async def serve(cfg: SidecarConfig, *, ready: asyncio.Event | None = None) -> No
         ready.set()
     try:
         await stop.wait()
+        if not now.is_set():
+            await _drain(node, cfg, kube, interrupt=now)
     finally:
         log.info("node %s: shutting down", cfg.node)
         if kube is not None:
             await kube.stop()
         await runner.cleanup()
         await node.stop()
+
+
+async def _drain(
+    node: Node, cfg: SidecarConfig, kube: KubeSidecar | None, *, interrupt: asyncio.Event
+) -> None:
+    """SIGTERM: hand the spaces led here over before exiting, if a control plane will do it (on
+    Kubernetes the operator acts on the node Lease's draining annotation; in local mode the
+    control loop on the heartbeat's answer)."""
+    if kube is None and not node.drain_handled():
+        node.draining = True
+        if node.led():
+            log.warning("node %s: no control plane acts on drains; exiting at once", cfg.node)
+        return
+
+    async def announce() -> None:
+        if kube is not None:
+            await kube.renew(kube.wall_ns())
+
+    await node.drain(cfg.drain_timeout, announce=announce, interrupt=interrupt)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -15,9 +15,46 @@ from engram_sidecar.log import retention
 from engram_sidecar.metrics import STATE_VALUES, Metrics
 from engram_sidecar.replication.peers import PeerPool
 from engram_sidecar.space.hosted import Space
-from engram_sidecar.space.lag import LagThresholds, classify, transition_message
+from engram_sidecar.space.lag import (
+    Lag,
+    LagThresholds,
+    ReplicaState,
+    classify,
+    transition_message,
+)
+from engram_sidecar.space.replicas import ReplicaProgress
 
 log = logging.getLogger(__name__)
+
+
+def node_thresholds(cfg: SidecarConfig) -> LagThresholds:
+    return LagThresholds(
+        cfg.lag_warning_seconds, cfg.lag_critical_seconds, cfg.failed_after_seconds
+    )
+
+
+def replica_state(
+    sp: Space,
+    r: ReplicaProgress,
+    *,
+    peers: PeerPool,
+    cfg: SidecarConfig,
+    now: float,
+    now_ns: int,
+) -> tuple[Lag, ReplicaState]:
+    """A replica's lag and state as its primary sees them now: the monitor's tick and every
+    view compute it the same way, so a view never shows a state older than its lag."""
+    link = peers.get(r.node)
+    lag = sp.replica_lag(r, now_ns)
+    away = None if r.disconnected_since is None else now - r.disconnected_since
+    state = classify(
+        lag,
+        thresholds=sp.lag_thresholds(node_thresholds(cfg)),
+        breaker_open=bool(link and link.breaker.is_open),
+        unreachable_for=away,
+        catching_up=r.catchup is not None,
+    )
+    return lag, state
 
 
 class Monitor:
@@ -78,11 +115,6 @@ class Monitor:
                 )
 
     def tick(self) -> None:
-        th = LagThresholds(
-            self.cfg.lag_warning_seconds,
-            self.cfg.lag_critical_seconds,
-            self.cfg.failed_after_seconds,
-        )
         now = self.clock()
         now_ns = time.time_ns()
         for sp in self.spaces():
@@ -98,15 +130,8 @@ class Monitor:
                 continue
             self.metrics.write_lease_valid.labels(sp.id).set(int(sp.lease_valid()))
             for r in sp.replicas.values():
-                link = self.peers.get(r.node)
-                r.lag = sp.replica_lag(r, now_ns)
-                away = None if r.disconnected_since is None else now - r.disconnected_since
-                new = classify(
-                    r.lag,
-                    thresholds=th,
-                    breaker_open=bool(link and link.breaker.is_open),
-                    unreachable_for=away,
-                    catching_up=r.catchup is not None,
+                r.lag, new = replica_state(
+                    sp, r, peers=self.peers, cfg=self.cfg, now=now, now_ns=now_ns
                 )
                 remaining = 0
                 if r.catchup is not None:

@@ -10,10 +10,11 @@ one write path), `replication` (the receiver, the peer pool), `monitor` (lag, re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -36,6 +37,8 @@ from engram_sidecar.replication.stream import CHUNK_BYTES
 from engram_sidecar.space.hosted import Space
 
 log = logging.getLogger(__name__)
+# A control plane that stopped heartbeating this long ago will not move our spaces any more.
+DRAIN_HANDLER_SILENCE = 10.0
 
 
 class StaleAssignment(Exception):
@@ -89,6 +92,10 @@ class Node:
         )
         self.grant_clock = GrantClock(MAX_GRANT_DELAY_NS)
         self.replication_port = 0
+        # Set on SIGTERM (`drain`): the control plane moves the spaces led here elsewhere.
+        self.draining = False
+        # When a control plane that acts on drains last said so (a heartbeat's handles_drain).
+        self._drain_handler_at: float | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
 
@@ -114,6 +121,77 @@ class Node:
         for sp in self.spaces.values():
             await sp.writer.stop()
         self.store.close()
+
+    def note_drain_handler(self) -> None:
+        self._drain_handler_at = self.clock()
+
+    def drain_handled(self) -> bool:
+        """Did a control plane that moves a draining node's spaces heartbeat us lately? Without
+        one (a test harness, a bare node), waiting on SIGTERM would only delay the exit."""
+        at = self._drain_handler_at
+        return at is not None and self.clock() - at < DRAIN_HANDLER_SILENCE
+
+    def led(self) -> list[SpaceId]:
+        """The spaces this node leads now (fenced ones too: until demoted they are still ours)."""
+        return sorted(sid for sid, sp in self.spaces.items() if sp.role == "primary")
+
+    async def drain(
+        self,
+        timeout: float,
+        *,
+        announce: Callable[[], Awaitable[object]] | None = None,
+        interrupt: asyncio.Event | None = None,
+    ) -> bool:
+        """Shut down without loss: mark this node draining (its status says so, and `announce`
+        tells the control plane at once, e.g. the node Lease), then wait up to `timeout` for
+        the control plane to switch every space led here over to a replica (a lag-aware
+        handover: fence, the target applies the last entry, promote, demote us). True when
+        nothing is led here any more."""
+        self.draining = True
+        led = self.led()
+        if not led or timeout <= 0:
+            return not led
+        log.warning(
+            "node %s: draining: waiting up to %.1f s for the control plane to move %s",
+            self.name,
+            timeout,
+            ", ".join(led),
+        )
+        if announce is not None:
+            try:
+                await announce()
+            except Exception as err:  # the status still says so, on the next heartbeat
+                log.warning("node %s: could not announce the drain: %r", self.name, err)
+        deadline = self.clock() + timeout
+        interrupt = interrupt or asyncio.Event()
+        while self.led() and self.clock() < deadline and not interrupt.is_set():
+            # Polled: a demotion arrives as an assignment, on the HTTP API's task.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupt.wait(), 0.05)
+        left = self.led()
+        if left:
+            log.warning(
+                "node %s: drain timed out after %.1f s; still leading %s (an unplanned"
+                " failover follows)",
+                self.name,
+                timeout,
+                ", ".join(left),
+            )
+        else:
+            log.warning("node %s: drained: every space it led has another primary", self.name)
+        return not left
+
+    def readiness(self) -> str | None:
+        """None when every hosted space is caught up (`Space.readiness_problem`), else why not."""
+        if self.replication_port == 0:
+            return "replication listener not up yet"
+        if self.draining:
+            return "draining: shutting down"
+        for sid, sp in sorted(self.spaces.items()):
+            why = sp.readiness_problem(self.cfg.ready_max_lag_entries)
+            if why is not None:
+                return f"space {sid}: {sp.role} {why}"
+        return None
 
     # ---- spaces and assignments -----------------------------------------------------------
 
@@ -273,7 +351,7 @@ class Node:
     # ---- views ----------------------------------------------------------------------------
 
     def space_view(self, sp: Space) -> dict[str, Any]:
-        return views.space_view(sp, self.peers)
+        return views.space_view(sp, self.peers, self.cfg)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -281,5 +359,6 @@ class Node:
             "pid": os.getpid(),
             "replication_address": self.cfg.address,
             "uptime_seconds": round(time.time() - self.started_at, 1),
+            "draining": self.draining,
             "spaces": {sid: self.space_view(sp) for sid, sp in sorted(self.spaces.items())},
         }

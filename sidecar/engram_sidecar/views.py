@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from engram_sidecar.config import SidecarConfig
 from engram_sidecar.log.epochs import epoch_at
+from engram_sidecar.monitor import replica_state
 from engram_sidecar.replication.peers import PeerPool
 from engram_sidecar.space.hosted import Space
 
 
-def space_view(sp: Space, peers: PeerPool) -> dict[str, Any]:
+def space_view(
+    sp: Space, peers: PeerPool, cfg: SidecarConfig, now: float | None = None
+) -> dict[str, Any]:
     a = sp.assignment
     view: dict[str, Any] = {
         "space": sp.id,
@@ -27,6 +31,9 @@ def space_view(sp: Space, peers: PeerPool) -> dict[str, Any]:
         "matched_sequence": sp.matched_sequence if sp.role == "replica" else None,
         "storage": sp.storage.view(),
         "ack_policy": a.ack_policy if a else None,
+        # The spec settings this node applies (spec.batch, spec.lag, spec.catchupThreshold): the
+        # control plane re-sends the assignment when they differ from the spec.
+        "tuning": a.tuning.to_json() if a else None,
         "primary": a.primary.node if a else None,
         "fenced": sp.fenced_reason,
         "dropped_entries": sp.dropped_entries,
@@ -36,15 +43,16 @@ def space_view(sp: Space, peers: PeerPool) -> dict[str, Any]:
     }
     if sp.role == "primary":
         now_ns = time.time_ns()
+        mono = sp.clock() if now is None else now
         reps = {}
         for r in sp.replicas.values():
-            lag = sp.replica_lag(r, now_ns)
+            lag, state = replica_state(sp, r, peers=peers, cfg=cfg, now=mono, now_ns=now_ns)
             link = peers.get(r.node)
             reps[r.node] = {
                 "acked_sequence": r.acked,
                 "lag_entries": lag.entries,
                 "lag_seconds": round(lag.seconds, 3),
-                "state": r.state,
+                "state": state,
                 "connected": bool(link and link.connected),
                 "last_error": link.last_error if link and not link.connected else "",
                 "catch_up": r.catchup.view() if r.catchup is not None else None,

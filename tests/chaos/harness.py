@@ -51,6 +51,10 @@ TMPFS_BYTES: Final = 64 * 1024 * 1024
 # segments so rotation happens, and a low catch-up threshold so a restarted node often gets a
 # snapshot. Equal on every node: replicas' segments must match the primary's byte for byte.
 NODE_FLAGS: Final = (
+    # A SIGTERM drains (the control loop switches the node's spaces away) within the
+    # harness's STOP_TIMEOUT.
+    "--drain-timeout",
+    "5",
     "--heartbeat-interval",
     "0.1",
     "--lag-monitor-interval",
@@ -347,7 +351,7 @@ class ChaosCluster:
         while time.monotonic() < deadline:
             if n.proc is None or n.proc.poll() is not None:
                 return False
-            got = await self.get(n.name, "/readyz", timeout=1.0)
+            got = await self.get(n.name, "/healthz", timeout=1.0)
             if got is not None and got[0] == 200:
                 return True
             await asyncio.sleep(0.05)

@@ -19,6 +19,7 @@ import pytest
 from tests.integration.cluster import Cluster
 
 from engram_contract.kubernetes import (
+    ANNOTATION_DRAINING,
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     OPERATOR_STATUS_FIELDS,
@@ -81,6 +82,7 @@ async def test_kube_sidecars_take_roles_from_status_and_report_members(cluster: 
             key = (LEASES, NS, f"engram-node-{name}")
             lease = await until(lambda key=key: stored(k8s, key), f"{name} Lease")  # type: ignore[misc]
             assert lease["metadata"]["annotations"] == {
+                ANNOTATION_DRAINING: "false",
                 ANNOTATION_HTTP: cluster[name].http,
                 ANNOTATION_REPLICATION: cluster[name].address,
             }

@@ -26,6 +26,7 @@ from engram_contract.assignment import Assignment
 from engram_contract.errors import ConfigError
 from engram_contract.ids import NodeName
 from engram_contract.kubernetes import (
+    ANNOTATION_DRAINING,
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
@@ -212,6 +213,7 @@ async def test_kube_lease_is_created_then_renewed_with_labels_and_addresses(h: H
     assert lease is not None
     assert lease["metadata"]["labels"] == {LABEL_NODE_LEASE: "true"}
     assert lease["metadata"]["annotations"] == {
+        ANNOTATION_DRAINING: "false",
         ANNOTATION_HTTP: kube.http_address,
         ANNOTATION_REPLICATION: f"127.0.0.1:{node.replication_port}",
     }

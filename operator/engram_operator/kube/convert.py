@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engram_contract.assignment import AckPolicy
+from engram_contract.assignment import AckPolicy, AssignmentError, Tuning, parse_duration
 from engram_contract.ids import Epoch, NodeName
 from engram_operator.model import Placement, SpaceSpec, SwitchoverProgress
 
@@ -56,6 +56,34 @@ def _bool(raw: Mapping[str, Any], key: str, default: bool, where: str = "spec") 
     return value
 
 
+def _tuning(raw: Mapping[str, Any]) -> Tuning:
+    """spec.batch, spec.lag and spec.catchupThreshold, checked as the CRD's schema does (a
+    kmock or an edited CRD may let anything through): a bad value is the spec's problem."""
+    batch, lag = raw.get("batch") or {}, raw.get("lag") or {}
+    if not isinstance(batch, Mapping) or not isinstance(lag, Mapping):
+        raise ValueError("spec.batch and spec.lag must be objects")
+    doc: dict[str, Any] = {"batch": {}, "lag": {}}
+    if batch.get("maxEntries") is not None:
+        doc["batch"]["maxEntries"] = batch["maxEntries"]
+    if batch.get("maxDelay") is not None:
+        delay = batch["maxDelay"]
+        if not isinstance(delay, str):
+            raise ValueError(f"spec.batch.maxDelay must be a duration like 10ms, got {delay!r}")
+        try:
+            doc["batch"]["maxDelaySeconds"] = parse_duration(delay)
+        except ValueError as err:
+            raise ValueError(f"spec.batch.maxDelay: {err}") from None
+    for key in ("warningSeconds", "criticalSeconds"):
+        if lag.get(key) is not None:
+            doc["lag"][key] = lag[key]
+    if raw.get("catchupThreshold") is not None:
+        doc["catchupThreshold"] = raw["catchupThreshold"]
+    try:
+        return Tuning.from_json(doc)
+    except AssignmentError as err:
+        raise ValueError(f"spec.{err}") from None
+
+
 def parse_spec(raw: Mapping[str, Any]) -> SpecResult:
     """The SpaceSpec that `raw` (MemorySpace.spec) asks for, with the CRD's defaults."""
     try:
@@ -89,6 +117,7 @@ def parse_spec(raw: Mapping[str, Any]) -> SpecResult:
             paused=_bool(raw, "paused", False),
             target_primary=NodeName(target) if target else None,
             compression=compression == "zstd",
+            tuning=_tuning(raw),
         )
     except ValueError as err:
         return SpecResult(spec=None, problem=str(err))

@@ -39,6 +39,7 @@ from typing import Any, Final
 from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import NodeName, SpaceId
 from engram_contract.kubernetes import (
+    ANNOTATION_DRAINING,
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
@@ -81,6 +82,7 @@ class NodeRecord:
     zone: str | None
     rack: str | None
     renew_time: str | None
+    draining: bool = False  # the sidecar is shutting down (ANNOTATION_DRAINING)
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -115,6 +117,7 @@ def parse_lease(item: Mapping[str, Any], selector: Mapping[str, str]) -> NodeRec
         zone=labels.get(ZONE_LABEL),
         rack=labels.get(RACK_LABEL),
         renew_time=str(renew) if renew is not None else None,
+        draining=annotations.get(ANNOTATION_DRAINING) == "true",
     )
 
 
@@ -298,7 +301,7 @@ class NodeMonitor:
         sent = self.clock()
         record = self.records.get(node)
         # A member whose Lease we never saw has no address: nothing answers, so the probe fails.
-        ok = record is not None and await self.sidecars.healthz(record.http)
+        ok = record is not None and await self.sidecars.healthz(record.http, expect=node)
         self._record_probe(node, ProbeResult(ok=ok, started_at=sent))
 
     def stamp(self) -> tuple[int, float]:
@@ -331,7 +334,9 @@ class NodeMonitor:
         }
         stamp, sent = self.stamp()
         try:
-            doc = await self.sidecars.heartbeat(record.http, epochs, sent_mono_ns=stamp)
+            doc = await self.sidecars.heartbeat(
+                record.http, epochs, sent_mono_ns=stamp, expect=node
+            )
         except SidecarError as err:
             self._answered[node] = False
             if err.delivered:
@@ -388,7 +393,7 @@ class NodeMonitor:
 
     def infos(self) -> tuple[NodeInfo, ...]:
         return tuple(
-            NodeInfo(name=r.name, address=r.address, zone=r.zone, rack=r.rack)
+            NodeInfo(name=r.name, address=r.address, zone=r.zone, rack=r.rack, draining=r.draining)
             for r in sorted(self.records.values(), key=lambda r: r.name)
         )
 

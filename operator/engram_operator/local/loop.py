@@ -110,7 +110,10 @@ class ControlLoop:
         # Who we are to the sidecars is the client's id: a new process starts a new baseline
         # for their grant-delay estimate (its monotonic clock has another origin).
         self.sidecars = sidecars or SidecarClient(
-            token, probe_timeout=TIMING.probe_timeout, lease_seconds=DEFAULT_SETTINGS.write_lease
+            token,
+            probe_timeout=TIMING.probe_timeout,
+            lease_seconds=DEFAULT_SETTINGS.write_lease,
+            handles_drain=True,
         )
         # (node, space) -> our clock when we last sent that node a write-lease grant for that
         # space. A grant sent by an earlier control-plane process is unknowable: until we have
@@ -178,7 +181,9 @@ class ControlLoop:
         }
         stamp, sent = self.stamp()
         try:
-            doc = await self.sidecars.heartbeat(node.http, epochs, sent_mono_ns=stamp)
+            doc = await self.sidecars.heartbeat(
+                node.http, epochs, sent_mono_ns=stamp, expect=node.name
+            )
         except SidecarError as err:
             # Keep its last report: the election needs the dead primary's last sequence.
             self.probes[node.name] = ProbeResult(ok=False, started_at=sent)
@@ -230,7 +235,14 @@ class ControlLoop:
         if unseen and now - self.started_at < self.startup_grace:
             return [f"waiting for {', '.join(sorted(unseen))} to answer before placing spaces"]
         verdicts = self.verdicts(now)
-        infos = tuple(NodeInfo(name=n.name, address=n.address) for n in self.nodes.values())
+        infos = tuple(
+            NodeInfo(
+                name=n.name,
+                address=n.address,
+                draining=bool(self.status.get(n.name, {}).get("draining")),
+            )
+            for n in self.nodes.values()
+        )
         sentences = []
         for sid, rec in self.spaces.items():
             obs = rc.Observation(

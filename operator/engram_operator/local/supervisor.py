@@ -90,10 +90,12 @@ class Processes:
                     p.wait(timeout=STOP_TIMEOUT)
 
     def stop_all(self) -> None:
+        # SIGINT, not SIGTERM: the whole cluster stops, so there is nobody to hand spaces to
+        # (SIGTERM would have each node wait out its drain_timeout).
         for n in self.nodes.values():
             if n.proc is not None and n.proc.poll() is None:
                 n.proc.send_signal(signal.SIGCONT)
-                n.proc.terminate()
+                n.proc.send_signal(signal.SIGINT)
         for n in self.nodes.values():
             if n.proc is not None:
                 try:

@@ -280,6 +280,7 @@ class KubeSidecar:
             http=self.http_address,
             replication=self.replication_address,
             renew_ns=sent_ns,
+            draining=self.node.draining,
         )
         outcome = "ok"
         try:

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from engram_contract.kubernetes import (
+    ANNOTATION_DRAINING,
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
@@ -195,6 +196,7 @@ def lease_object(
     replication: str,
     renew_ns: int,
     acquire: bool = False,
+    draining: bool = False,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "holderIdentity": node,
@@ -210,7 +212,12 @@ def lease_object(
             "name": lease_name(node),
             "namespace": namespace,
             "labels": {LABEL_NODE_LEASE: "true"},
-            "annotations": {ANNOTATION_HTTP: http, ANNOTATION_REPLICATION: replication},
+            "annotations": {
+                ANNOTATION_HTTP: http,
+                ANNOTATION_REPLICATION: replication,
+                # Always written, so a restarted sidecar's first renewal clears it.
+                ANNOTATION_DRAINING: "true" if draining else "false",
+            },
         },
         "spec": spec,
     }

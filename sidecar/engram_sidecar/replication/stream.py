@@ -253,7 +253,7 @@ class Stream:
             replica_next=nxt,
             primary_first=sp.log.first_sequence,
             primary_last=sp.log.last_sequence,
-            threshold=self.threshold,
+            threshold=sp.catchup_threshold(self.threshold),
         )
         if choice.path == "snapshot":
             self.mode = "snapshot"

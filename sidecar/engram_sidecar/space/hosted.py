@@ -51,6 +51,8 @@ class Space:
         )
         self.writer = SpaceWriter(wal, commit, space=space, node=node)
         self.replicas: dict[NodeName, ReplicaProgress] = {}
+        # The node's batch settings, which an assignment's tuning (the space's spec) overrides.
+        self._batch_defaults = (batch_max_entries, batch_max_delay)
         self.ring = BatchRing(
             wal,
             wire_id=self.wire_id,
@@ -64,8 +66,10 @@ class Space:
         # (log matching). Reset whenever the primary or epoch changes: what an older primary
         # shipped is vouched for again only once a batch of the new one matches it.
         self.matched_upto = 0
-        # Replica: what the primary last told us about its log.
-        self.primary_last_seq = 0
+        # Replica: what the primary last told us about its log (`primary_last_seq`), and when
+        # it last did under the current assignment (None: not yet; /readyz waits for it).
+        self._primary_last_seq = 0
+        self.primary_heard_at: float | None = None
         self.primary_last_ts_ns = 0
         self.snapshot_builder: SnapshotBuilder | None = None  # replica: a snapshot arriving
         # (epoch, first sequence, history) of the snapshot being built: a BEGIN with the same
@@ -132,6 +136,50 @@ class Space:
     def sealed_upto(self) -> int:
         return self.ring.sealed_upto
 
+    @property
+    def primary_last_seq(self) -> int:
+        return self._primary_last_seq
+
+    @primary_last_seq.setter
+    def primary_last_seq(self, value: int) -> None:
+        # Set by the receiver on each heartbeat and batch from the primary.
+        self._primary_last_seq = value
+        self.primary_heard_at = self.clock()
+
+    def readiness_problem(self, max_lag_entries: int) -> str | None:
+        """None when this member is in step for readiness, else why not: a primary that is not
+        fenced, or a replica that heard from its primary under this assignment and is at most
+        `max_lag_entries` behind what the primary last told it."""
+        if self.role == "primary":
+            return None if self.fenced_reason is None else f"fenced: {self.fenced_reason}"
+        if self.role != "replica":
+            return None
+        a = self.assignment
+        primary = a.primary.node if a is not None else "?"
+        if self.primary_heard_at is None:
+            return f"has not heard from its primary {primary} yet"
+        behind = self.own_lag().entries
+        if behind > max_lag_entries:
+            return f"is {behind} entries behind its primary {primary} (at most {max_lag_entries})"
+        return None
+
+    def lag_thresholds(self, node: lag.LagThresholds) -> lag.LagThresholds:
+        """`node`'s thresholds, with the warning and critical lag the space's spec sets."""
+        t = self.assignment.tuning if self.assignment is not None else None
+        if t is None:
+            return node
+        return lag.LagThresholds(
+            node.warning_seconds if t.lag_warning_seconds is None else t.lag_warning_seconds,
+            node.critical_seconds if t.lag_critical_seconds is None else t.lag_critical_seconds,
+            node.failed_after_seconds,
+        )
+
+    def catchup_threshold(self, node: int) -> int:
+        """Entries behind past which a replica gets a snapshot: the spec's, else `node`'s."""
+        a = self.assignment
+        t = a.tuning.catchup_threshold if a is not None else None
+        return node if t is None else t
+
     # ---- assignment and epochs ------------------------------------------------------------
 
     def apply_assignment(self, a: Assignment) -> None:
@@ -141,8 +189,14 @@ class Space:
         self.membership.adopt(a)
         if old is None or old.epoch != a.epoch or old.primary != a.primary:
             self.matched_upto = 0
+            self._primary_last_seq = 0
+            self.primary_heard_at = None
         self.ring.epoch = a.epoch
         self.ring.compress = a.compression
+        t = a.tuning
+        entries, delay = self._batch_defaults
+        self.ring.batch_max_entries = t.batch_max_entries or entries
+        self.ring.batch_max_delay = delay if t.batch_max_delay is None else t.batch_max_delay
         if self.role == "primary":
             if not was_primary or old is None or old.epoch != a.epoch:
                 # Frames carry the epoch in their header: none sealed at the old one may go out.

@@ -57,10 +57,16 @@ def classify(
     unreachable_for: float | None,
     catching_up: bool = False,
 ) -> ReplicaState:
-    """The state a replica is in now. `unreachable_for` is None while connected."""
+    """The state a replica is in now. `unreachable_for` is None while connected.
+
+    The breaker counts only while the replica is disconnected: a replica that is connected and
+    caught up is Healthy even if the breaker has not recorded the success yet (issue 15: the
+    demo showed a caught-up replica Degraded until some later success).
+    """
+    disconnected = unreachable_for is not None
     if unreachable_for is not None and unreachable_for >= thresholds.failed_after_seconds:
         return "Failed"
-    if breaker_open or lag.seconds > thresholds.critical_seconds:
+    if (disconnected and breaker_open) or lag.seconds > thresholds.critical_seconds:
         return "Degraded"
     if catching_up:
         return "CatchingUp"
