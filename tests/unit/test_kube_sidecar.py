@@ -629,3 +629,32 @@ async def test_kube_catch_up_is_reported_in_members_and_as_an_event(h: Harness) 
     assert ev["involvedObject"]["kind"] == "MemorySpace"
     assert ev["involvedObject"]["name"] == "tenant-c"
     validate_lease(ev)  # any built-in object: kubernetes-validate checks it by its kind
+
+
+async def test_kube_drain_marks_the_lease_and_waits_until_the_space_is_led_elsewhere(
+    h: Harness,
+) -> None:
+    node = await h.node("n0")
+    kube = await h.sidecar(node)
+    n1 = {"node": "n1", "address": "127.0.0.1:1"}
+    lead = {"epoch": 2, "primary": {"node": "n0", "address": "127.0.0.1:2"}, "replicas": [n1]}
+    node.assign("tenant-a", Assignment.from_json(lead))
+
+    async def annotation() -> str | None:
+        lease = await h.get(LEASES, "engram-node-n0")
+        return None if lease is None else lease["metadata"]["annotations"][ANNOTATION_DRAINING]
+
+    async def announce() -> None:
+        await kube.renew(kube.wall_ns())
+
+    # Nobody moves the space: the drain gives up after its timeout, the Lease says draining.
+    assert not await node.drain(0.2, announce=announce)
+    assert await annotation() == "true"
+    assert node.status()["draining"] is True
+    # The operator's switchover demotes n0: the drain ends as soon as it leads nothing.
+    follow = {"epoch": 3, "primary": n1, "replicas": [{"node": "n0", "address": "127.0.0.1:2"}]}
+    waiting = asyncio.create_task(node.drain(10.0, announce=announce))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    node.assign("tenant-a", Assignment.from_json(follow))
+    assert await asyncio.wait_for(waiting, 2.0) is True
