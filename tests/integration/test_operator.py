@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ FAILOVER_BOUND = 5.0 + 1.0
 PEERING = "engram-operator"
 PROMOTIONS = 'engram_replication_promotions_total{space="orders"}'
 ACTIVE = "engram_replication_operator_active_spaces"
+DRAIN_TIMEOUT = "6"  # below the harness's 10 s stop bound: teardown drains too
 
 
 @dataclass
@@ -79,12 +81,16 @@ async def env(
     cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Env]:
     """Three sidecars whose node Leases the harness renews, or with the parameter "sidecars",
-    three sidecars that renew their own (engram_sidecar.kube, pointed at the emulator)."""
-    own = getattr(request, "param", "harness") == "sidecars"
+    three sidecars that renew their own (engram_sidecar.kube, pointed at the emulator); with
+    "draining", such sidecars that drain on SIGTERM (within the harness's stop bound)."""
+    param = getattr(request, "param", "harness")
+    own = param in ("sidecars", "draining")
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
         register_resources(emulator)
         kube = Kube(emulator, str(server.url), tmp_path)
         flags = {"kube_enabled": "true", "kube_api_url": kube.url, "kube_namespace": NAMESPACE}
+        if param == "draining":
+            flags["drain_timeout"] = DRAIN_TIMEOUT
         await cluster.start_nodes(3, **(flags if own else {}))
         leases = NodeLeases(kube, cluster)
         if not own:
@@ -377,3 +383,37 @@ async def test_operator_fences_a_split_brain_with_a_new_epoch(env: Env) -> None:
     assert events and events[0]["type"] == "Warning" and rogue in events[0]["message"]
     assert env.kube.condition("orders", "SplitBrain")["status"] == "False"
     assert await env.write(primary, "orders", 1) == 1
+
+
+@pytest.mark.parametrize("env", ["draining"], indirect=True)
+async def test_operator_hands_a_draining_primary_over_before_it_exits(env: Env) -> None:
+    env.operator("operator", "--standalone")
+    await env.kube.create_space("orders", {"replicas": 2, "ackPolicy": "async"})
+    old = (await env.healthy("orders"))["primary"]
+    for i in range(20):
+        assert await env.write(old, "orders", i) == i + 1
+
+    # SIGTERM, as the kubelet sends on a rollout or an eviction: the sidecar marks its Lease
+    # draining and waits; the operator switches the space over; then the sidecar exits.
+    env.cluster[old].send(signal.SIGTERM)
+
+    def switched() -> dict[str, Any] | None:
+        s = env.kube.status("orders")
+        return s if s.get("primary") != old and s.get("epoch") == 2 else None
+
+    st = await wait_for(switched, timeout=float(DRAIN_TIMEOUT), what="a switchover")
+    new = st["primary"]
+
+    async def exited() -> bool:
+        return not env.cluster[old].running()
+
+    await wait_for(exited, timeout=float(DRAIN_TIMEOUT) + 2, what=f"{old} to exit")
+    assert env.cluster[old].proc is not None and env.cluster[old].proc.returncode == 0
+    assert "drained: every space it led has another primary" in env.cluster[old].log_text()
+    assert "lastPromotion" not in st or not st["lastPromotion"]  # a handover, not a failover
+    assert not env.kube.events("orders", "Promoted")
+    assert await wait_for(
+        lambda: env.kube.events("orders", "SwitchedOver"), timeout=3, what="SwitchedOver"
+    )
+    view = await env.cluster.space_view(new, "orders")
+    assert view["last_sequence"] == 20  # every acknowledged entry, under async
