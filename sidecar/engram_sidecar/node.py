@@ -132,8 +132,14 @@ class Node:
         return at is not None and self.clock() - at < DRAIN_HANDLER_SILENCE
 
     def led(self) -> list[SpaceId]:
-        """The spaces this node leads now (fenced ones too: until demoted they are still ours)."""
-        return sorted(sid for sid, sp in self.spaces.items() if sp.role == "primary")
+        """The spaces this node leads now that a replica could take over (fenced ones too: until
+        demoted they are still ours). A space without replicas has nowhere to go: a drain does
+        not wait for it."""
+        return sorted(
+            sid
+            for sid, sp in self.spaces.items()
+            if sp.role == "primary" and sp.assignment is not None and sp.assignment.replicas
+        )
 
     async def drain(
         self,

@@ -658,3 +658,16 @@ async def test_kube_drain_marks_the_lease_and_waits_until_the_space_is_led_elsew
     assert not waiting.done()
     node.assign("tenant-a", Assignment.from_json(follow))
     assert await asyncio.wait_for(waiting, 2.0) is True
+
+
+async def test_drain_does_not_wait_for_a_space_nobody_could_take_over(tmp_path: Path) -> None:
+    node = await make_node(tmp_path, "n0")
+    try:
+        assert node.readiness() is None  # no spaces: ready
+        solo = {"epoch": 1, "primary": {"node": "n0", "address": "127.0.0.1:2"}}
+        node.assign("tenant-a", Assignment.from_json(solo))
+        assert node.readiness() is None  # a primary that is not fenced is in step
+        assert await asyncio.wait_for(node.drain(10.0), 1.0) is True
+        assert node.readiness() == "draining: shutting down"
+    finally:
+        await node.stop()
