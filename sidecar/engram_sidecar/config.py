@@ -22,6 +22,7 @@ from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import ENV_PREFIX
 from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
 from engram_sidecar.errors import ConfigError
+from engram_sidecar.tail.watch import inotify_available
 
 # Docker-link style variables Kubernetes adds for every Service in the namespace, e.g.
 # ENGRAM_REPLICATION_SERVICE_HOST or ENGRAM_REPLICATION_PORT=tcp://10.0.0.1:7070.
@@ -103,6 +104,11 @@ class SidecarConfig:
     kube_ca_file: Path | None = None
     kube_timeout: float = 1.0
     status_report_interval: float = 2.0
+    # Tail mode (docs/engram.md): Engram's data root, shared with the Engram container. Unset:
+    # standalone (writes come through the HTTP API only).
+    engram_data_root: Path | None = None
+    engram_watch: str = "auto"
+    engram_poll_interval: float = 0.05
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -135,6 +141,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fsync": ("always", "interval", "none"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "kube_enabled": ("auto", "true", "false"),
+    "engram_watch": ("auto", "inotify", "poll"),
 }
 
 
@@ -200,6 +207,7 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         "catchup_bytes_per_second",
         "retention_max_bytes",
         "write_lease_seconds",
+        "engram_poll_interval",
     )
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -220,6 +228,12 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("backoff_steps", "a comma-separated list of positive seconds")
     if cfg.max_peer_handshakes_per_source > cfg.max_peer_connections:
         raise bad("max_peer_handshakes_per_source", "must be at most max_peer_connections")
+    if cfg.engram_data_root is not None and (
+        cfg.engram_data_root.resolve() == cfg.data_dir.resolve()
+    ):
+        raise bad("engram_data_root", "must not be data_dir: Engram's files and this log differ")
+    if cfg.engram_watch == "inotify" and not inotify_available():
+        raise bad("engram_watch", "inotify is not available here; use auto or poll")
     why = _request_fits_frame(cfg)
     if why is not None:
         raise bad("max_request_bytes", why)

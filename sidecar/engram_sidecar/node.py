@@ -34,6 +34,8 @@ from engram_sidecar.replication.peers import PeerPool
 from engram_sidecar.replication.receiver import Receiver
 from engram_sidecar.replication.stream import CHUNK_BYTES
 from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.membership import NotWritable
+from engram_sidecar.tail.service import TailService
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,16 @@ class Node:
             cfg=cfg, metrics=self.metrics, spaces=self.spaces.values, peers=self.peers, clock=clock
         )
         self.grant_clock = GrantClock(MAX_GRANT_DELAY_NS)
+        # Tail mode (docs/engram.md): ship Engram's own WAL as primary, mirror it as replica.
+        self.tail: TailService | None = None
+        if cfg.engram_data_root is not None:
+            self.tail = TailService(
+                root=cfg.engram_data_root,
+                spaces=self.spaces.values,
+                metrics=self.metrics,
+                watch=cfg.engram_watch,  # type: ignore[arg-type]
+                poll_interval=cfg.engram_poll_interval,
+            )
         self.replication_port = 0
         self._retired: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
@@ -106,8 +118,12 @@ class Node:
             self.cfg.replication_host, self.cfg.replication_port
         )
         self.monitor.start()
+        if self.tail is not None:
+            self.tail.start()
 
     async def stop(self) -> None:
+        if self.tail is not None:
+            await self.tail.stop()
         await self.monitor.stop()
         await self.peers.stop()
         await self.receiver.stop()
@@ -250,6 +266,11 @@ class Node:
 
     async def write(self, sp: Space, records: Sequence[tuple[int, bytes]]) -> tuple[int, int, int]:
         """`Space.write` with the ack timeout of this node, timed and counted."""
+        if self.tail is not None and self.tail.tails(sp.id):
+            raise NotWritable(
+                f"space {sp.id} is fed by Engram's WAL on {self.name} (engram_data_root); "
+                "write through Engram"
+            )
         t0 = time.perf_counter()
         first, last, epoch = await sp.write(records, ack_timeout=self.cfg.ack_timeout)
         self.metrics.entries_written.labels(sp.id).inc(len(records))
@@ -273,7 +294,10 @@ class Node:
     # ---- views ----------------------------------------------------------------------------
 
     def space_view(self, sp: Space) -> dict[str, Any]:
-        return views.space_view(sp, self.peers)
+        view = views.space_view(sp, self.peers)
+        if self.tail is not None:
+            view["engram"] = self.tail.view(sp.id)
+        return view
 
     def status(self) -> dict[str, Any]:
         return {

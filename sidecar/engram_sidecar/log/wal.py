@@ -296,8 +296,18 @@ class SpaceLog:
         done = self.append_entries(records, epoch=epoch)
         return done.first, done.last
 
-    def append_entries(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
-        """`append`, returning the entries' stored bytes too (what a primary ships)."""
+    def append_entries(
+        self,
+        records: Iterable[tuple[int, bytes]],
+        *,
+        epoch: int,
+        timestamps: Sequence[int] | None = None,
+    ) -> Appended:
+        """`append`, returning the entries' stored bytes too (what a primary ships).
+
+        `timestamps`: one per record, kept as given (`append_timed`)."""
+        if timestamps is not None:
+            return self.append_timed(records, epoch=epoch, timestamps=timestamps)
         self._check_usable()
         if epoch < self.last_epoch:
             raise SequenceError(
@@ -317,6 +327,32 @@ class SpaceLog:
         data = b"".join(parts)
         ends = list(itertools.accumulate(map(len, parts)))
         self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=ts)
+        return Appended(first, seq - 1, data, ends)
+
+    def append_timed(
+        self, records: Iterable[tuple[int, bytes]], *, epoch: int, timestamps: Sequence[int]
+    ) -> Appended:
+        """`append_entries` with each entry's timestamp given, kept byte for byte: the tail of
+        Engram's own WAL (engram_sidecar.tail) keeps Engram's. They may go back in time (an
+        Engram restart on a stepped clock); lag by age then reads a little high, never low."""
+        self._check_usable()
+        if epoch < self.last_epoch:
+            raise SequenceError(
+                f"space {self.space}: epoch {epoch} is older than the log's epoch {self.last_epoch}"
+            )
+        first = seq = self.next_sequence
+        parts = []
+        for (t, p), ts in zip(records, timestamps, strict=True):
+            parts.append(
+                encode_entry(sequence=seq, timestamp_ns=ts, entry_type=t, epoch=epoch, payload=p)
+            )
+            seq += 1
+        if not parts:
+            raise SequenceError("append of no entries")
+        data = b"".join(parts)
+        ends = list(itertools.accumulate(map(len, parts)))
+        last_ts = max(self.last_timestamp_ns, timestamps[-1])
+        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts)
         return Appended(first, seq - 1, data, ends)
 
     def append_stored(

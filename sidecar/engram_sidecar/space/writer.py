@@ -62,10 +62,17 @@ class SpaceWriter:
 
     # ---- appending ------------------------------------------------------------------------
 
-    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
-        """A primary's write: encode and append entries at `epoch` (not yet settled)."""
+    def append(
+        self,
+        records: Iterable[tuple[int, bytes]],
+        *,
+        epoch: int,
+        timestamps: Sequence[int] | None = None,
+    ) -> Appended:
+        """A primary's write: encode and append entries at `epoch` (not yet settled).
+        `timestamps`: kept as given, one per record (`SpaceLog.append_entries`)."""
         try:
-            done = self.log.append_entries(records, epoch=epoch)
+            done = self.log.append_entries(records, epoch=epoch, timestamps=timestamps)
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise

@@ -1,0 +1,199 @@
+"""A replica's log, written again as Engram WAL files that an Engram server can start from.
+
+On a replica with `engram_data_root`, every entry the space's log holds durably is appended to
+`<engram_data_root>/<space>/wal/wal-{unix_seconds:016x}.log` in Engram's layout (reserved bytes
+zero), with this project's sequence as Engram's sequence: Engram's recovery (`WalReader::
+scan_all`) sorts every entry of every file by sequence, and ours are unique and rising, so it
+replays them in the log's order. Type, timestamp and payload are the primary's, byte for byte.
+
+The mirror's position is `<data>/<space>/engram-mirror.json` (file, offset, sequence), replaced
+after each fsync of the file. On start a mirror file longer than the stored offset is cut back
+to it (a write the crash interrupted), so Engram never meets a torn entry there. When the log is
+cut (a deposed primary rejoining), the mirror is cut to match; entries a snapshot skipped (older
+than the primary's retention) can't be written and are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from engram_contract.formats import engram_wal
+from engram_sidecar.log.segment import fsync_dir, fsync_file, replace_atomically, write_all
+from engram_sidecar.metrics import Metrics
+from engram_sidecar.space.hosted import Space
+from engram_sidecar.tail.follower import wal_files
+
+log = logging.getLogger(__name__)
+
+FILE: Final = "engram-mirror.json"
+MAX_ENTRIES: Final = 2000
+
+
+@dataclass
+class MirrorState:
+    file: str = ""
+    offset: int = 0
+    sequence: int = 0  # the last entry written to `file`
+
+
+def load(space_dir: Path) -> MirrorState:
+    try:
+        raw = json.loads((space_dir / FILE).read_bytes())
+        return MirrorState(str(raw["file"]), int(raw["offset"]), int(raw["sequence"]))
+    except FileNotFoundError:
+        return MirrorState()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # The mirror is rebuilt from the log, never trusted blindly: start a new file.
+        log.warning("%s: unreadable (%s); writing a new mirror file", space_dir / FILE, err)
+        return MirrorState()
+
+
+class Mirror:
+    def __init__(self, sp: Space, *, engram_root: Path, metrics: Metrics) -> None:
+        self.sp = sp
+        self.dir = engram_root / sp.id / "wal"
+        self.metrics = metrics
+        self.state: MirrorState | None = None
+        self._generation = -1
+        self.skipped = 0  # entries the log never held here (a snapshot started after them)
+        self.error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "state": "mirroring",
+            "error": self.error,
+            "file": s.file if s else None,
+            "offset": s.offset if s else None,
+            "sequence": s.sequence if s else None,
+            "skipped_entries": self.skipped,
+        }
+
+    def _path(self) -> Path:
+        assert self.state is not None
+        return self.dir / self.state.file
+
+    def _open(self) -> None:
+        """Load the position; cut back a mirror file a crash left longer than it."""
+        s = load(self.sp.path)
+        if s.file:
+            try:
+                size = (self.dir / s.file).stat().st_size
+            except FileNotFoundError:
+                # Engram compacted it away (it started here): what it held is in Engram's
+                # own files now. Go on in a new file.
+                s = MirrorState(sequence=s.sequence)
+            else:
+                if size > s.offset:
+                    os.truncate(self.dir / s.file, s.offset)
+                    log.warning("space %s: cut %s back to %d", self.sp.id, s.file, s.offset)
+                elif size < s.offset:
+                    log.warning(
+                        "space %s: %s is shorter than the mirror wrote; new file",
+                        self.sp.id,
+                        s.file,
+                    )
+                    s = MirrorState(sequence=s.sequence)
+        self.state = s
+        self._generation = self.sp.log.generation
+
+    def _store(self) -> None:
+        assert self.state is not None
+        s = self.state
+        data = json.dumps({"file": s.file, "offset": s.offset, "sequence": s.sequence}).encode()
+        replace_atomically(self.sp.path / FILE, data, space=self.sp.id)
+
+    def _cut(self, keep_upto: int) -> None:
+        """The log was cut after `keep_upto`: cut the mirror file to match."""
+        s = self.state
+        assert s is not None
+        if s.sequence <= keep_upto:
+            return
+        if s.file:
+            data = self._path().read_bytes()
+            end = 0
+            for e in engram_wal.scan(data).entries:
+                if e.sequence > keep_upto:
+                    break
+                end = e.end
+            os.truncate(self._path(), end)
+            fsync_file(self._path())
+            s.offset = end
+        s.sequence = keep_upto
+        self._store()
+        log.info("space %s: Engram mirror cut after %d", self.sp.id, keep_upto)
+
+    def _new_file(self) -> None:
+        s = self.state
+        assert s is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        names = wal_files(os.listdir(self.dir))
+        newest = engram_wal.file_seconds(names[-1]) if names else None
+        secs = int(time.time())
+        if newest is not None and newest >= secs:
+            secs = newest + 1
+        s.file, s.offset = engram_wal.file_name(secs), 0
+        fd = os.open(self._path(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        fsync_dir(self.dir)
+
+    def step(self) -> bool:
+        """Write what the log holds durably beyond the mirror. True when anything was written."""
+        if self.state is None:
+            self._open()
+        s = self.state
+        assert s is not None
+        lg = self.sp.log
+        if lg.generation != self._generation:
+            kept = lg.cut_since(self._generation)
+            self._generation = lg.generation
+            if kept is not None:
+                self._cut(kept)
+        if s.sequence > lg.last_sequence:
+            self._cut(lg.last_sequence)
+        upto = min(self.sp.applied_sequence, lg.last_sequence)
+        if upto <= s.sequence:
+            return False
+        start = s.sequence + 1
+        if start < lg.first_sequence:
+            self.skipped += lg.first_sequence - start
+            log.warning(
+                "space %s: entries %d..%d were never held here (a snapshot began after them); "
+                "the Engram mirror goes on from %d",
+                self.sp.id,
+                start,
+                lg.first_sequence - 1,
+                lg.first_sequence,
+            )
+            start = lg.first_sequence
+        entries = [e for e in lg.read_entries(start, limit=MAX_ENTRIES) if e.sequence <= upto]
+        if not entries:
+            return False
+        if not s.file:
+            self._new_file()
+        data = b"".join(
+            engram_wal.encode(
+                sequence=e.sequence,
+                timestamp_ns=e.timestamp_ns,
+                entry_type=e.entry_type,
+                payload=e.payload,
+            )
+            for e in entries
+        )
+        fd = os.open(self._path(), os.O_WRONLY | os.O_APPEND)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        s.offset += len(data)
+        s.sequence = entries[-1].sequence
+        self._store()
+        self.metrics.mirror_entries.labels(self.sp.id).inc(len(entries))
+        return True
