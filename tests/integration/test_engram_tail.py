@@ -311,3 +311,71 @@ async def test_crash_between_append_and_cursor_rolls_forward(
     check_all(cluster, roots, w.written)
     assert "rolled forward to 200" in (tmp_path / "a.log").read_text()
     w.close()
+
+
+# ---- promotion: the new primary tails its own Engram, the deposed one restarts from a mirror ----
+
+
+@pytest.mark.timeout(90)
+async def test_promotion_new_primary_tails_its_engram_deposed_sets_its_files_aside(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    roots = await start_tail_cluster(cluster, tmp_path)
+    wa = EngramWriter(roots["a"] / SPACE / "wal")
+    wa.start(seconds=1_700_000_000)
+    wa.write([(EPISODE, b"before-%d" % i) for i in range(300)])
+    await wait_shipped(cluster, 300)
+    await wait_mirrored(cluster, roots, 300)
+    replicated = list(wa.written)
+
+    # a loses its lease, Engram on a writes on (never shipped), then a dies; b is promoted.
+    cluster.lease_paused.add("a")
+    await asyncio.sleep(2.0)  # past the 1.5 s write lease
+    wa.write([(EPISODE, b"unreplicated-%d" % i) for i in range(50)])
+    await asyncio.sleep(0.3)
+    assert (await cluster.space_view("a", SPACE))["last_sequence"] == 300
+    await cluster["a"].stop()
+    await cluster.assign(SPACE, "b", ["c", "a"], epoch=2, to=["b", "c"])
+
+    async def tailing_b() -> dict[str, Any] | None:
+        v = (await cluster.space_view("b", SPACE))["engram"]
+        return v if v.get("mode") == "tail" and v.get("file") else None
+
+    v = await cluster.wait_until(tailing_b, timeout=10.0, what="b to tail its own Engram files")
+    assert v["sequence"] == 300  # from the end of what it holds
+
+    # Engram starts on b's volume: it recovers the mirror (300 entries), compacts (not shipped
+    # again), and a later start writes new entries, which b ships.
+    wal_b = roots["b"] / SPACE / "wal"
+    recovered = engram_recovery(wal_b)
+    assert [Written(t, ts, p) for _, t, ts, p in recovered] == replicated
+    wb = EngramWriter(wal_b)
+    wb.episodes = [p for _, t, _, p in recovered if t == EPISODE]
+    wb.start(seconds=1_800_000_000)
+    wb.compact(seconds=1_800_000_001)
+    wb.start(seconds=1_800_000_100)
+    wb.write([(EPISODE, b"after-promotion-%d" % i) for i in range(100)])
+    want = replicated + wb.written
+
+    # a comes back deposed: its own Engram files (with the unreplicated 50) are set aside, and
+    # it mirrors the replicated log for its Engram to restart from.
+    await cluster.start("a")
+    await cluster.assign(SPACE, "b", ["c", "a"], epoch=2, to=["a"])
+
+    async def done() -> bool:
+        views = [await cluster.space_view(n, SPACE) for n in ("a", "b", "c")]
+        return all(v["last_sequence"] == len(want) for v in views) and all(
+            v["engram"].get("sequence") == len(want) for v in views[::2]
+        )
+
+    await cluster.wait_until(done, timeout=30.0, what="every node to hold the new entries")
+    for n in ("a", "b", "c"):
+        assert as_written(cluster[n].wal_entries(SPACE)) == want, n
+    for n in ("a", "c"):
+        rec = engram_recovery(roots[n] / SPACE / "wal")
+        assert [Written(t, ts, p) for _, t, ts, p in rec] == want, n
+    aside = [p for p in (roots["a"] / SPACE).iterdir() if p.name.startswith("wal.deposed-")]
+    assert len(aside) == 1
+    assert len(engram_recovery(aside[0])) == 350
+    wa.close()
+    wb.close()

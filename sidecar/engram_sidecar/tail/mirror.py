@@ -15,6 +15,7 @@ than the primary's retention) can't be written and are reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,11 +28,13 @@ from engram_contract.formats import engram_wal
 from engram_sidecar.log.segment import fsync_dir, fsync_file, replace_atomically, write_all
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.space.hosted import Space
+from engram_sidecar.tail.cursor import FILE as TAIL_CURSOR
 from engram_sidecar.tail.follower import wal_files
 
 log = logging.getLogger(__name__)
 
 FILE: Final = "engram-mirror.json"
+
 MAX_ENTRIES: Final = 2000
 
 
@@ -79,8 +82,38 @@ class Mirror:
         assert self.state is not None
         return self.dir / self.state.file
 
+    def _set_aside_own_files(self) -> None:
+        """This node led the space in tail mode (its tail cursor is here) and follows another
+        primary now: its Engram files hold Engram's own writes, a divergent tail included.
+        Move them aside, whole, to `wal.deposed-<unix seconds>/` and mirror the log (cut to the
+        fork point, then the new primary's entries) from its start: an Engram restarted here
+        recovers exactly the replicated log. The tail cursor goes last: it marks the move."""
+        cursor = self.sp.path / TAIL_CURSOR
+        if not cursor.exists():
+            return
+        names = wal_files(os.listdir(self.dir)) if self.dir.is_dir() else []
+        if names:
+            aside = self.dir.parent / f"wal.deposed-{int(time.time())}"
+            aside.mkdir(exist_ok=True)
+            for n in names:
+                os.replace(self.dir / n, aside / n)
+            fsync_dir(aside)
+            fsync_dir(self.dir)
+            log.warning(
+                "space %s: this node's own Engram files (%d) moved to %s; the Engram container "
+                "here must restart to recover the replicated log (docs/engram.md)",
+                self.sp.id,
+                len(names),
+                aside,
+            )
+        for stale in (self.sp.path / FILE, cursor):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        fsync_dir(self.sp.path)
+
     def _open(self) -> None:
         """Load the position; cut back a mirror file a crash left longer than it."""
+        self._set_aside_own_files()
         s = load(self.sp.path)
         if s.file:
             try:
