@@ -17,7 +17,7 @@ from typing import Final
 from engram_contract.formats import engram_wal
 from engram_contract.formats.entry import EntryType
 
-READ_BYTES: Final = 4 * 1024 * 1024
+READ_BYTES: Final = 1024 * 1024
 
 
 def wal_files(names: list[str]) -> list[str]:

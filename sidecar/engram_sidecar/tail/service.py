@@ -20,7 +20,7 @@ from engram_sidecar.errors import EngramError
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.space.hosted import Space
 from engram_sidecar.tail.mirror import Mirror
-from engram_sidecar.tail.tailer import SpaceTail, run_step
+from engram_sidecar.tail.tailer import SpaceTail, TailStopped, run_step
 from engram_sidecar.tail.watch import Watch, WatchMode
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ class TailService:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Start a task per hosted space. A space led here opens the Engram file its cursor
+        names now, before the node serves `/readyz`: held open, the file stays readable to
+        its end even if Engram, starting next to it, compacts and deletes it."""
+        self._scan()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -71,13 +75,18 @@ class TailService:
         a = self._agents.get(space)
         return a.view() if a is not None else {"mode": "starting"}
 
+    def _scan(self) -> None:
+        for sp in list(self.spaces()):
+            if sp.id not in self._agents:
+                agent = _Agent(sp, self)
+                self._agents[sp.id] = agent
+                if sp.role == "primary":
+                    agent.open_tail()
+                agent.task = asyncio.get_running_loop().create_task(agent.run())
+
     async def _run(self) -> None:
         while True:
-            for sp in list(self.spaces()):
-                if sp.id not in self._agents:
-                    agent = _Agent(sp, self)
-                    self._agents[sp.id] = agent
-                    agent.task = asyncio.get_running_loop().create_task(agent.run())
+            self._scan()
             await asyncio.sleep(SCAN_EVERY)
 
 
@@ -104,20 +113,28 @@ class _Agent:
             self.tail.close()
         self.watch.close()
 
+    def open_tail(self) -> SpaceTail:
+        if self.tail is None:
+            self.tail = SpaceTail(
+                self.sp, engram_root=self.svc.root, metrics=self.svc.metrics, watch=self.watch
+            )
+            self.svc.metrics.tail_stopped.labels(self.sp.id).set(0)
+            try:
+                self.tail.reconcile()
+            except TailStopped as err:
+                self.tail.stop(err)
+            except (EngramError, OSError) as err:
+                self.tail.cursor = None  # the first step tries again
+                log.warning("space %s: tail: %s", self.sp.id, err)
+        return self.tail
+
     async def run(self) -> None:
         while True:
             role = self.sp.role
             progressed = False
             if role == "primary":
                 self.mirror = None
-                if self.tail is None:
-                    self.tail = SpaceTail(
-                        self.sp,
-                        engram_root=self.svc.root,
-                        metrics=self.svc.metrics,
-                        watch=self.watch,
-                    )
-                    self.svc.metrics.tail_stopped.labels(self.sp.id).set(0)
+                self.tail = self.open_tail()
                 progressed = await run_step(self.tail)
                 if self.tail.state == "waiting":
                     await asyncio.sleep(self.svc.poll_interval)  # for a write lease

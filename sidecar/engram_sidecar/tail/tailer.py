@@ -216,7 +216,7 @@ class SpaceTail:
         assert c is not None
         entries = r.scan.entries
         sp.membership.check_writable()  # NotWritable: the caller waits and retries
-        self.state = "following"
+        self.state, self.error = "following", None
         self.follower.fsync()
         epoch = sp.membership.accepted_epoch
         done = sp.writer.append(
