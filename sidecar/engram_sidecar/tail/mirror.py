@@ -1,10 +1,12 @@
 """A replica's log, written again as Engram WAL files that an Engram server can start from.
 
 On a replica with `engram_data_root`, every entry the space's log holds durably is appended to
-`<engram_data_root>/<space>/wal/wal-{unix_seconds:016x}.log` in Engram's layout (reserved bytes
-zero), with this project's sequence as Engram's sequence: Engram's recovery (`WalReader::
-scan_all`) sorts every entry of every file by sequence, and ours are unique and rising, so it
-replays them in the log's order. Type, timestamp and payload are the primary's, byte for byte.
+`<engram_data_root>/<space>/wal/wal-{unix_seconds:016x}.log` exactly as the log stores it: that
+is Engram's layout, with this project's sequence in Engram's sequence field and the epoch in the
+first 8 of Engram's reserved bytes (covered by Engram's header CRC, ignored by its reader).
+Engram's recovery (`WalReader::scan_all`) sorts every entry of every file by sequence, and ours
+are unique and rising, so it replays them in the log's order. Type, timestamp and payload are the
+primary's, byte for byte.
 
 The mirror's position is `<data>/<space>/engram-mirror.json` (file, offset, sequence), replaced
 after each fsync of the file. On start a mirror file longer than the stored offset is cut back
@@ -15,6 +17,7 @@ than the primary's retention) can't be written and are reported.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 
 FILE: Final = "engram-mirror.json"
 
-MAX_ENTRIES: Final = 2000
+MAX_ENTRIES: Final = 20_000  # per step: one write, one fsync, one position file
+MAX_BYTES: Final = 8 * 1024 * 1024
 
 
 @dataclass
@@ -176,8 +180,9 @@ class Mirror:
         os.close(fd)
         fsync_dir(self.dir)
 
-    def step(self) -> bool:
-        """Write what the log holds durably beyond the mirror. True when anything was written."""
+    async def step(self) -> bool:
+        """Write what the log holds durably beyond the mirror. True when anything was written.
+        The write and fsyncs run in a thread: the replica's event loop goes on applying."""
         if self.state is None:
             self._open()
         s = self.state
@@ -205,28 +210,35 @@ class Mirror:
                 lg.first_sequence,
             )
             start = lg.first_sequence
-        entries = [e for e in lg.read_entries(start, limit=MAX_ENTRIES) if e.sequence <= upto]
-        if not entries:
+        # The log's entries as stored are valid Engram entries already (Engram's layout; our
+        # epoch sits in reserved bytes its header CRC covers and its reader ignores): copied
+        # as they are, no decoding and re-encoding.
+        parts: list[bytes] = []
+        size, count, last, seq = 0, 0, s.sequence, start
+        while seq <= upto and size < MAX_BYTES:
+            r = lg.read(seq, max_entries=MAX_ENTRIES, max_bytes=MAX_BYTES - size, upto=upto)
+            if r.count == 0:
+                break
+            parts.append(r.data)
+            size += len(r.data)
+            count += r.count
+            last, seq = r.last_sequence, r.last_sequence + 1
+        if not parts:
             return False
         if not s.file:
             self._new_file()
-        data = b"".join(
-            engram_wal.encode(
-                sequence=e.sequence,
-                timestamp_ns=e.timestamp_ns,
-                entry_type=e.entry_type,
-                payload=e.payload,
-            )
-            for e in entries
-        )
-        fd = os.open(self._path(), os.O_WRONLY | os.O_APPEND)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        s.offset += len(data)
-        s.sequence = entries[-1].sequence
-        self._store()
-        self.metrics.mirror_entries.labels(self.sp.id).inc(len(entries))
+        await asyncio.to_thread(_append, self._path(), b"".join(parts))
+        s.offset += size
+        s.sequence = last
+        await asyncio.to_thread(self._store)
+        self.metrics.mirror_entries.labels(self.sp.id).inc(count)
         return True
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

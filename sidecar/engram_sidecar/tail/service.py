@@ -151,7 +151,7 @@ class _Agent:
                         self.sp, engram_root=self.svc.root, metrics=self.svc.metrics
                     )
                 try:
-                    progressed = self.mirror.step()
+                    progressed = await self.mirror.step()
                     self.mirror.error = None
                 except (EngramError, OSError) as err:
                     self.mirror.error = str(err)

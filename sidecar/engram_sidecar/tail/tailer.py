@@ -241,7 +241,7 @@ class SpaceTail:
                 end=e.end,
                 engram_sequence=e.sequence,
             )
-        self._store()
+        await asyncio.to_thread(self._store)  # its fsyncs off the loop the streams share
         self.metrics.tail_entries.labels(sp.id).inc(len(entries))
         age = (time.time_ns() - entries[-1].timestamp_ns) / 1e9
         self.metrics.tail_delay.labels(sp.id).observe(max(0.0, age))
