@@ -379,3 +379,36 @@ async def test_promotion_new_primary_tails_its_engram_deposed_sets_its_files_asi
     assert len(engram_recovery(aside[0])) == 350
     wa.close()
     wb.close()
+
+
+@pytest.mark.timeout(60)
+async def test_sidecar_down_while_engram_restarts_and_compacts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Killed between an append and its cursor, and Engram restarted (and compacted, deleting
+    the file) while the sidecar was down: the log's extra entries are taken as that file's, the
+    compaction output is recognised without having seen its rename, and what Engram writes
+    next is shipped once."""
+    roots = await start_tail_cluster(cluster, tmp_path, engram_watch="poll")
+    w = EngramWriter(roots["a"] / SPACE / "wal")
+    w.start(seconds=1_700_000_000)
+    w.write([(EPISODE, b"one-%d" % i) for i in range(50)])
+    await wait_shipped(cluster, 50)
+    cursor = cluster["a"].space_dir(SPACE) / "engram-tail.json"
+    old = cursor.read_bytes()
+    w.write([(EPISODE, b"two-%d" % i) for i in range(50)])
+    await wait_shipped(cluster, 100)
+    cluster["a"].send(signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    cursor.write_bytes(old)
+    w.start(seconds=1_700_000_100)
+    w.compact(seconds=1_700_000_101)
+    w.start(seconds=1_700_000_200)
+    w.write([(UPDATE, b"three-%d" % i) for i in range(50)])
+    await cluster.start("a")
+    await wait_shipped(cluster, 150)
+    await wait_mirrored(cluster, roots, 150)
+    check_all(cluster, roots, w.written)
+    view = (await cluster.space_view("a", SPACE))["engram"]
+    assert view["compacted_files"] == ["wal-000000006553f165.log"]
+    w.close()

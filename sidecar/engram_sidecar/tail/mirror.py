@@ -227,7 +227,21 @@ class Mirror:
             return False
         if not s.file:
             self._new_file()
-        await asyncio.to_thread(_append, self._path(), b"".join(parts))
+        if not await asyncio.to_thread(_append, self._path(), b"".join(parts)):
+            # Deleted while written: an Engram starting here compacted the directory (it deletes
+            # every file it did not write). Whether its compaction saw these entries is unknown:
+            # write them again in a new file. A restated episode is applied twice at Engram's
+            # next start (the same id, stored again); a lost one would be gone.
+            log.warning(
+                "space %s: %s was deleted while the mirror wrote it; entries %d..%d go to a new "
+                "file",
+                self.sp.id,
+                s.file,
+                start,
+                last,
+            )
+            s.file, s.offset = "", 0
+            return True
         s.offset += size
         s.sequence = last
         await asyncio.to_thread(self._store)
@@ -235,10 +249,12 @@ class Mirror:
         return True
 
 
-def _append(path: Path, data: bytes) -> None:
+def _append(path: Path, data: bytes) -> bool:
+    """Append and fsync; False when the file was deleted meanwhile (the write went nowhere)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     try:
         write_all(fd, data)
         os.fsync(fd)
+        return os.fstat(fd).st_nlink > 0
     finally:
         os.close(fd)

@@ -156,10 +156,28 @@ class SpaceTail:
         assert c is not None
         name = c.file or next(iter(wal_files(self.follower.listing())), "")
         have = self.sp.log.read_entries(c.sequence + 1, limit=last - c.sequence)
-        if not name or not self.follower.open(name):
+        if name and not self.follower.open(name):
+            # Engram deleted the file meanwhile (its compaction at a restart): there is nothing
+            # left to resume in it. The log's extra entries were its next ones.
+            c.note(
+                sequence=c.sequence + 1,
+                file=name,
+                offset=c.offset,
+                end=c.offset,
+                engram_sequence=c.engram_sequence + 1,
+            )
+            c.sequence, c.engram_sequence = last, c.engram_sequence + (last - c.sequence)
+            log.warning(
+                "space %s: Engram's %s is gone; the log's entries up to %d came from it",
+                self.sp.id,
+                name,
+                last,
+            )
+            return
+        if not name:
             raise TailStopped(
                 f"the log holds entries {c.sequence + 1}..{last} after the tail cursor, and "
-                f"Engram's file {name or '(none)'} to match them against is gone",
+                "Engram wrote no file they could come from",
                 "cursor",
             )
         r = self.follower.read(c.offset, max_entries=len(have))
