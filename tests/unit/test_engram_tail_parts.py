@@ -154,3 +154,12 @@ def test_engram_settings(tmp_path: Path) -> None:
         load_config(flags={**base, "engram_watch": "fanotify"}, env={})
     with pytest.raises(ConfigError, match="engram_poll_interval"):
         load_config(flags={**base, "engram_poll_interval": "0"}, env={})
+
+
+def test_cursor_keeps_the_newest_runs() -> None:
+    c = Cursor()
+    for i in range(cursors.MAX_RUNS + 5):  # Engram's sequence jumps at every entry
+        _ship(c, 1 + i, "wal-a.log", 10 * i, size=10, eseq=2 * i)
+    assert len(c.runs) == cursors.MAX_RUNS
+    assert c.engram_origin(cursors.MAX_RUNS + 5) == ("wal-a.log", 2 * (cursors.MAX_RUNS + 4))
+    assert c.engram_origin(3) is None  # forgotten

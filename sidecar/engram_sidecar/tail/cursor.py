@@ -31,6 +31,7 @@ from engram_sidecar.log.segment import replace_atomically
 
 FILE: Final = "engram-tail.json"
 VERSION: Final = 1
+MAX_RUNS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,11 @@ class Cursor:
         )
         if not continues:
             self.runs.append(Run(sequence, file, offset, engram_sequence))
+            if len(self.runs) > MAX_RUNS:
+                # Engram's two sequence counters (`write_sync` and the writer thread) can
+                # interleave in one file, a run per entry: keep the cursor small, forget the
+                # oldest origins (the log's entries themselves are unaffected).
+                del self.runs[: len(self.runs) - MAX_RUNS]
         self.file, self.offset, self.sequence = file, end, sequence
         self.engram_sequence = engram_sequence
 
