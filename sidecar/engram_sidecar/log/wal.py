@@ -296,18 +296,8 @@ class SpaceLog:
         done = self.append_entries(records, epoch=epoch)
         return done.first, done.last
 
-    def append_entries(
-        self,
-        records: Iterable[tuple[int, bytes]],
-        *,
-        epoch: int,
-        timestamps: Sequence[int] | None = None,
-    ) -> Appended:
-        """`append`, returning the entries' stored bytes too (what a primary ships).
-
-        `timestamps`: one per record, kept as given (`append_timed`)."""
-        if timestamps is not None:
-            return self.append_timed(records, epoch=epoch, timestamps=timestamps)
+    def append_entries(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+        """`append`, returning the entries' stored bytes too (what a primary ships)."""
         self._check_usable()
         if epoch < self.last_epoch:
             raise SequenceError(

@@ -62,17 +62,24 @@ class SpaceWriter:
 
     # ---- appending ------------------------------------------------------------------------
 
-    def append(
-        self,
-        records: Iterable[tuple[int, bytes]],
-        *,
-        epoch: int,
-        timestamps: Sequence[int] | None = None,
-    ) -> Appended:
-        """A primary's write: encode and append entries at `epoch` (not yet settled).
-        `timestamps`: kept as given, one per record (`SpaceLog.append_entries`)."""
+    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+        """A primary's write: encode and append entries at `epoch` (not yet settled)."""
         try:
-            done = self.log.append_entries(records, epoch=epoch, timestamps=timestamps)
+            done = self.log.append_entries(records, epoch=epoch)
+        except (EngramError, OSError) as err:
+            self.note_error(err)
+            raise
+        if not self.waits:
+            self.clear_error()
+        return done
+
+    def append_timed(
+        self, records: Iterable[tuple[int, bytes]], *, epoch: int, timestamps: Sequence[int]
+    ) -> Appended:
+        """`append`, with each entry's timestamp kept as given (`SpaceLog.append_timed`): the
+        tail of Engram's own WAL keeps Engram's."""
+        try:
+            done = self.log.append_timed(records, epoch=epoch, timestamps=timestamps)
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise

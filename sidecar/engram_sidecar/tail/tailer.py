@@ -237,7 +237,7 @@ class SpaceTail:
         self.state, self.error = "following", None
         self.follower.fsync()
         epoch = sp.membership.accepted_epoch
-        done = sp.writer.append(
+        done = sp.writer.append_timed(
             [(e.entry_type, e.payload) for e in entries],
             epoch=epoch,
             timestamps=[e.timestamp_ns for e in entries],
