@@ -86,6 +86,11 @@ class SidecarConfig:
     lag_critical_seconds: float = 5.0
     failed_after_seconds: float = 30.0
     ack_timeout: float = 5.0
+    # Tail mode (docs/engram.md): Engram's data root, shared with the Engram container. Unset:
+    # standalone (writes come through the HTTP API only).
+    engram_data_root: Path | None = None
+    engram_watch: str = "auto"
+    engram_poll_interval: float = 0.05
     # Catch-up and retention (docs/configuration.md).
     catchup_threshold: int = 10_000
     catchup_bytes_per_second: int = 64 * 1024 * 1024
@@ -104,11 +109,6 @@ class SidecarConfig:
     kube_ca_file: Path | None = None
     kube_timeout: float = 1.0
     status_report_interval: float = 2.0
-    # Tail mode (docs/engram.md): Engram's data root, shared with the Engram container. Unset:
-    # standalone (writes come through the HTTP API only).
-    engram_data_root: Path | None = None
-    engram_watch: str = "auto"
-    engram_poll_interval: float = 0.05
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
