@@ -114,17 +114,17 @@ class Node:
                 space = self._space(sid)
                 space.membership.accepted_epoch = accepted
                 self._adopt(space, a)
+        if self.tail is not None:
+            self.tail.start()  # before the node serves: tails open their files first
         self.replication_port = await self.receiver.start(
             self.cfg.replication_host, self.cfg.replication_port
         )
         self.monitor.start()
-        if self.tail is not None:
-            self.tail.start()
 
     async def stop(self) -> None:
+        await self.monitor.stop()
         if self.tail is not None:
             await self.tail.stop()
-        await self.monitor.stop()
         await self.peers.stop()
         await self.receiver.stop()
         for sp in self.spaces.values():
