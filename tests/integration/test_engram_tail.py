@@ -412,3 +412,35 @@ async def test_sidecar_down_while_engram_restarts_and_compacts(
     view = (await cluster.space_view("a", SPACE))["engram"]
     assert view["compacted_files"] == ["wal-000000006553f165.log"]
     w.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("watch", ["inotify", "poll"])
+async def test_compaction_in_the_same_second_replaces_the_followed_file(
+    cluster: Cluster, tmp_path: Path, watch: str
+) -> None:
+    """Engram's start creates its file, then compacts in the same second: the rename reuses
+    the name, replacing the file the tail follows. Recognised by the inode change."""
+    roots = await start_tail_cluster(cluster, tmp_path, engram_watch=watch)
+    w = EngramWriter(roots["a"] / SPACE / "wal")
+    w.start(seconds=1_700_000_000)
+    w.write([(EPISODE, b"one-%d" % i) for i in range(80)])
+    await wait_shipped(cluster, 80)
+    w.start(seconds=1_700_000_050)  # the restart's new file, followed once it has data...
+
+    async def following_new() -> bool:
+        v = (await cluster.space_view("a", SPACE))["engram"]
+        return bool(v.get("file") == "wal-000000006553f132.log")
+
+    w.write([(UPDATE, b"two-%d" % i) for i in range(20)])
+    await cluster.wait_until(following_new, timeout=10.0, what="the tail on the new file")
+    await wait_shipped(cluster, 100)
+    w.compact(seconds=1_700_000_050)  # ...and replaced under the same name by compaction
+    w.start(seconds=1_700_000_060)
+    w.write([(EPISODE, b"three-%d" % i) for i in range(30)])
+    await wait_shipped(cluster, 130)
+    await wait_mirrored(cluster, roots, 130)
+    check_all(cluster, roots, w.written)
+    view = (await cluster.space_view("a", SPACE))["engram"]
+    assert view["compacted_files"] == ["wal-000000006553f132.log"]
+    w.close()
