@@ -142,9 +142,11 @@ class _Agent:
                     await self.watch.wait(SAFETY_WAKE)
                 continue
             if self.tail is not None:
-                # Deposed or moved: a later lead starts from the cursor again (it may be cut).
+                # Deposed or moved: a later lead starts from the cursor again (it may be cut),
+                # and an error of this lead's tail is no longer one to act on here.
                 self.tail.close()
                 self.tail = None
+                self.svc.metrics.tail_stopped.labels(self.sp.id).set(0)
             if role == "replica":
                 if self.mirror is None:
                     self.mirror = Mirror(
