@@ -22,6 +22,7 @@ from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import ENV_PREFIX
 from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
 from engram_sidecar.errors import ConfigError
+from engram_sidecar.tail.watch import inotify_available
 
 # Docker-link style variables Kubernetes adds for every Service in the namespace, e.g.
 # ENGRAM_REPLICATION_SERVICE_HOST or ENGRAM_REPLICATION_PORT=tcp://10.0.0.1:7070.
@@ -85,6 +86,11 @@ class SidecarConfig:
     lag_critical_seconds: float = 5.0
     failed_after_seconds: float = 30.0
     ack_timeout: float = 5.0
+    # Tail mode (docs/engram.md): Engram's data root, shared with the Engram container. Unset:
+    # standalone (writes come through the HTTP API only).
+    engram_data_root: Path | None = None
+    engram_watch: str = "auto"
+    engram_poll_interval: float = 0.05
     # Catch-up and retention (docs/configuration.md).
     catchup_threshold: int = 10_000
     catchup_bytes_per_second: int = 64 * 1024 * 1024
@@ -141,6 +147,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fsync": ("always", "interval", "none"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "kube_enabled": ("auto", "true", "false"),
+    "engram_watch": ("auto", "inotify", "poll"),
 }
 
 
@@ -206,6 +213,7 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         "catchup_bytes_per_second",
         "retention_max_bytes",
         "write_lease_seconds",
+        "engram_poll_interval",
     )
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -230,6 +238,12 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("backoff_steps", "a comma-separated list of positive seconds")
     if cfg.max_peer_handshakes_per_source > cfg.max_peer_connections:
         raise bad("max_peer_handshakes_per_source", "must be at most max_peer_connections")
+    if cfg.engram_data_root is not None and (
+        cfg.engram_data_root.resolve() == cfg.data_dir.resolve()
+    ):
+        raise bad("engram_data_root", "must not be data_dir: Engram's files and this log differ")
+    if cfg.engram_watch == "inotify" and not inotify_available():
+        raise bad("engram_watch", "inotify is not available here; use auto or poll")
     why = _request_fits_frame(cfg)
     if why is not None:
         raise bad("max_request_bytes", why)

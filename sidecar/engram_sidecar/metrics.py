@@ -181,6 +181,7 @@ class Metrics:
         )
         self.add_catchup_metrics()
         self.add_storage_metrics()
+        self.add_tail_metrics()
         self.add_admission_metrics()
 
     def forget_space(self, space: str, replicas: list[str]) -> None:
@@ -283,6 +284,56 @@ class Metrics:
         _remove(self.storage_healthy, space)
         for kind in STORAGE_ERROR_KINDS:
             _remove(self.storage_errors, space, kind)
+
+    def add_tail_metrics(self) -> None:
+        """Tail mode: shipping Engram's own WAL, and the replica's Engram-format mirror
+        (engram_sidecar.tail, docs/engram.md)."""
+        r, P = self.registry, "engram_replication_"
+        self.tail_entries = Counter(
+            P + "engram_tail_entries",
+            "Entries read from Engram's WAL files and appended to the space's log.",
+            ["space"],
+            registry=r,
+        )
+        self.tail_delay = Histogram(
+            P + "engram_tail_delay_seconds",
+            "From an entry's Engram timestamp to its durable append here (last entry of each "
+            "append).",
+            ["space"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tail_errors = Counter(
+            P + "engram_tail_errors",
+            "Errors that stopped the tail of a space's Engram WAL, by kind: corrupt (a bad "
+            "entry) or cursor (the stored position can't be trusted).",
+            ["space", "kind"],
+            registry=r,
+        )
+        self.tail_stopped = Gauge(
+            P + "engram_tail_stopped",
+            "1 while the tail of the space's Engram WAL is stopped by an error, else 0.",
+            ["space"],
+            registry=r,
+        )
+        self.tail_torn_bytes = Counter(
+            P + "engram_tail_torn_bytes",
+            "Bytes of torn entries left behind at the end of Engram files whose writer is gone.",
+            ["space"],
+            registry=r,
+        )
+        self.tail_compactions = Counter(
+            P + "engram_tail_compactions",
+            "Engram files recognised as compaction output and not shipped again.",
+            ["space"],
+            registry=r,
+        )
+        self.mirror_entries = Counter(
+            P + "engram_mirror_entries",
+            "Entries a replica wrote to Engram-format WAL files under engram_data_root.",
+            ["space"],
+            registry=r,
+        )
 
     def add_admission_metrics(self) -> None:
         """The replication listener's connection caps (engram_sidecar.replication.admission)."""

@@ -35,6 +35,8 @@ from engram_sidecar.replication.peers import PeerPool
 from engram_sidecar.replication.receiver import Receiver
 from engram_sidecar.replication.stream import CHUNK_BYTES
 from engram_sidecar.space.hosted import Space
+from engram_sidecar.space.membership import NotWritable
+from engram_sidecar.tail.service import TailService
 
 log = logging.getLogger(__name__)
 # A control plane that stopped heartbeating this long ago will not move our spaces any more.
@@ -91,6 +93,16 @@ class Node:
             cfg=cfg, metrics=self.metrics, spaces=self.spaces.values, peers=self.peers, clock=clock
         )
         self.grant_clock = GrantClock(MAX_GRANT_DELAY_NS)
+        # Tail mode (docs/engram.md): ship Engram's own WAL as primary, mirror it as replica.
+        self.tail: TailService | None = None
+        if cfg.engram_data_root is not None:
+            self.tail = TailService(
+                root=cfg.engram_data_root,
+                spaces=self.spaces.values,
+                metrics=self.metrics,
+                watch=cfg.engram_watch,  # type: ignore[arg-type]
+                poll_interval=cfg.engram_poll_interval,
+            )
         self.replication_port = 0
         # Set on SIGTERM (`drain`): the control plane moves the spaces led here elsewhere.
         self.draining = False
@@ -109,6 +121,8 @@ class Node:
                 space = self._space(sid)
                 space.membership.accepted_epoch = accepted
                 self._adopt(space, a)
+        if self.tail is not None:
+            self.tail.start()  # before the node serves: tails open their files first
         self.replication_port = await self.receiver.start(
             self.cfg.replication_host, self.cfg.replication_port
         )
@@ -116,6 +130,8 @@ class Node:
 
     async def stop(self) -> None:
         await self.monitor.stop()
+        if self.tail is not None:
+            await self.tail.stop()
         await self.peers.stop()
         await self.receiver.stop()
         for sp in self.spaces.values():
@@ -334,6 +350,11 @@ class Node:
 
     async def write(self, sp: Space, records: Sequence[tuple[int, bytes]]) -> tuple[int, int, int]:
         """`Space.write` with the ack timeout of this node, timed and counted."""
+        if self.tail is not None and self.tail.tails(sp.id):
+            raise NotWritable(
+                f"space {sp.id} is fed by Engram's WAL on {self.name} (engram_data_root); "
+                "write through Engram"
+            )
         t0 = time.perf_counter()
         first, last, epoch = await sp.write(records, ack_timeout=self.cfg.ack_timeout)
         self.metrics.entries_written.labels(sp.id).inc(len(records))
@@ -357,7 +378,10 @@ class Node:
     # ---- views ----------------------------------------------------------------------------
 
     def space_view(self, sp: Space) -> dict[str, Any]:
-        return views.space_view(sp, self.peers, self.cfg)
+        view = views.space_view(sp, self.peers, self.cfg)
+        if self.tail is not None:
+            view["engram"] = self.tail.view(sp.id)
+        return view
 
     def status(self) -> dict[str, Any]:
         return {

@@ -51,6 +51,7 @@ needs_helm = pytest.mark.skipif(
 
 # Sidecar settings the node StatefulSet sets itself (not through nodes.sidecar.config).
 CHART_SET = {
+    "engram_data_root",  # tail mode only (nodes.engram.enabled and nodes.engram.tail)
     "node",
     "data_dir",
     "http_host",
@@ -298,7 +299,7 @@ def _env_value(v: Any) -> str:
     return str(v)
 
 
-@pytest.mark.parametrize("values_file", [None, "ci/full-values.yaml"])
+@pytest.mark.parametrize("values_file", [None, "ci/full-values.yaml", "ci/engram-tail-values.yaml"])
 def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
     values_file: str | None, tmp_path: Path
 ) -> None:
@@ -321,6 +322,7 @@ def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
         "ENGRAM_ADVERTISE_ADDRESS": f"10.0.0.5:{sc['replicationPort']}",
         "ENGRAM_ADVERTISE_HTTP_ADDRESS": f"10.0.0.5:{sc['httpPort']}",
         "ENGRAM_SECRET_FILE": str(secret),
+        "ENGRAM_ENGRAM_DATA_ROOT": str(tmp_path / "engram"),
     }
     assert set(env) == {"ENGRAM_" + s.upper() for s in CHART_SET}
     env |= {"ENGRAM_" + k.upper(): _env_value(v) for k, v in sc["config"].items()}
@@ -483,7 +485,7 @@ def _helm(*args: str) -> str:
 
 
 @needs_helm
-@pytest.mark.parametrize("values", [None, "ci/full-values.yaml"])
+@pytest.mark.parametrize("values", [None, "ci/full-values.yaml", "ci/engram-tail-values.yaml"])
 def test_chart_helm_lint(values: str | None) -> None:
     extra = ["-f", str(CHART / values)] if values else []
     _helm("lint", "--strict", str(CHART), *extra)
@@ -496,7 +498,7 @@ def _render(values: str | None) -> list[dict[str, Any]]:
 
 
 @needs_helm
-@pytest.mark.parametrize("values", [None, "ci/full-values.yaml"])
+@pytest.mark.parametrize("values", [None, "ci/full-values.yaml", "ci/engram-tail-values.yaml"])
 def test_chart_helm_template_renders_valid_objects(values: str | None) -> None:
     docs = _render(values)
     kinds = {d["kind"] for d in docs}
@@ -523,3 +525,29 @@ def test_chart_helm_template_renders_valid_objects(values: str | None) -> None:
         if d["apiVersion"].split("/")[0] in ("monitoring.coreos.com", "kopf.dev"):
             continue  # custom resources: no official schema
         kubernetes_validate.validate(d, "1.30", strict=True)
+
+
+@needs_helm
+def test_chart_tail_mode_shares_engrams_data_root_and_starts_engram_after_the_sidecar() -> None:
+    def pod(values: str | None) -> dict[str, Any]:
+        sts = next(d for d in _render(values) if d["kind"] == "StatefulSet")
+        spec: dict[str, Any] = sts["spec"]["template"]["spec"]
+        return spec
+
+    standalone = pod(None)
+    assert [c["name"] for c in standalone["containers"]] == ["sidecar"]
+    env = {e["name"] for e in standalone["containers"][0]["env"]}
+    assert "ENGRAM_ENGRAM_DATA_ROOT" not in env  # the default stays standalone
+
+    tail = pod("ci/engram-tail-values.yaml")
+    sidecar, engram = tail["containers"]
+    assert (sidecar["name"], engram["name"]) == ("sidecar", "engram")  # the kubelet's start order
+    env_values = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env_values["ENGRAM_ENGRAM_DATA_ROOT"] == "/engram"
+    assert env_values["ENGRAM_DATA_DIR"] == "/data"
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["/engram"]["subPath"] == "engram.data" and "subPath" not in mounts["/data"]
+    (engram_data,) = [m for m in engram["volumeMounts"] if m["mountPath"] == "/data"]
+    assert engram_data["subPath"] == "engram.data"
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[:2] == ["python", "-c"] and "/readyz" in hook[2]

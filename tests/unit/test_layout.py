@@ -22,7 +22,7 @@ PACKAGES = {
 }
 FORMATS = PACKAGES["engram_contract"] / "formats"
 # Sans-IO modules: bytes in, values out.
-SANS_IO = ("entry.py", "frame.py", "batch.py", "messages.py", "handshake.py")
+SANS_IO = ("entry.py", "frame.py", "batch.py", "messages.py", "handshake.py", "engram_wal.py")
 
 
 def _modules(pkg: Path) -> list[Path]:

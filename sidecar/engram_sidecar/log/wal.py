@@ -319,6 +319,32 @@ class SpaceLog:
         self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=ts)
         return Appended(first, seq - 1, data, ends)
 
+    def append_timed(
+        self, records: Iterable[tuple[int, bytes]], *, epoch: int, timestamps: Sequence[int]
+    ) -> Appended:
+        """`append_entries` with each entry's timestamp given, kept byte for byte: the tail of
+        Engram's own WAL (engram_sidecar.tail) keeps Engram's. They may go back in time (an
+        Engram restart on a stepped clock); lag by age then reads a little high, never low."""
+        self._check_usable()
+        if epoch < self.last_epoch:
+            raise SequenceError(
+                f"space {self.space}: epoch {epoch} is older than the log's epoch {self.last_epoch}"
+            )
+        first = seq = self.next_sequence
+        parts = []
+        for (t, p), ts in zip(records, timestamps, strict=True):
+            parts.append(
+                encode_entry(sequence=seq, timestamp_ns=ts, entry_type=t, epoch=epoch, payload=p)
+            )
+            seq += 1
+        if not parts:
+            raise SequenceError("append of no entries")
+        data = b"".join(parts)
+        ends = list(itertools.accumulate(map(len, parts)))
+        last_ts = max(self.last_timestamp_ns, timestamps[-1])
+        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts)
+        return Appended(first, seq - 1, data, ends)
+
     def append_stored(
         self,
         data: bytes,

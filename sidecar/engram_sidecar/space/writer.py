@@ -73,6 +73,20 @@ class SpaceWriter:
             self.clear_error()
         return done
 
+    def append_timed(
+        self, records: Iterable[tuple[int, bytes]], *, epoch: int, timestamps: Sequence[int]
+    ) -> Appended:
+        """`append`, with each entry's timestamp kept as given (`SpaceLog.append_timed`): the
+        tail of Engram's own WAL keeps Engram's."""
+        try:
+            done = self.log.append_timed(records, epoch=epoch, timestamps=timestamps)
+        except (EngramError, OSError) as err:
+            self.note_error(err)
+            raise
+        if not self.waits:
+            self.clear_error()
+        return done
+
     def append_stored(
         self, data: bytes, headers: Sequence[EntryHeader] | None = None
     ) -> tuple[int, int]:
