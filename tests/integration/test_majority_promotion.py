@@ -229,8 +229,15 @@ async def test_quorum_control_plane_reaching_one_member_promotes_nobody(
     h.cut_control(cut_replica, False)
 
     def leads_again() -> bool:
+        # At the new epoch and unfenced: a grant at the old epoch can arrive first, and the
+        # replica that took the new epoch then fences it until the new assignment lands.
         v = h.view(old, SPACE)
-        return v.get("role") == "primary" and v.get("write_lease") is True
+        return (
+            v.get("role") == "primary"
+            and v.get("write_lease") is True
+            and v.get("epoch") == pending
+            and not v.get("fenced")
+        )
 
     await h.until(leads_again, 20.0, f"{old} leading again")
     assert h.placement(SPACE).primary == old
