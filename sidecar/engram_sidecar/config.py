@@ -108,6 +108,13 @@ class SidecarConfig:
     kube_token_file: Path | None = None
     kube_ca_file: Path | None = None
     kube_timeout: float = 1.0
+    # The Kubernetes Node this pod runs on (the chart sets it from spec.nodeName). Its labels
+    # topology.kubernetes.io/zone and engram.io/rack are copied onto the node Lease, where
+    # placement reads them to spread a space's members; reading them needs `get` on nodes.
+    kube_node_name: str = ""
+    # This node's failure domain, written on its Lease; each one set wins over the Node's label.
+    zone: str = ""
+    rack: str = ""
     status_report_interval: float = 2.0
     # Shutdown (SIGTERM): ask the control plane to switch every space led here to a replica,
     # and wait up to this long for it before exiting (0: exit at once). Keep it below the pod's
@@ -173,6 +180,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{name} (from {source}): invalid value {value!r}: {err}") from err
 
 
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
 def _validate(cfg: SidecarConfig) -> SidecarConfig:
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"{name}={getattr(cfg, name)!r}: {why}")
@@ -232,6 +243,11 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("kube_timeout", f"use more than 0 and at most {most}")
     if cfg.status_report_interval < LEASE_RENEW_SECONDS:
         raise bad("status_report_interval", f"use at least {LEASE_RENEW_SECONDS}")
+    for name in ("zone", "rack"):
+        if getattr(cfg, name) and not _LABEL_VALUE.fullmatch(getattr(cfg, name)):
+            raise bad(name, "a label value: up to 63 of [A-Za-z0-9._-], alphanumeric at both ends")
+    if cfg.kube_node_name and not _NODE_NAME.fullmatch(cfg.kube_node_name):
+        raise bad("kube_node_name", "a Kubernetes Node name (lower-case DNS subdomain)")
     if cfg.segment_bytes < 4096:
         raise bad("segment_bytes", "use at least 4096")
     if not cfg.backoff_steps or any(s <= 0 for s in cfg.backoff_steps):

@@ -62,7 +62,12 @@ CHART_SET = {
     "advertise_http_address",
     "secret_file",
     "kube_namespace",
+    "kube_node_name",  # from spec.nodeName, with nodes.topology.nodeLabels (the default)
 }
+# Set by the chart, and also offered in nodes.sidecar.config (then checked against other values).
+DERIVED = {"drain_timeout"}  # from terminationGracePeriodSeconds unless set, always below it
+# Sidecar settings the chart refuses, with the reason in its `fail` message.
+REFUSED = {"admin_token_file"}  # the operator and the nodes share the replication secret
 
 
 def _yaml(path: Path) -> Any:
@@ -136,12 +141,13 @@ def test_chart_schema_knows_every_sidecar_setting() -> None:
     offered = set(config["properties"])
     settings = set(setting_names())
     assert offered <= settings, f"schema offers settings the sidecar lacks: {offered - settings}"
-    missing = settings - CHART_SET - offered
+    missing = settings - CHART_SET - offered - REFUSED
     assert not missing, (
         f"sidecar settings the chart can't pass: {sorted(missing)}; add them to "
         "nodes.sidecar.config in deploy/helm/engram-replication/values.schema.json"
     )
-    assert not offered & CHART_SET
+    assert not offered & (CHART_SET | REFUSED)
+    assert DERIVED <= offered
 
 
 # ---- copies of files kept elsewhere -----------------------------------------------------------
@@ -280,7 +286,7 @@ def test_chart_statefulset_disables_service_links_and_sets_only_real_settings() 
     env = set(re.findall(r"- name: (ENGRAM_\w+)", sts))
     known = {"ENGRAM_" + s.upper() for s in setting_names()}
     assert env <= known, f"not sidecar settings: {env - known}"
-    assert env == {"ENGRAM_" + s.upper() for s in CHART_SET}
+    assert env == {"ENGRAM_" + s.upper() for s in CHART_SET | DERIVED}
     # The node name comes from the pod name, the advertised address from the pod IP.
     assert re.search(
         r"name: ENGRAM_NODE\n\s+valueFrom:\n\s+fieldRef:\n\s+fieldPath: metadata.name", sts
@@ -323,8 +329,10 @@ def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
         "ENGRAM_ADVERTISE_HTTP_ADDRESS": f"10.0.0.5:{sc['httpPort']}",
         "ENGRAM_SECRET_FILE": str(secret),
         "ENGRAM_ENGRAM_DATA_ROOT": str(tmp_path / "engram"),
+        "ENGRAM_KUBE_NODE_NAME": "ip-10-0-1-17.eu-west-1.compute.internal",
+        "ENGRAM_DRAIN_TIMEOUT": "25",
     }
-    assert set(env) == {"ENGRAM_" + s.upper() for s in CHART_SET}
+    assert set(env) == {"ENGRAM_" + s.upper() for s in CHART_SET | DERIVED}
     env |= {"ENGRAM_" + k.upper(): _env_value(v) for k, v in sc["config"].items()}
     cfg = load_config(env=env)
     assert cfg.node == "engram-0"
