@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from engram_contract.assignment import bracketed
 from engram_contract.ids import SpaceId
 
 # An assignment or fence is one fsync on the node plus a round trip: 2 s is generous, and bounded
@@ -100,7 +101,7 @@ class SidecarClient:
         try:
             async with (session or self._s()).request(
                 method,
-                f"http://{http}{path}",
+                f"http://{bracketed(http)}{path}",
                 json=body,
                 headers=dict(headers or {}),
                 timeout=aiohttp.ClientTimeout(total=timeout),

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from engram_contract.assignment import bracketed, join_hostport
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import ENV_PREFIX
 from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
@@ -126,7 +127,9 @@ class SidecarConfig:
 
     @property
     def address(self) -> str:
-        return self.advertise_address or f"{self.replication_host}:{self.replication_port}"
+        return bracketed(
+            self.advertise_address or join_hostport(self.replication_host, self.replication_port)
+        )
 
     def secret(self) -> bytes:
         if self.secret_file is None:

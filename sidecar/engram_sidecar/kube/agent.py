@@ -34,7 +34,13 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from engram_contract.assignment import Assignment, AssignmentError, assignment_from_status
+from engram_contract.assignment import (
+    Assignment,
+    AssignmentError,
+    assignment_from_status,
+    bracketed,
+    join_hostport,
+)
 from engram_contract.ids import METRICS_PREFIX, validate_space_id
 from engram_contract.kubernetes import (
     API_GROUP,
@@ -502,10 +508,14 @@ class KubeSidecar:
 def advertised_addresses(node: Node, http_port: int) -> tuple[str, str]:
     """(HTTP, replication) host:port as published in the Lease, with the ports actually bound."""
     cfg = node.cfg
-    http = cfg.advertise_http_address or f"{cfg.http_host}:{http_port}"
-    repl = cfg.advertise_address or f"{cfg.replication_host}:{node.replication_port}"
+    # Bracketed when IPv6: on an IPv6 pod `$(POD_IP):8080` expands to `fd00::5:8080`, and peers
+    # and the operator build URLs and dial from what the Lease says.
+    http = bracketed(cfg.advertise_http_address or join_hostport(cfg.http_host, http_port))
+    repl = bracketed(
+        cfg.advertise_address or join_hostport(cfg.replication_host, node.replication_port)
+    )
     for what, addr in (("advertise_http_address", http), ("advertise_address", repl)):
-        if addr.rsplit(":", 1)[0] in ("0.0.0.0", "::", "[::]", ""):
+        if addr.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", ""):
             log.warning(
                 "node %s: publishing %s in its Lease, which peers can't dial; set %s "
                 "(e.g. to the pod IP)",
