@@ -22,6 +22,7 @@ from engram_contract.assignment import bracketed, join_hostport
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import ENV_PREFIX
 from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
+from engram_contract.tokens import MIN_KEY_BYTES, KeyFile, parse_keys, short_keys
 from engram_sidecar.errors import ConfigError
 from engram_sidecar.tail.watch import inotify_available
 
@@ -138,18 +139,26 @@ class SidecarConfig:
             data = self.secret_file.read_bytes().strip()
         except OSError as err:
             raise ConfigError(f"secret_file {self.secret_file}: {err.strerror}") from err
-        if len(data) < 16:
-            raise ConfigError(f"secret_file {self.secret_file}: use at least 16 bytes of secret")
+        # One key per line (two during a rotation, engram_contract.tokens); each must be strong.
+        keys = parse_keys(data)
+        if not keys or short_keys(keys):
+            raise ConfigError(
+                f"secret_file {self.secret_file}: use at least {MIN_KEY_BYTES} bytes of secret"
+                " (on every line, when it holds several keys)"
+            )
         return data
 
-    def admin_token(self) -> str:
+    def admin_tokens(self) -> KeyFile:
+        """The bearer tokens the control routes accept: every line of admin_token_file (else
+        secret_file), re-read when the file changes."""
         path = self.admin_token_file or self.secret_file
         if path is None:
             raise ConfigError("admin_token_file or secret_file is required")
         try:
-            return path.read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"admin_token_file {path}: {err.strerror}") from err
+            return KeyFile(path)
+        except (OSError, ValueError) as err:
+            why = err.strerror if isinstance(err, OSError) else str(err)
+            raise ConfigError(f"admin_token_file {path}: {why}") from err
 
 
 _FIELDS = {f.name: f for f in fields(SidecarConfig) if f.name != "extra"}
