@@ -5,11 +5,13 @@ Every request is one of the knobs the operator already reads (docs/crd.md, docs/
 * `promote SPACE NODE` and `switchover SPACE` set `spec.targetPrimary`: the operator switches
   over to that node with zero loss (or, with `failover.automatic: false` and a dead primary,
   promotes it). `switchover` picks the target itself: the most caught-up healthy replica that is
-  neither draining nor fenced.
+  neither draining nor fenced. Once the node leads, the plugin removes `targetPrimary` again
+  (unless `--keep-target`): left standing, it would hold the space on that node through drains.
 * `pause` / `resume` set `spec.paused`.
 * `fence NODE` / `fence --off NODE` set / remove the annotation `engram.io/fenced` on the
   node's Lease: the operator then treats the node as draining (its spaces switch away, it is
-  never chosen to lead) until the annotation goes.
+  never chosen to lead) until the annotation goes. A `targetPrimary` naming the node is removed
+  (the operator keeps a space on its target even when that target drains).
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ def switchover_target(space: Mapping[str, Any], flags: Mapping[str, NodeFlags]) 
         )
     _, lag, node, state = min(candidates)
     return node, f"{state or 'unknown'}, {lag} entries behind"
+
+
+def clear_target_patch() -> dict[str, Any]:
+    """Remove `spec.targetPrimary` (a merge patch's null): the space may then stay wherever a
+    later failover or drain puts it."""
+    return {"spec": {"targetPrimary": None}}
 
 
 def pause_patch(paused: bool) -> dict[str, Any]:

@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
         "switchover", help="switch SPACE over to its most caught-up healthy replica"
     )
     sw.add_argument("space")
+    for cmd in (pr, sw):
+        cmd.add_argument(
+            "--timeout",
+            type=float,
+            default=60.0,
+            help="seconds to wait for the new primary (default 60; 0: don't wait)",
+        )
+        cmd.add_argument(
+            "--keep-target",
+            action="store_true",
+            help="leave spec.targetPrimary set afterwards (standing intent, docs/crd.md)",
+        )
     for name, text in (("pause", "stop reconciling SPACE"), ("resume", "reconcile SPACE again")):
         sub.add_parser(name, help=f"{text} (spec.paused)").add_argument("space")
     fe = sub.add_parser(
@@ -114,48 +126,85 @@ class Plugin:
             if args.output == "json":
                 return json.dumps({"spaces": spaces, "leases": leases}, indent=2)
             return view.overview(self.namespace, spaces, leases, now)
-        if cmd == "promote":
+        if cmd in ("promote", "switchover"):
             sp = await self.space(args.space)
-            await self.patch_space(args.space, intents.promote_patch(sp, args.node))
-            return (
-                f"space {args.space}: targetPrimary set to {args.node}; the operator switches "
-                f"over once it has caught up (watch `kubectl engram status {args.space}`)"
-            )
-        if cmd == "switchover":
-            sp = await self.space(args.space)
-            node, why = intents.switchover_target(sp, intents.node_flags(await self.leases()))
+            if cmd == "promote":
+                node, why = args.node, "as asked"
+            else:
+                node, why = intents.switchover_target(sp, intents.node_flags(await self.leases()))
             await self.patch_space(args.space, intents.promote_patch(sp, node))
+            head = f"space {args.space}: switching over to {node} ({why})"
+            if args.timeout <= 0:
+                return f"{head}; spec.targetPrimary stays {node} (watch `kubectl engram status`)"
+            return head + "\n" + await self.await_primary(args.space, node, args)
+        if cmd == "fence" and not args.off:
+            await self.fence_lease(args.node, on=True)
+            cleared = []
+            for sp in await self.spaces():
+                if (sp.get("spec") or {}).get("targetPrimary") == args.node:
+                    name = str((sp.get("metadata") or {}).get("name"))
+                    await self.patch_space(name, intents.clear_target_patch())
+                    cleared.append(name)
+            note = (
+                f"; removed spec.targetPrimary (it named {args.node}) from {', '.join(cleared)}"
+                if cleared
+                else ""
+            )
             return (
-                f"space {args.space}: switching over to {node} ({why}); "
-                f"watch `kubectl engram status {args.space}`"
+                f"node {args.node}: fenced; the operator switches its spaces to other nodes "
+                f"and never makes it primary until `kubectl engram fence --off {args.node}`" + note
             )
         if cmd in ("pause", "resume"):
             await self.space(args.space)
             await self.patch_space(args.space, intents.pause_patch(cmd == "pause"))
             return f"space {args.space}: {'paused' if cmd == 'pause' else 'resumed'}"
         if cmd == "fence":
-            try:
-                await self.api.request(
-                    "PATCH",
-                    self._leases_path(lease_name(args.node)),
-                    body=intents.fence_patch(not args.off),
-                    content_type=MERGE_PATCH,
-                    timeout=TIMEOUT,
-                )
-            except KubeApiError as err:
-                if err.not_found:
-                    raise intents.IntentError(
-                        f"no node {args.node} in namespace {self.namespace} (no Lease "
-                        f"{lease_name(args.node)})"
-                    ) from err
-                raise
-            if args.off:
-                return f"node {args.node}: fence removed; it may lead spaces again"
-            return (
-                f"node {args.node}: fenced; the operator switches its spaces to other nodes "
-                f"and never makes it primary until `kubectl engram fence --off {args.node}`"
-            )
+            await self.fence_lease(args.node, on=False)
+            return f"node {args.node}: fence removed; it may lead spaces again"
         raise AssertionError(cmd)
+
+    async def fence_lease(self, node: str, *, on: bool) -> None:
+        try:
+            await self.api.request(
+                "PATCH",
+                self._leases_path(lease_name(node)),
+                body=intents.fence_patch(on),
+                content_type=MERGE_PATCH,
+                timeout=TIMEOUT,
+            )
+        except KubeApiError as err:
+            if err.not_found:
+                raise intents.IntentError(
+                    f"no node {node} in namespace {self.namespace} (no Lease {lease_name(node)})"
+                ) from err
+            raise
+
+    async def await_primary(self, space: str, node: str, args: argparse.Namespace) -> str:
+        """Until `node` leads `space` (then, unless --keep-target, remove spec.targetPrimary:
+        a standing target would hold the space there through later drains), or the operator
+        aborts the switchover, or the timeout. The operator decides; this only watches."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout
+        while True:
+            sp = await self.space(space)
+            st = sp.get("status") or {}
+            if st.get("primary") == node and st.get("phase") != "SwitchingOver":
+                if not args.keep_target:
+                    await self.patch_space(space, intents.clear_target_patch())
+                return f"{node} leads space {space} at epoch {st.get('epoch')}"
+            sw = st.get("switchover") or {}
+            if sw.get("state") == "Aborted" and sw.get("target") == node:
+                raise intents.IntentError(
+                    f"the operator aborted the switchover to {node}: {sw.get('reason', '?')} "
+                    f"(spec.targetPrimary still names {node}: it will try again)"
+                )
+            if loop.time() >= deadline:
+                raise intents.IntentError(
+                    f"{node} doesn't lead space {space} after {args.timeout:g} s (phase "
+                    f"{st.get('phase')}, {sw.get('reason') or st.get('message') or 'no reason'});"
+                    f" spec.targetPrimary stays {node}: the operator keeps trying"
+                )
+            await asyncio.sleep(0.5)
 
 
 async def _main(args: argparse.Namespace) -> int:

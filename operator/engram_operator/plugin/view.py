@@ -64,6 +64,13 @@ def _text(value: object) -> str:
     return str(value)
 
 
+def _secs(value: object) -> str:
+    """Seconds of lag with millisecond precision; `-` when not reported."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return f"{float(value):.3f}"
+
+
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj.get("metadata") or {}
 
@@ -82,8 +89,7 @@ def _replica_lag(status: Mapping[str, Any]) -> str:
         if row is None:
             parts.append(f"{node} ?")
             continue
-        secs = row.get("lagSeconds")
-        lag = f"{_text(row.get('lagEntries'))}/{_text(secs)}s"
+        lag = f"{_text(row.get('lagEntries'))}/{_secs(row.get('lagSeconds'))}s"
         state = str(row.get("state") or "")
         parts.append(f"{node} {lag}" + (f" {state}" if state and state != "Healthy" else ""))
     return ", ".join(parts) or "-"
@@ -227,7 +233,7 @@ def detail(
                 _text(row.get("state")),
                 _text(row.get("appliedSequence")),
                 _text(row.get("lagEntries")),
-                _text(row.get("lagSeconds")),
+                _secs(row.get("lagSeconds")),
                 zone,
                 renewed,
                 flags,
