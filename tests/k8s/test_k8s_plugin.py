@@ -86,8 +86,17 @@ async def test_status_promote_switchover_pause_resume_fence(release: Release) ->
     release.operator("operator", "--standalone")
     release.apply_space("orders", {"replicas": 2, "ackPolicy": "quorum"})
     st = await _primary_at(release, "orders", 1)
-    await _members_reported(release, "orders")
     primary, replicas = st["primary"], st["replicas"]
+    r = await release.cluster.write_json(
+        primary, "orders", [{"payload": {"id": i}} for i in range(25)], timeout=5.0
+    )
+    assert r.status == 200, r
+
+    def applied() -> bool:
+        rows = release.status("orders").get("members") or []
+        return len(rows) == 3 and all(m.get("appliedSequence") == 25 for m in rows)
+
+    await until(applied, "every member at sequence 25 in status", 15)
 
     # status: every space with its primary, epoch, phase and each replica's lag; every node.
     out = kubectl_engram(release, "status")
@@ -113,7 +122,7 @@ async def test_status_promote_switchover_pause_resume_fence(release: Release) ->
     assert re.search(rf"^Primary:\s+{primary}$", out, re.M), out
     members = _rows(out, "NODE")
     assert list(members) == [primary, *replicas]
-    assert members[primary]["ROLE"] == "primary"
+    assert members[primary]["ROLE"] == "primary" and members[primary]["APPLIED"] == "25"
     assert all(members[r]["LAG ENTRIES"] == "0" for r in replicas), members
 
     # promote SPACE NODE: the operator switches over to exactly that node; the plugin waits for
