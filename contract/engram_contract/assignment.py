@@ -220,6 +220,22 @@ def split_hostport(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_hostport(host: str, port: int | str) -> str:
+    """`host:port`, an IPv6 host in brackets (`[fd00::5]:7070`), as URLs and dialers need it."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bracketed(address: str) -> str:
+    """`address` (host:port) with an IPv6 host bracketed. The port is what follows the last
+    colon, so `fd00::5:7070` (as `$(POD_IP):7070` expands on an IPv6 pod) is `[fd00::5]:7070`.
+    Anything without a port is returned as it is."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return address
+    return join_hostport(host, port)
+
+
 def assignment_from_status(
     status: Mapping[str, object],
     spec: Mapping[str, object],

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
 
+from engram_contract.assignment import bracketed
 from engram_contract.ids import SpaceId
 
 # An assignment or fence is one fsync on the node plus a round trip: 2 s is generous, and bounded
@@ -43,13 +44,14 @@ class SidecarClient:
 
     def __init__(
         self,
-        token: str,
+        token: str | Callable[[], str],
         *,
         probe_timeout: float,
         lease_seconds: float = 1.5,
         handles_drain: bool = False,
     ) -> None:
-        self._token = token
+        # A callable is asked before every call: a token file that rotates (tokens.KeyFile).
+        self._token = token if callable(token) else (lambda: token)
         # Heartbeats say this control plane moves a draining node's spaces away: a sidecar
         # that hears it waits for that on SIGTERM (drain_timeout), else it exits at once.
         self.handles_drain = handles_drain
@@ -64,10 +66,7 @@ class SidecarClient:
 
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256),
-                headers={"Authorization": f"Bearer {self._token}"},
-            )
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
         return self._session
 
     def _beat_session(self) -> aiohttp.ClientSession:
@@ -76,8 +75,7 @@ class SidecarClient:
         starts at its last heartbeat that got through; a reused connection can't tell."""
         if self._beats is None or self._beats.closed:
             self._beats = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, force_close=True),
-                headers={"Authorization": f"Bearer {self._token}"},
+                connector=aiohttp.TCPConnector(limit=256, force_close=True)
             )
         return self._beats
 
@@ -100,9 +98,9 @@ class SidecarClient:
         try:
             async with (session or self._s()).request(
                 method,
-                f"http://{http}{path}",
+                f"http://{bracketed(http)}{path}",
                 json=body,
-                headers=dict(headers or {}),
+                headers={"Authorization": f"Bearer {self._token()}", **(headers or {})},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 try:

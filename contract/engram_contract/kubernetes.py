@@ -26,6 +26,14 @@ ANNOTATION_HTTP: Final = "engram.io/http-address"  # host:port of the sidecar's 
 ANNOTATION_REPLICATION: Final = "engram.io/replication-address"  # host:port of its listener
 # "true" while the sidecar shuts down (SIGTERM): the operator switches its spaces away first.
 ANNOTATION_DRAINING: Final = "engram.io/draining"
+# "true", set by an administrator (`kubectl engram fence NODE`), never by the sidecar: the
+# operator treats the node as draining (its spaces switch away, it is never chosen to lead) for
+# as long as the annotation stays. The sidecar's renewals patch only their own keys, so it stays.
+ANNOTATION_FENCED: Final = "engram.io/fenced"
+# The failure domain of a node, copied by its sidecar from its Kubernetes Node's labels (or set
+# with the `zone` and `rack` settings) onto its Lease's labels, where placement reads them.
+LABEL_ZONE: Final = "topology.kubernetes.io/zone"
+LABEL_RACK: Final = "engram.io/rack"
 
 # MemorySpace.status: who writes which field (design §3: no field has two writers). The operator
 # sends merge patches containing only OPERATOR_STATUS_FIELDS; the space's primary sidecar only

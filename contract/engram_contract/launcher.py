@@ -29,6 +29,7 @@ import aiohttp
 
 from engram_contract.assignment import Member
 from engram_contract.ids import NodeName
+from engram_contract.tokens import parse_keys
 
 HOST: Final = "127.0.0.1"
 
@@ -219,8 +220,8 @@ class SidecarProcess:
 
     @property
     def token(self) -> str:
-        """The admin bearer token it accepts (its secret file's contents)."""
-        return self.secret_file.read_text().strip()
+        """The admin bearer token it accepts: its secret file's (first) key."""
+        return parse_keys(self.secret_file.read_bytes())[0].decode()
 
     @property
     def pid(self) -> int:

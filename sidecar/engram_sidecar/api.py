@@ -21,6 +21,7 @@ from engram_contract.assignment import MAX_EPOCH, Assignment, AssignmentError
 from engram_contract.formats.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD, Entry, iter_entries
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import validate_space_id
+from engram_contract.tokens import KeyFile
 from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
 from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
 from engram_sidecar.grants import Grant
@@ -31,7 +32,7 @@ from engram_sidecar.space.hosted import Space
 from engram_sidecar.space.membership import NotWritable
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
-TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
+TOKEN_KEY: web.AppKey[KeyFile] = web.AppKey("token", KeyFile)
 _TYPE_BY_NUMBER: dict[int, str] = {int(v): k for k, v in ENTRY_TYPE_NAMES.items()}
 # Deeper than any real payload, and far enough under the interpreter's recursion limit that a
 # document that passed can be re-encoded anywhere in a handler without a RecursionError.
@@ -366,8 +367,10 @@ async def put_assignment(request: web.Request) -> web.Response:
 
 def _authorized(request: web.Request) -> bool:
     auth = request.headers.get("Authorization", "")
-    want = "Bearer " + request.app[TOKEN_KEY]
-    return hmac.compare_digest(auth.encode(), want.encode())
+    got = auth.encode()
+    # Every key of the file (two during a rotation); compare with each, whatever matched.
+    matches = [hmac.compare_digest(got, b"Bearer " + k) for k in request.app[TOKEN_KEY].accepted()]
+    return any(matches)
 
 
 def _pushed_grant(request: web.Request) -> Grant | None:
@@ -498,7 +501,7 @@ async def readyz(request: web.Request) -> web.Response:
 def make_app(node: Node) -> web.Application:
     app = web.Application(client_max_size=node.cfg.max_request_bytes + 1024)
     app[NODE_KEY] = node
-    app[TOKEN_KEY] = node.cfg.admin_token()
+    app[TOKEN_KEY] = node.cfg.admin_tokens()
     app.router.add_post("/v1/spaces/{space}/entries", post_entries)
     app.router.add_get("/v1/spaces/{space}/entries", get_entries)
     app.router.add_get("/v1/spaces/{space}", get_space)

@@ -18,9 +18,11 @@ from typing import Any
 
 import yaml
 
+from engram_contract.assignment import bracketed, join_hostport
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import ENV_PREFIX
 from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
+from engram_contract.tokens import MIN_KEY_BYTES, KeyFile, parse_keys, short_keys
 from engram_sidecar.errors import ConfigError
 from engram_sidecar.tail.watch import inotify_available
 
@@ -108,6 +110,13 @@ class SidecarConfig:
     kube_token_file: Path | None = None
     kube_ca_file: Path | None = None
     kube_timeout: float = 1.0
+    # The Kubernetes Node this pod runs on (the chart sets it from spec.nodeName). Its labels
+    # topology.kubernetes.io/zone and engram.io/rack are copied onto the node Lease, where
+    # placement reads them to spread a space's members; reading them needs `get` on nodes.
+    kube_node_name: str = ""
+    # This node's failure domain, written on its Lease; each one set wins over the Node's label.
+    zone: str = ""
+    rack: str = ""
     status_report_interval: float = 2.0
     # Shutdown (SIGTERM): ask the control plane to switch every space led here to a replica,
     # and wait up to this long for it before exiting (0: exit at once). Keep it below the pod's
@@ -119,7 +128,9 @@ class SidecarConfig:
 
     @property
     def address(self) -> str:
-        return self.advertise_address or f"{self.replication_host}:{self.replication_port}"
+        return bracketed(
+            self.advertise_address or join_hostport(self.replication_host, self.replication_port)
+        )
 
     def secret(self) -> bytes:
         if self.secret_file is None:
@@ -128,18 +139,26 @@ class SidecarConfig:
             data = self.secret_file.read_bytes().strip()
         except OSError as err:
             raise ConfigError(f"secret_file {self.secret_file}: {err.strerror}") from err
-        if len(data) < 16:
-            raise ConfigError(f"secret_file {self.secret_file}: use at least 16 bytes of secret")
+        # One key per line (two during a rotation, engram_contract.tokens); each must be strong.
+        keys = parse_keys(data)
+        if not keys or short_keys(keys):
+            raise ConfigError(
+                f"secret_file {self.secret_file}: use at least {MIN_KEY_BYTES} bytes of secret"
+                " (on every line, when it holds several keys)"
+            )
         return data
 
-    def admin_token(self) -> str:
+    def admin_tokens(self) -> KeyFile:
+        """The bearer tokens the control routes accept: every line of admin_token_file (else
+        secret_file), re-read when the file changes."""
         path = self.admin_token_file or self.secret_file
         if path is None:
             raise ConfigError("admin_token_file or secret_file is required")
         try:
-            return path.read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"admin_token_file {path}: {err.strerror}") from err
+            return KeyFile(path)
+        except (OSError, ValueError) as err:
+            why = err.strerror if isinstance(err, OSError) else str(err)
+            raise ConfigError(f"admin_token_file {path}: {why}") from err
 
 
 _FIELDS = {f.name: f for f in fields(SidecarConfig) if f.name != "extra"}
@@ -171,6 +190,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return "" if value is None else str(value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{name} (from {source}): invalid value {value!r}: {err}") from err
+
+
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 def _validate(cfg: SidecarConfig) -> SidecarConfig:
@@ -232,6 +255,11 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("kube_timeout", f"use more than 0 and at most {most}")
     if cfg.status_report_interval < LEASE_RENEW_SECONDS:
         raise bad("status_report_interval", f"use at least {LEASE_RENEW_SECONDS}")
+    for name in ("zone", "rack"):
+        if getattr(cfg, name) and not _LABEL_VALUE.fullmatch(getattr(cfg, name)):
+            raise bad(name, "a label value: up to 63 of [A-Za-z0-9._-], alphanumeric at both ends")
+    if cfg.kube_node_name and not _NODE_NAME.fullmatch(cfg.kube_node_name):
+        raise bad("kube_node_name", "a Kubernetes Node name (lower-case DNS subdomain)")
     if cfg.segment_bytes < 4096:
         raise bad("segment_bytes", "use at least 4096")
     if not cfg.backoff_steps or any(s <= 0 for s in cfg.backoff_steps):

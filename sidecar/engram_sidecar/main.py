@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(flags=flags, config_file=cfg_file)
         cfg.secret()
-        cfg.admin_token()
+        cfg.admin_tokens()
         resolve_kube(cfg)
     except ConfigError as err:
         print(f"engram-replication sidecar: configuration error: {err}", file=sys.stderr)

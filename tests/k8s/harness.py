@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar, overload
@@ -198,9 +198,44 @@ class Release:
             "status_report_interval": "0.5",
         }
 
-    async def start_nodes(self, count: int = 3) -> list[str]:
-        nodes = await self.cluster.start_nodes(count, **self.kube_flags())
-        return [n.name for n in nodes]
+    async def start_nodes(self, count: int = 3, *, zones: Sequence[str] | None = None) -> list[str]:
+        """`count` sidecars, n0, n1, .... With `zones`, node i runs on a Kubernetes Node of its
+        own (created here, as a kubelet would register it) labelled with zone `zones[i]`, and
+        the sidecar gets its name as the chart gives it (`kube_node_name`, from spec.nodeName)."""
+        if zones is None:
+            nodes = await self.cluster.start_nodes(count, **self.kube_flags())
+            return [n.name for n in nodes]
+        names = []
+        for i in range(count):
+            k8s_node = self.kube_node(f"n{i}", zones[i])
+            self.cluster.add_node(f"n{i}", **self.kube_flags(), kube_node_name=k8s_node)
+            names.append(f"n{i}")
+        await self.cluster.start(*names)
+        return names
+
+    def kube_node(self, node: str, zone: str) -> str:
+        """A Kubernetes Node for sidecar `node` in `zone` (cluster-scoped: named after the
+        namespace, so tests don't share one)."""
+        name = f"{self.namespace}-{node}"
+        self.cp.rest().create(
+            "/api/v1/nodes",
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": {"topology.kubernetes.io/zone": zone, "engram.io/rack": "r1"},
+                },
+            },
+        )
+        return name
+
+    def leases(self) -> list[dict[str, Any]]:
+        doc = self.cp.rest().get(
+            f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases",
+            labelSelector="engram.io/node-lease=true",
+        )
+        return list(doc.get("items", []))
 
     def operator(self, name: str, *args: str) -> Operator:
         op = Operator(self, name, *args).start()

@@ -96,7 +96,8 @@ def test_every_rendered_object_is_accepted(
     """`kubectl apply --dry-run=server`: validation, defaulting and admission of every object,
     with PodSecurity `restricted` warning about any pod template that breaks it."""
     _restricted(cluster, namespace)
-    extra = ["-f", str(values)] if values else []
+    # `helm template` has no cluster to ask which APIs exist: say prometheus-operator's is there.
+    extra = ["-f", str(values), "--api-versions", "monitoring.coreos.com/v1"] if values else []
     # The CRDs of crds/ first (helm installs them before the templates).
     cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
     cluster.wait_discovered("kopfpeerings.kopf.dev")
@@ -260,3 +261,37 @@ def test_install_with_full_values(cluster: ControlPlane, namespace: str) -> None
         )
         is None
     )
+
+
+def test_upgrade_refuses_immutable_statefulset_changes_with_a_clear_message(
+    cluster: ControlPlane, namespace: str
+) -> None:
+    """Kubernetes refuses changes to a StatefulSet's volumeClaimTemplates and
+    podManagementPolicy half-way through an upgrade; the chart says so before anything is
+    applied, and what to do instead. A second release can't take the first one's node names."""
+    cp = cluster
+    cp.helm("install", RELEASE, str(CHART), "--namespace", namespace)
+    upgrade = ["upgrade", RELEASE, str(CHART), "--namespace", namespace, "--reuse-values"]
+    for setting, words in (
+        ("nodes.persistence.size=20Gi", "nodes.persistence.size can't change from 10Gi to 20Gi"),
+        ("nodes.podManagementPolicy=OrderedReady", "nodes.podManagementPolicy can't change"),
+    ):
+        out = cp.helm(*upgrade, "--set", setting, check=False)
+        assert out.returncode != 0 and words in out.stderr, out.stderr
+        assert "--cascade=orphan" in out.stderr
+    history = cp.helm("history", RELEASE, "--namespace", namespace, "-o", "yaml").stdout
+    assert [h["status"] for h in yaml.safe_load(history)] == ["deployed"]  # nothing was tried
+    cp.helm(*upgrade, "--set", "nodes.replicas=4")  # a mutable change still goes through
+
+    out = cp.helm("install", "second", str(CHART), "--namespace", namespace, check=False)
+    assert out.returncode != 0
+    assert f"StatefulSet engram in namespace {namespace} belongs to release {RELEASE}" in (
+        out.stderr
+    )
+    # With node names of its own, a second release installs beside the first.
+    cp.helm("install", "second", str(CHART), "--namespace", namespace, "--set", "nodes.name=other")
+    rest = cp.rest()
+    for name in ("engram", "other"):
+        assert rest.get(f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}")
+    for release in ("second", RELEASE):
+        cp.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")

@@ -232,15 +232,17 @@ def test_unknown_fields_are_refused_by_kubectl_and_pruned_by_a_lenient_client(
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_applies_as_written(crds: ControlPlane, path: Path) -> None:
-    """Each file of deploy/examples, with `kubectl apply` as docs/install.md shows, into its own
-    namespace (engram-system); the stored spec is the file's, plus the defaults."""
+    """Each file of deploy/examples, with `kubectl -n engram-system apply` as docs/install.md
+    shows (the files name no namespace: `-n` puts them in the release's); the stored spec is the
+    file's, plus the defaults."""
     rest = crds.rest()
     if rest.get_or_none("/api/v1/namespaces/engram-system") is None:
         crds.create_namespace("engram-system")
-    crds.kubectl("apply", "-f", str(path))
+    crds.kubectl("-n", "engram-system", "apply", "-f", str(path))
     for doc in yaml.safe_load_all(path.read_text()):
         meta = doc["metadata"]
-        stored = rest.get(f"{API}/namespaces/{meta['namespace']}/memoryspaces/{meta['name']}")
+        assert "namespace" not in meta
+        stored = rest.get(f"{API}/namespaces/engram-system/memoryspaces/{meta['name']}")
         assert stored["spec"] == admit(doc)[0]["spec"]
 
 

@@ -18,12 +18,18 @@ from typing import Any, Final
 
 import pytest
 import yaml
-from tests.k8s.harness import CHART, NODE_SA, OPERATOR_SA, PEERING, Release, until
+from tests.k8s.harness import CHART, NODE_SA, OPERATOR_SA, PEERING, RELEASE, Release, until
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 
 RULES: Final = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
-ROLES: Final = {"operator": ("operatorRole", OPERATOR_SA), "node": ("nodeRole", NODE_SA)}
+ROLES: Final = {
+    "operator": ("operatorRole", OPERATOR_SA),
+    "node": ("nodeRole", NODE_SA),
+    # The one cluster-wide grant: `get` on nodes, for the zone of each sidecar's Node.
+    "node-cluster": ("nodeClusterRole", NODE_SA),
+}
+ZONES: Final = ["zone-a", "zone-b", "zone-c"]
 Perm = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
 
@@ -51,7 +57,7 @@ def _code(ev: dict[str, Any]) -> int:
 
 async def _failover_and_catch_up(rel: Release, *, peering: bool = True) -> None:
     """The life cycle: every request the two accounts make in normal operation."""
-    await rel.start_nodes(3)
+    await rel.start_nodes(3, zones=ZONES)
     args = ("--peering", PEERING, "--peering-lifetime", "3") if peering else ("--standalone",)
     rel.operator("operator-a", *args)
     if peering:
@@ -89,17 +95,20 @@ async def _write_or_none(rel: Release, node: str, n: int) -> int | None:
 
 async def test_chart_rbac_is_exactly_what_the_life_cycle_uses(release: Release) -> None:
     await _failover_and_catch_up(release)
-    for who, (key, sa) in ROLES.items():
+    for sa in sorted({sa for _, sa in ROLES.values()}):
         username = f"system:serviceaccount:{release.namespace}:{sa}"
         events = release.audit([username])
         denied = sorted({(_perm(ev), _code(ev)) for ev in events if _code(ev) == 403}, key=str)
-        assert denied == [], f"{who}: refused {denied}"
+        assert denied == [], f"{sa}: refused {denied}"
         used = {p for ev in events if (p := _perm(ev)) is not None}
-        granted = _granted(RULES[key])
-        assert used - granted == set(), f"{who} used what no rule grants: {used - granted}"
-        assert granted - used == set(), f"{who} never used: {sorted(granted - used)}"
-    # Nothing is cluster-wide: the chart makes no ClusterRole at all.
-    assert set(RULES) == {"operatorRole", "nodeRole"}
+        granted = set().union(*(_granted(RULES[k]) for k, s in ROLES.values() if s == sa))
+        assert used - granted == set(), f"{sa} used what no rule grants: {used - granted}"
+        assert granted - used == set(), f"{sa} never used: {sorted(granted - used)}"
+    # Cluster-wide, only the nodes' `get` on nodes (its ClusterRole).
+    assert set(RULES) == {"operatorRole", "nodeRole", "nodeClusterRole"}
+    assert RULES["nodeClusterRole"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    ]
 
 
 def _drop_cases() -> list[Any]:
@@ -170,6 +179,14 @@ async def _no_caught_up_event(rel: Release) -> None:
     assert rel.events("orders", "ReplicaCaughtUp") == []
 
 
+async def _no_zones(rel: Release) -> None:
+    """The nodes register, but their Leases carry no zone: placement can't spread by zone."""
+    await until(lambda: len(rel.leases()) == 3, "three node Leases", 10)
+    await asyncio.sleep(2)
+    for le in rel.leases():
+        assert "topology.kubernetes.io/zone" not in (le["metadata"].get("labels") or {}), le
+
+
 # What dropping each rule breaks, by (account, resource of the rule's first entry).
 BREAKS: Final[dict[tuple[str, str], Callable[[Release], Awaitable[None]]]] = {
     ("operator", "memoryspaces"): _not_placed,  # kopf can't list or watch them
@@ -181,6 +198,7 @@ BREAKS: Final[dict[tuple[str, str], Callable[[Release], Awaitable[None]]]] = {
     ("node", "memoryspaces"): _writes_stop,  # with the operator down
     ("node", "memoryspaces/status"): _no_member_rows,
     ("node", "events"): _no_caught_up_event,
+    ("node-cluster", "nodes"): _no_zones,
 }
 
 
@@ -198,14 +216,20 @@ async def test_dropping_a_rule_breaks_something(release: Release, who: str, inde
     release.errors_expected = True  # refused requests make kopf and the sidecars log errors
     key, sa = ROLES[who]
     rule = RULES[key][index]
-    role_path = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{release.namespace}/roles/{sa}"
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    if key == "nodeClusterRole":
+        # The chart's name for it: <full name>-<namespace>-node, cut to 63 characters.
+        name = f"{RELEASE}-{release.namespace}-node"[:63].rstrip("-")
+        role_path = f"{rbac}/clusterroles/{name}"
+    else:
+        role_path = f"{rbac}/namespaces/{release.namespace}/roles/{sa}"
     rest = release.cp.rest()
     role = rest.get(role_path)
     assert role["rules"] == RULES[key]
     role["rules"] = [r for i, r in enumerate(RULES[key]) if i != index]
     rest.request("PUT", role_path, role)
 
-    await release.start_nodes(3)
+    await release.start_nodes(3, zones=ZONES)
     release.operator("operator", "--peering", PEERING, "--peering-lifetime", "3")
     release.apply_space("orders", {"replicas": 2, "ackPolicy": "quorum"})
     started = time.monotonic()

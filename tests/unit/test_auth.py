@@ -44,6 +44,7 @@ from engram_contract.formats.messages import (
     Welcome,
 )
 from engram_contract.ids import NodeName
+from engram_contract.tokens import parse_keys
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 SECRET = b"engram-test-secret"
@@ -263,9 +264,48 @@ names = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,40}", fullmatch=True)
 def test_auth_succeeds_iff_secrets_match(
     client_secret: bytes, server_secret: bytes, client_name: str, server_name: str
 ) -> None:
+    client_keys, server_keys = parse_keys(client_secret), parse_keys(server_secret)
+    if not client_keys or not server_keys:
+        with pytest.raises(ValueError, match="no key"):
+            ClientHandshake(secret=client_secret, node=NodeName(client_name))
+            ServerHandshake(secret=server_secret, node=NodeName(server_name))
+        return
     client = ClientHandshake(secret=client_secret, node=NodeName(client_name))
     server = ServerHandshake(secret=server_secret, node=NodeName(server_name))
     run(client, server)
-    ok = client_secret == server_secret
+    # One key per line: the server proves its first, which the client must hold; the client
+    # then answers with that same key.
+    ok = server_keys[0] in client_keys
     assert client.done is ok and server.done is ok
     assert client.failed is not ok and server.failed is not ok
+
+
+# ---- rotation: several keys, one per line ----------------------------------------------------
+
+OLD, NEW = b"old-secret-0123456789", b"new-secret-0123456789"
+# The documented rotation (docs/operations.md): each step's file, on the way from OLD to NEW.
+STEPS = [OLD, OLD + b"\n" + NEW, NEW + b"\n" + OLD, NEW]
+
+
+@pytest.mark.parametrize("step", range(len(STEPS) - 1))
+def test_auth_rotation_neighbours_authenticate_both_ways(step: int) -> None:
+    """During a rolling rotation, nodes are at two neighbouring steps; any two must connect,
+    whichever of them dials."""
+    a, b = STEPS[step], STEPS[step + 1]
+    for client_secret, server_secret in ((a, b), (b, a)):
+        client, server = pair(client_secret, server_secret)
+        run(client, server)
+        assert client.done and server.done, (client_secret, server_secret)
+
+
+def test_auth_rotation_skipping_a_step_fails() -> None:
+    """OLD alone and NEW alone share no key: skipping the two-key steps locks nodes out."""
+    client, server = pair(OLD, NEW)
+    run(client, server)
+    assert client.failed and server.failed
+
+
+def test_auth_blank_lines_and_spaces_around_keys_are_ignored() -> None:
+    client, server = pair(b"\n  " + OLD + b"  \n\n", OLD + b"\r\n")
+    run(client, server)
+    assert client.done and server.done

@@ -62,7 +62,12 @@ CHART_SET = {
     "advertise_http_address",
     "secret_file",
     "kube_namespace",
+    "kube_node_name",  # from spec.nodeName, with nodes.topology.nodeLabels (the default)
 }
+# Set by the chart, and also offered in nodes.sidecar.config (then checked against other values).
+DERIVED = {"drain_timeout"}  # from terminationGracePeriodSeconds unless set, always below it
+# Sidecar settings the chart refuses, with the reason in its `fail` message.
+REFUSED = {"admin_token_file"}  # the operator and the nodes share the replication secret
 
 
 def _yaml(path: Path) -> Any:
@@ -136,12 +141,13 @@ def test_chart_schema_knows_every_sidecar_setting() -> None:
     offered = set(config["properties"])
     settings = set(setting_names())
     assert offered <= settings, f"schema offers settings the sidecar lacks: {offered - settings}"
-    missing = settings - CHART_SET - offered
+    missing = settings - CHART_SET - offered - REFUSED
     assert not missing, (
         f"sidecar settings the chart can't pass: {sorted(missing)}; add them to "
         "nodes.sidecar.config in deploy/helm/engram-replication/values.schema.json"
     )
-    assert not offered & CHART_SET
+    assert not offered & (CHART_SET | REFUSED)
+    assert offered >= DERIVED
 
 
 # ---- copies of files kept elsewhere -----------------------------------------------------------
@@ -280,7 +286,7 @@ def test_chart_statefulset_disables_service_links_and_sets_only_real_settings() 
     env = set(re.findall(r"- name: (ENGRAM_\w+)", sts))
     known = {"ENGRAM_" + s.upper() for s in setting_names()}
     assert env <= known, f"not sidecar settings: {env - known}"
-    assert env == {"ENGRAM_" + s.upper() for s in CHART_SET}
+    assert env == {"ENGRAM_" + s.upper() for s in CHART_SET | DERIVED}
     # The node name comes from the pod name, the advertised address from the pod IP.
     assert re.search(
         r"name: ENGRAM_NODE\n\s+valueFrom:\n\s+fieldRef:\n\s+fieldPath: metadata.name", sts
@@ -323,8 +329,10 @@ def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
         "ENGRAM_ADVERTISE_HTTP_ADDRESS": f"10.0.0.5:{sc['httpPort']}",
         "ENGRAM_SECRET_FILE": str(secret),
         "ENGRAM_ENGRAM_DATA_ROOT": str(tmp_path / "engram"),
+        "ENGRAM_KUBE_NODE_NAME": "ip-10-0-1-17.eu-west-1.compute.internal",
+        "ENGRAM_DRAIN_TIMEOUT": "25",
     }
-    assert set(env) == {"ENGRAM_" + s.upper() for s in CHART_SET}
+    assert set(env) == {"ENGRAM_" + s.upper() for s in CHART_SET | DERIVED}
     env |= {"ENGRAM_" + k.upper(): _env_value(v) for k, v in sc["config"].items()}
     cfg = load_config(env=env)
     assert cfg.node == "engram-0"
@@ -551,3 +559,135 @@ def test_chart_tail_mode_shares_engrams_data_root_and_starts_engram_after_the_si
     assert engram_data["subPath"] == "engram.data"
     hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
     assert hook[:2] == ["python", "-c"] and "/readyz" in hook[2]
+
+
+# ---- day-2 (issue 15): zones, drains, IPv6, monitoring, subcharts, two releases ---------------
+
+
+def _template(*args: str, release: str = "engram") -> list[dict[str, Any]]:
+    out = _helm("template", release, str(CHART), "--namespace", "engram-system", *args)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _template_fails(*args: str) -> str:
+    assert HELM is not None
+    proc = subprocess.run(
+        [HELM, "template", "engram", str(CHART), "--namespace", "engram-system", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0, "helm template accepted it"
+    return proc.stderr
+
+
+def _sidecar_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    sidecar = sts["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in sidecar["env"]}
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    ("grace", "drain", "want"), [(30, None, "25"), (8, None, "4"), (0, None, "0"), (30, 20, "20")]
+)
+def test_chart_drain_timeout_fits_in_the_grace_period(
+    grace: int, drain: int | None, want: str
+) -> None:
+    args = ["--set", f"nodes.terminationGracePeriodSeconds={grace}"]
+    if drain is not None:
+        args += ["--set", f"nodes.sidecar.config.drain_timeout={drain}"]
+    env = _sidecar_env(_template(*args))
+    assert env["ENGRAM_DRAIN_TIMEOUT"] == want
+    assert float(want) < grace or grace == 0
+
+
+@needs_helm
+def test_chart_refuses_a_drain_timeout_longer_than_the_grace_period() -> None:
+    err = _template_fails("--set", "nodes.sidecar.config.drain_timeout=30")
+    assert "must be below nodes.terminationGracePeriodSeconds (30 s)" in err
+
+
+@needs_helm
+def test_chart_refuses_admin_token_file() -> None:
+    err = _template_fails("--set", "nodes.sidecar.config.admin_token_file=/x")
+    assert "admin_token_file" in err
+
+
+@needs_helm
+def test_chart_spreads_over_zones_and_lets_nodes_read_their_zone_by_default() -> None:
+    docs = _template()
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # soft: one zone still schedules
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "engram"
+    assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    env = _sidecar_env(docs)
+    assert env["ENGRAM_KUBE_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    assert role["metadata"]["name"] == "engram-engram-replication-engram-system-node"
+    (binding,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"][0]["namespace"] == "engram-system"
+
+    # Off: no ClusterRole, no Node name; an explicit list replaces the generated spread.
+    docs = _template(
+        "--set",
+        "nodes.topology.nodeLabels=false",
+        "--set",
+        "nodes.topology.zoneSpread=",
+    )
+    assert not [d for d in docs if d["kind"].startswith("ClusterRole")]
+    assert "ENGRAM_KUBE_NODE_NAME" not in _sidecar_env(docs)
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod
+
+
+@needs_helm
+def test_chart_binds_ipv6_when_asked() -> None:
+    env = _sidecar_env(_template("--set", "nodes.sidecar.bindAddress=::"))
+    assert env["ENGRAM_HTTP_HOST"] == env["ENGRAM_REPLICATION_HOST"] == "::"
+    # The pod IP is substituted unbracketed; the sidecar brackets it (test_kube_sidecar.py).
+    assert env["ENGRAM_ADVERTISE_ADDRESS"] == "$(POD_IP):7070"
+
+
+@needs_helm
+def test_chart_renders_monitoring_kinds_only_where_their_api_is_served() -> None:
+    on = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+    ]
+    monitoring = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert not {d["kind"] for d in _template(*on)} & monitoring
+    kinds = {d["kind"] for d in _template(*on, "--api-versions", "monitoring.coreos.com/v1")}
+    assert kinds >= monitoring
+
+
+@needs_helm
+def test_chart_works_as_a_subchart_with_global_values() -> None:
+    docs = _template("--set", "global.imageRegistry=registry.example.com")
+    assert any(d["kind"] == "StatefulSet" for d in docs)
+
+
+@needs_helm
+def test_chart_two_releases_in_one_namespace_share_no_object() -> None:
+    """Every object of one release has a (kind, name) of its own, and no selector of one
+    selects the other's pods; the node StatefulSets need names of their own (the pod names
+    are the node names), which the chart checks against the cluster when it can."""
+    a = _template("--set", "nodes.name=engram-a", release="alpha")
+    b = _template("--set", "nodes.name=engram-b", release="beta")
+    names_a = {(d["kind"], d["metadata"]["name"]) for d in a}
+    names_b = {(d["kind"], d["metadata"]["name"]) for d in b}
+    assert names_a & names_b == set()
+    for docs, other in ((a, "beta"), (b, "alpha")):
+        for d in docs:
+            selector = (d.get("spec") or {}).get("selector") or {}
+            labels = selector.get("matchLabels", selector)
+            if isinstance(labels, dict) and labels:
+                assert labels.get("app.kubernetes.io/instance") != other, d["metadata"]["name"]

@@ -729,6 +729,13 @@ def test_examples_validate_against_crd(manifest: Json) -> None:
     assert errors == []
 
 
+def test_examples_carry_no_namespace() -> None:
+    """`kubectl apply -n <release namespace> -f` puts them where the release is."""
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert "namespace" not in doc["metadata"], path.name
+
+
 def test_examples_switchover_and_quorum_say_what_they_show() -> None:
     docs = {p.stem: yaml.safe_load(p.read_text()) for p in EXAMPLES}
     assert docs["switchover"]["spec"]["targetPrimary"]

@@ -671,3 +671,26 @@ async def test_drain_does_not_wait_for_a_space_nobody_could_take_over(tmp_path: 
         assert node.readiness() == "draining: shutting down"
     finally:
         await node.stop()
+
+
+def test_failure_domain_comes_from_the_node_labels_each_setting_overriding() -> None:
+    from engram_sidecar.kube.client import failure_domain, lease_object
+
+    labels = {"topology.kubernetes.io/zone": "eu-1a", "engram.io/rack": "r7", "other": "x"}
+    assert failure_domain(labels) == {
+        "topology.kubernetes.io/zone": "eu-1a",
+        "engram.io/rack": "r7",
+    }
+    assert failure_domain(labels, zone="eu-1b") == {
+        "topology.kubernetes.io/zone": "eu-1b",
+        "engram.io/rack": "r7",
+    }
+    assert failure_domain({}) == {}
+    lease = lease_object(
+        "n0", "ns", http="h:1", replication="h:2", renew_ns=0, domain=failure_domain(labels)
+    )
+    assert lease["metadata"]["labels"] == {
+        "engram.io/node-lease": "true",
+        "topology.kubernetes.io/zone": "eu-1a",
+        "engram.io/rack": "r7",
+    }

@@ -105,6 +105,9 @@ def test_manifests_namespaced_objects_use_the_placeholder_namespace() -> None:
         namespace = obj["metadata"].get("namespace")
         if obj["kind"] in cluster_scoped:
             assert namespace is None, name
+        elif obj["kind"] == kubernetes.KIND:
+            # The examples name none: `kubectl -n <release namespace> apply -f` places them.
+            assert namespace is None, name
         else:
             assert namespace == NAMESPACE, name
 
@@ -155,6 +158,7 @@ def test_rbac_bindings_tie_defined_roles_to_defined_accounts(name: str) -> None:
 # would silently grant nothing, so an unknown pair fails here.
 _KNOWN = {
     ("", "pods"): "Namespaced",
+    ("", "nodes"): "Cluster",
     ("", "events"): "Namespaced",
     ("events.k8s.io", "events"): "Namespaced",
     ("coordination.k8s.io", "leases"): "Namespaced",
@@ -202,7 +206,13 @@ def test_rbac_node_grants_exactly_what_it_needs() -> None:
         (group, plural, "list"),
         (group, f"{plural}/status", "patch"),
         ("", "events", "create"),
+        # The one cluster-wide grant: its Kubernetes Node's zone and rack (a ClusterRole).
+        ("", "nodes", "get"),
     }
+    cluster = [o for o in _roles("node.yaml") if o["kind"] == "ClusterRole"]
+    assert [r for o in cluster for r in o["rules"]] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    ]
 
 
 def test_rbac_status_is_only_ever_patched() -> None:

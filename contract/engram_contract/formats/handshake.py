@@ -14,6 +14,11 @@ Each side proves the secret over both nonces, so neither proof can be replayed o
 connection; the proofs carry distinct labels, so a server's proof can't be reflected back as a
 client's. Mismatched secrets fail on both sides: the client detects it first and NACKs, so the
 server reports it too instead of timing out. Timeouts are the transport's job.
+
+A secret may hold several keys, one per line, during a rotation (engram_contract.tokens): each
+side proves with its first key and accepts a proof under any of its keys; the client answers
+with the key the server proved, so two nodes authenticate whenever their key sets intersect and
+the server's first key is among the client's.
 """
 
 from __future__ import annotations
@@ -93,17 +98,23 @@ def _nonce(nonce: bytes | None) -> bytes:
     return nonce
 
 
-def _secret(secret: bytes) -> bytes:
+def _secret(secret: bytes) -> tuple[bytes, ...]:
+    """The keys of a shared secret: one per line (a rotation holds two). The first proves who we
+    are; a peer's proof under any of them is accepted."""
     if not isinstance(secret, bytes) or not secret:
         raise ValueError("the shared secret must be non-empty bytes")
-    return secret
+    keys = tuple(k.strip() for k in secret.splitlines() if k.strip())
+    if not keys:
+        raise ValueError("the shared secret holds no key")
+    return keys
 
 
 class _Handshake:
-    __slots__ = ("_error", "_node", "_nonce", "_peer", "_secret", "_state")
+    __slots__ = ("_error", "_keys", "_node", "_nonce", "_peer", "_secret", "_state")
 
     def __init__(self, *, secret: bytes, node: NodeName, nonce: bytes | None) -> None:
-        self._secret = _secret(secret)
+        self._keys = _secret(secret)
+        self._secret = self._keys[0]
         self._node = node
         self._nonce = _nonce(nonce)
         self._state = HandshakeState.AWAITING
@@ -217,20 +228,31 @@ class ClientHandshake(_Handshake):
             return self._fail(f"server {ch.node} chose protocol version {ch.version}")
         if self._expect is not None and ch.node != self._expect:
             return self._fail(f"dialled {self._expect} but reached {ch.node}")
-        want = server_proof(
-            self._secret,
-            client_nonce=self._nonce,
-            server_nonce=ch.nonce,
-            server_node=ch.node,
-            client_node=self._node,
+        # The server proved one of our keys: answer with that one, which it therefore holds.
+        key = next(
+            (
+                k
+                for k in self._keys
+                if hmac.compare_digest(
+                    server_proof(
+                        k,
+                        client_nonce=self._nonce,
+                        server_nonce=ch.nonce,
+                        server_node=ch.node,
+                        client_node=self._node,
+                    ),
+                    ch.proof,
+                )
+            ),
+            None,
         )
-        if not hmac.compare_digest(want, ch.proof):
+        if key is None:
             return self._fail(
                 f"server {ch.node} failed to prove it holds the shared secret "
                 f"(the secrets differ between {self._node} and {ch.node}, or it is not ours)"
             )
         proof = client_proof(
-            self._secret,
+            key,
             client_nonce=self._nonce,
             server_nonce=ch.nonce,
             client_node=self._node,
@@ -263,14 +285,17 @@ class ServerHandshake(_Handshake):
         except WireError as exc:
             return self._fail(f"malformed AUTH: {exc}", cause=exc)
         assert self._peer is not None
-        want = client_proof(
-            self._secret,
-            client_nonce=self._client_nonce,
-            server_nonce=self._nonce,
-            client_node=self._peer,
-            server_node=self._node,
-        )
-        if not hmac.compare_digest(want, auth.proof):
+        proofs = [
+            client_proof(
+                k,
+                client_nonce=self._client_nonce,
+                server_nonce=self._nonce,
+                client_node=self._peer,
+                server_node=self._node,
+            )
+            for k in self._keys
+        ]
+        if not any(hmac.compare_digest(want, auth.proof) for want in proofs):
             return self._fail(
                 f"client {self._peer} failed to prove it holds the shared secret "
                 f"(the secrets differ between {self._node} and {self._peer}, or it is not ours)"

@@ -30,6 +30,7 @@ from aiohttp import web
 from engram_contract.client import SidecarClient
 from engram_contract.ids import SpaceId, validate_space_id
 from engram_contract.kubernetes import API_GROUP, API_VERSION, PLURAL
+from engram_contract.tokens import KeyFile
 from engram_operator.kube.api import KubeApi, connection_info
 from engram_operator.kube.driver import SpaceDriver
 from engram_operator.kube.metrics import OperatorMetrics, serve
@@ -102,7 +103,9 @@ class Operator:
         self.identity = identity()
         self.metrics = OperatorMetrics()
         self.api = KubeApi(self.credentials, user_agent=f"engram-operator ({self.identity})")
-        token = opts.token_file.read_text().strip()
+        # Re-read when the Secret changes: during a rotation the file holds two keys, and the
+        # first is the one to send (engram_contract.tokens).
+        token = KeyFile(opts.token_file).current_text
         self.sidecars = SidecarClient(
             token,
             probe_timeout=DEFAULT_TIMING.probe_timeout,

@@ -40,9 +40,12 @@ from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import NodeName, SpaceId
 from engram_contract.kubernetes import (
     ANNOTATION_DRAINING,
+    ANNOTATION_FENCED,
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
+    LABEL_RACK,
+    LABEL_ZONE,
     LEASE_PREFIX,
     NodeAddresses,
 )
@@ -68,8 +71,8 @@ SETTLE_GRACE: Final = 10.0
 # renewed (judged by a probe at once). Clocks on a cluster agree within milliseconds (NTP); 5 s
 # only keeps a badly skewed node from being failed over right after an operator restart.
 FIRST_SIGHT_SLACK: Final = 5.0
-ZONE_LABEL: Final = "topology.kubernetes.io/zone"
-RACK_LABEL: Final = "engram.io/rack"
+ZONE_LABEL: Final = LABEL_ZONE
+RACK_LABEL: Final = LABEL_RACK
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +85,9 @@ class NodeRecord:
     zone: str | None
     rack: str | None
     renew_time: str | None
-    draining: bool = False  # the sidecar is shutting down (ANNOTATION_DRAINING)
+    # The sidecar is shutting down (ANNOTATION_DRAINING), or an administrator fenced the node
+    # (ANNOTATION_FENCED): either way it hands its spaces over and is never chosen to lead.
+    draining: bool = False
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -117,7 +122,8 @@ def parse_lease(item: Mapping[str, Any], selector: Mapping[str, str]) -> NodeRec
         zone=labels.get(ZONE_LABEL),
         rack=labels.get(RACK_LABEL),
         renew_time=str(renew) if renew is not None else None,
-        draining=annotations.get(ANNOTATION_DRAINING) == "true",
+        draining="true"
+        in (annotations.get(ANNOTATION_DRAINING), annotations.get(ANNOTATION_FENCED)),
     )
 
 

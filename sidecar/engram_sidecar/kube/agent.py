@@ -34,7 +34,13 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from engram_contract.assignment import Assignment, AssignmentError, assignment_from_status
+from engram_contract.assignment import (
+    Assignment,
+    AssignmentError,
+    assignment_from_status,
+    bracketed,
+    join_hostport,
+)
 from engram_contract.ids import METRICS_PREFIX, validate_space_id
 from engram_contract.kubernetes import (
     API_GROUP,
@@ -55,6 +61,7 @@ from engram_sidecar.kube.client import (
     KubeClient,
     KubeSettings,
     addresses_from_leases,
+    failure_domain,
     lease_object,
     micro_time,
 )
@@ -70,6 +77,9 @@ MAX_RENEW_GAP: Final = LEASE_DURATION_SECONDS - LEASE_RENEW_SECONDS
 # How often MemorySpaces are read again while a led space has no write lease from the control
 # plane (restored from disk) or a placement of this node lacked a member's Lease.
 RESYNC_SECONDS: Final = 2.0
+# How often a Node whose labels could not be read (RBAC, API down) is tried again. A Node's zone
+# does not change while a pod runs on it, so one successful read is enough.
+NODE_LABELS_RETRY_SECONDS: Final = 30.0
 
 
 class KubeMetrics:
@@ -197,6 +207,10 @@ class KubeSidecar:
         self._events_after: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._trouble: set[str] = set()  # what is failing now: log transitions, not every try
+        cfg = node.cfg
+        # Failure-domain labels for the Lease: the settings now, the Node's labels once read.
+        self.domain = failure_domain({}, zone=cfg.zone, rack=cfg.rack)
+        self._node_read = not cfg.kube_node_name or bool(cfg.zone and cfg.rack)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -206,6 +220,11 @@ class KubeSidecar:
             loop.create_task(self._every(LEASE_RENEW_SECONDS, self.tick)),
             loop.create_task(self._every(MIN_REPORT_GAP, self.report_all)),
         ]
+        if not self._node_read:
+            # Off the renewal path: a slow Node read must never delay a Lease renewal.
+            self._tasks.append(
+                loop.create_task(self._every(NODE_LABELS_RETRY_SECONDS, self.read_node_labels))
+            )
         log.info(
             "node %s: Kubernetes API %s, namespace %s, Lease %s",
             self.node.name,
@@ -273,6 +292,29 @@ class KubeSidecar:
         if pending and now - self._synced_at >= RESYNC_SECONDS:
             await self.sync(sent)
 
+    async def read_node_labels(self) -> None:
+        """Copy the zone and rack of the Kubernetes Node this pod runs on (`kube_node_name`)
+        into `domain`, once; a failed read is retried every NODE_LABELS_RETRY_SECONDS."""
+        if self._node_read:
+            return
+        name = self.node.cfg.kube_node_name
+        try:
+            doc = await self.client.request("GET", f"/api/v1/nodes/{name}")
+        except KubeApiError as err:
+            self._problem(f"reading the labels of Kubernetes Node {name} (zone, rack)", err)
+            return
+        self._problem(f"reading the labels of Kubernetes Node {name} (zone, rack)", None)
+        labels = (doc.get("metadata") or {}).get("labels") or {} if isinstance(doc, dict) else {}
+        cfg = self.node.cfg
+        self.domain = failure_domain(labels, zone=cfg.zone, rack=cfg.rack)
+        self._node_read = True
+        log.info(
+            "node %s runs on Kubernetes Node %s: %s",
+            self.node.name,
+            name,
+            ", ".join(f"{k}={v}" for k, v in sorted(self.domain.items())) or "no zone or rack",
+        )
+
     async def renew(self, sent_ns: int) -> bool:
         body = lease_object(
             self.node.name,
@@ -281,6 +323,7 @@ class KubeSidecar:
             replication=self.replication_address,
             renew_ns=sent_ns,
             draining=self.node.draining,
+            domain=self.domain,
         )
         outcome = "ok"
         try:
@@ -465,10 +508,14 @@ class KubeSidecar:
 def advertised_addresses(node: Node, http_port: int) -> tuple[str, str]:
     """(HTTP, replication) host:port as published in the Lease, with the ports actually bound."""
     cfg = node.cfg
-    http = cfg.advertise_http_address or f"{cfg.http_host}:{http_port}"
-    repl = cfg.advertise_address or f"{cfg.replication_host}:{node.replication_port}"
+    # Bracketed when IPv6: on an IPv6 pod `$(POD_IP):8080` expands to `fd00::5:8080`, and peers
+    # and the operator build URLs and dial from what the Lease says.
+    http = bracketed(cfg.advertise_http_address or join_hostport(cfg.http_host, http_port))
+    repl = bracketed(
+        cfg.advertise_address or join_hostport(cfg.replication_host, node.replication_port)
+    )
     for what, addr in (("advertise_http_address", http), ("advertise_address", repl)):
-        if addr.rsplit(":", 1)[0] in ("0.0.0.0", "::", "[::]", ""):
+        if addr.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", ""):
             log.warning(
                 "node %s: publishing %s in its Lease, which peers can't dial; set %s "
                 "(e.g. to the pod IP)",

@@ -27,6 +27,8 @@ from engram_contract.kubernetes import (
     ANNOTATION_HTTP,
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
+    LABEL_RACK,
+    LABEL_ZONE,
     LEASE_DURATION_SECONDS,
     LEASE_PREFIX,
     NodeAddresses,
@@ -197,7 +199,10 @@ def lease_object(
     renew_ns: int,
     acquire: bool = False,
     draining: bool = False,
+    domain: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The node Lease, or the merge patch that renews it. `domain`: the failure-domain labels
+    (LABEL_ZONE, LABEL_RACK) known for this node, published for placement."""
     spec: dict[str, Any] = {
         "holderIdentity": node,
         "leaseDurationSeconds": LEASE_DURATION_SECONDS,
@@ -211,7 +216,7 @@ def lease_object(
         "metadata": {
             "name": lease_name(node),
             "namespace": namespace,
-            "labels": {LABEL_NODE_LEASE: "true"},
+            "labels": {LABEL_NODE_LEASE: "true", **(domain or {})},
             "annotations": {
                 ANNOTATION_HTTP: http,
                 ANNOTATION_REPLICATION: replication,
@@ -221,6 +226,19 @@ def lease_object(
         },
         "spec": spec,
     }
+
+
+def failure_domain(
+    node_labels: Mapping[str, Any], *, zone: str = "", rack: str = ""
+) -> dict[str, str]:
+    """The Lease labels saying where a node is: a Kubernetes Node's zone and rack labels, each
+    overridden by the setting of the same name when that is set."""
+    out: dict[str, str] = {}
+    for key, override in ((LABEL_ZONE, zone), (LABEL_RACK, rack)):
+        value = override or node_labels.get(key)
+        if isinstance(value, str) and value:
+            out[key] = value
+    return out
 
 
 def addresses_from_leases(items: Iterable[Mapping[str, Any]]) -> dict[str, NodeAddresses]:

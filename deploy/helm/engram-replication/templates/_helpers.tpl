@@ -141,3 +141,81 @@ lists (backoff_steps) as the comma-separated form the sidecar reads from the env
 {{- toString . -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The ClusterRole (and its binding) that lets the node sidecars `get` Kubernetes Nodes, to copy
+their zone and rack labels onto the node Leases. Cluster-scoped, so its name carries the release
+namespace too: two releases of the same name in two namespaces don't share it.
+*/}}
+{{- define "engram-replication.nodeClusterRoleName" -}}
+{{- printf "%s-%s-node" (include "engram-replication.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The sidecar's drain_timeout (seconds): nodes.sidecar.config.drain_timeout when set, else the
+pod's terminationGracePeriodSeconds less 5 s (less half of it, when it is under 10 s), so the
+kubelet never SIGKILLs a node that is still handing its spaces over. A drain_timeout that
+doesn't fit in the grace period is refused.
+*/}}
+{{- define "engram-replication.drainTimeout" -}}
+{{- $grace := int .Values.nodes.terminationGracePeriodSeconds -}}
+{{- $config := .Values.nodes.sidecar.config -}}
+{{- if hasKey $config "drain_timeout" -}}
+{{- $set := float64 (index $config "drain_timeout") -}}
+{{- if and (gt $grace 0) (ge $set (float64 $grace)) -}}
+{{- fail (printf "nodes.sidecar.config.drain_timeout (%v s) must be below nodes.terminationGracePeriodSeconds (%d s): the kubelet kills the pod at the end of the grace period, in the middle of its drain. Lower drain_timeout, or leave it unset: the chart then derives it from the grace period" $set $grace) -}}
+{{- end -}}
+{{- include "engram-replication.envValue" (index $config "drain_timeout") -}}
+{{- else -}}
+{{- sub $grace (min 5 (div $grace 2)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Fields of the node StatefulSet that Kubernetes refuses to change once it exists. A change would
+make the upgrade fail half-way with "Forbidden: updates to statefulset spec for fields other
+than ..."; this stops it before anything is applied, and says what to do instead. Only where
+the chart can see the cluster (helm install/upgrade; `helm template` has no cluster to read).
+*/}}
+{{- define "engram-replication.guardImmutable" -}}
+{{- $n := .Values.nodes -}}
+{{- $name := include "engram-replication.nodesName" . -}}
+{{- $live := lookup "apps/v1" "StatefulSet" .Release.Namespace $name -}}
+{{- if $live -}}
+{{- $owner := index ($live.metadata.annotations | default dict) "meta.helm.sh/release-name" | default "" -}}
+{{- if and $owner (ne $owner .Release.Name) -}}
+{{- fail (printf "StatefulSet %s in namespace %s belongs to release %s: give this release nodes of its own (--set nodes.name=<another name>), since the pod names are the node names" $name .Release.Namespace $owner) -}}
+{{- end -}}
+{{- if ne $live.spec.podManagementPolicy $n.podManagementPolicy -}}
+{{- fail (printf "nodes.podManagementPolicy can't change from %s to %s on the existing StatefulSet %s (Kubernetes refuses it). Keep %s, or delete the StatefulSet with `kubectl delete statefulset %s --cascade=orphan` (the pods and their volumes stay) and upgrade again" $live.spec.podManagementPolicy $n.podManagementPolicy $name $live.spec.podManagementPolicy $name) -}}
+{{- end -}}
+{{- $claims := $live.spec.volumeClaimTemplates | default list -}}
+{{- if and $claims (not $n.persistence.enabled) -}}
+{{- fail (printf "nodes.persistence.enabled can't be turned off on the existing StatefulSet %s: its volumeClaimTemplates are immutable (and each node's WALs are on those volumes)" $name) -}}
+{{- end -}}
+{{- if and (not $claims) $n.persistence.enabled -}}
+{{- fail (printf "nodes.persistence.enabled can't be turned on for the existing StatefulSet %s: its volumeClaimTemplates are immutable. Delete it with --cascade=orphan first (docs/install.md)" $name) -}}
+{{- end -}}
+{{- range $claims -}}
+{{- if eq .metadata.name "data" -}}
+{{- $size := .spec.resources.requests.storage -}}
+{{- if ne (toString $size) (toString $n.persistence.size) -}}
+{{- fail (printf "nodes.persistence.size can't change from %s to %s on the existing StatefulSet %s: volumeClaimTemplates are immutable. To grow the volumes, patch each PersistentVolumeClaim data-%s-<i> (its StorageClass must allow expansion), then `kubectl delete statefulset %s --cascade=orphan` and upgrade with the new size (docs/install.md)" $size $n.persistence.size $name $name $name) -}}
+{{- end -}}
+{{- $class := .spec.storageClassName | default "" -}}
+{{- $want := $n.persistence.storageClassName -}}
+{{- if and $want (ne $want "-") (ne $class $want) -}}
+{{- fail (printf "nodes.persistence.storageClassName can't change from %q to %q on the existing StatefulSet %s: volumeClaimTemplates are immutable" $class $want $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+prometheus-operator's kinds are rendered only where the cluster serves them (or `helm template
+--api-versions monitoring.coreos.com/v1` says it does); else NOTES.txt says they were skipped.
+*/}}
+{{- define "engram-replication.hasMonitoring" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
