@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from crc32c import crc32c
 
@@ -56,6 +57,7 @@ assert PAYLOAD_SIZE_OFFSET == 24
 _CRC_OFFSET: Final = 32
 _CRC_END: Final = 36
 _COVERED_END: Final = 56
+_CRC: Final = struct.Struct("<I")
 _ZERO12: Final = bytes(12)
 _ZERO8: Final = bytes(8)
 # Entries above this are refused: keeps a corrupt size field from asking for gigabytes.
@@ -113,6 +115,56 @@ def encode_entry(
     hcrc = crc32c(head[_CRC_END:_COVERED_END], crc32c(head[:_CRC_OFFSET]))
     struct.pack_into("<I", head, _CRC_OFFSET, hcrc)
     return bytes(head) + payload
+
+
+# An entry to append: (entry type, payload). The payload may be a view into a request body.
+Record: TypeAlias = tuple[int, bytes | bytearray | memoryview]
+
+# The leading fields `encode_entries` writes into a zeroed buffer; the rest of a header is zeros.
+_LEAD: Final = struct.Struct(HEADER.format[:9])  # "<IQQIIIIQ": magic .. epoch
+assert _LEAD.size == 44
+
+
+def encode_entries(
+    records: Iterable[Record],
+    *,
+    first_sequence: int,
+    timestamp_ns: int,
+    epoch: int,
+) -> tuple[bytes, list[int]]:
+    """Entries `first_sequence..` for `records` (type, payload), built in one buffer: the bytes
+    `encode_entry` would give for each, concatenated, and where each entry ends in them.
+
+    One allocation, headers packed in place, one CRC32C over each payload and one over each
+    header (its two covered ranges chained): what a primary appends and ships as it is.
+    """
+    items = records if isinstance(records, list | tuple) else list(records)
+    total = HEADER_SIZE * len(items) + sum(len(p) for _, p in items)
+    buf = bytearray(total)
+    view = memoryview(buf)
+    ends: list[int] = []
+    pack = _LEAD.pack_into
+    pack_crc = _CRC.pack_into
+    off = 0
+    seq = first_sequence
+    for etype, payload in items:
+        size = len(payload)
+        body = off + HEADER_SIZE
+        end = body + size
+        view[body:end] = payload
+        pack(buf, off, MAGIC, seq, timestamp_ns, etype, size, crc32c(payload), 0, epoch)
+        pack_crc(
+            buf,
+            off + _CRC_OFFSET,
+            crc32c(
+                view[off + _CRC_END : off + _COVERED_END], crc32c(view[off : off + _CRC_OFFSET])
+            ),
+        )
+        ends.append(end)
+        off = end
+        seq += 1
+    view.release()
+    return bytes(buf), ends
 
 
 def decode_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> EntryHeader | str:

@@ -36,8 +36,10 @@ from engram_contract.formats.entry import (
     HEADER_SIZE,
     Entry,
     EntryHeader,
+    Record,
     check_payload,
     decode_header,
+    encode_entries,
     encode_entry,
     iter_entries,
     walk_entries,
@@ -287,7 +289,7 @@ class SpaceLog:
 
     # ---- appends --------------------------------------------------------------------------
 
-    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> tuple[int, int]:
+    def append(self, records: Iterable[Record], *, epoch: int) -> tuple[int, int]:
         """Encode and write entries (type, payload) at `epoch`. Returns (first, last) sequence.
 
         The entries are in the page cache when this returns, not yet durable: call `sync()` or
@@ -296,28 +298,23 @@ class SpaceLog:
         done = self.append_entries(records, epoch=epoch)
         return done.first, done.last
 
-    def append_entries(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+    def append_entries(self, records: Iterable[Record], *, epoch: int) -> Appended:
         """`append`, returning the entries' stored bytes too (what a primary ships)."""
         self._check_usable()
         if epoch < self.last_epoch:
             raise SequenceError(
                 f"space {self.space}: epoch {epoch} is older than the log's epoch {self.last_epoch}"
             )
-        first = seq = self.next_sequence
+        first = self.next_sequence
         now = self._clock_ns()
         ts = max(now, self.last_timestamp_ns)  # keeps lag-by-age monotonic if the clock steps back
-        parts = [
-            encode_entry(
-                sequence=(seq := seq + 1) - 1, timestamp_ns=ts, entry_type=t, epoch=epoch, payload=p
-            )
-            for t, p in records
-        ]
-        if not parts:
+        # One buffer for the whole request: written once, and shipped as it is (`Appended`).
+        data, ends = encode_entries(records, first_sequence=first, timestamp_ns=ts, epoch=epoch)
+        if not ends:
             raise SequenceError("append of no entries")
-        data = b"".join(parts)
-        ends = list(itertools.accumulate(map(len, parts)))
-        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=ts)
-        return Appended(first, seq - 1, data, ends)
+        last = first + len(ends) - 1
+        self._write(data, ends, first=first, last=last, epoch=epoch, ts=ts)
+        return Appended(first, last, data, ends)
 
     def append_timed(
         self, records: Iterable[tuple[int, bytes]], *, epoch: int, timestamps: Sequence[int]

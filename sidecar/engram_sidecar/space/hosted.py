@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engram_contract.assignment import Assignment
-from engram_contract.formats.entry import EntryHeader
+from engram_contract.formats.entry import EntryHeader, Record
 from engram_contract.ids import NodeName, SpaceId, space_wire_id
 from engram_sidecar.log import truncations
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -222,9 +222,7 @@ class Space:
 
     # ---- the primary's write --------------------------------------------------------------
 
-    async def write(
-        self, records: Sequence[tuple[int, bytes]], *, ack_timeout: float
-    ) -> tuple[int, int, int]:
+    async def write(self, records: Sequence[Record], *, ack_timeout: float) -> tuple[int, int, int]:
         """Append `records` as primary, settle them, wait for the ack policy, and acknowledge
         only if this node still leads at the same epoch with a write lease. Returns (first,
         last, epoch). Raises NotWritable (`unavailable` before anything was written,

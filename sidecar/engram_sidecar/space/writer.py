@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from engram_contract.formats.entry import EntryHeader
+from engram_contract.formats.entry import EntryHeader, Record
 from engram_contract.ids import NodeName, SpaceId
 from engram_sidecar.errors import EngramError
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -62,7 +62,7 @@ class SpaceWriter:
 
     # ---- appending ------------------------------------------------------------------------
 
-    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+    def append(self, records: Iterable[Record], *, epoch: int) -> Appended:
         """A primary's write: encode and append entries at `epoch` (not yet settled)."""
         try:
             done = self.log.append_entries(records, epoch=epoch)
