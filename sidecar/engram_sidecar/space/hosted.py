@@ -238,6 +238,10 @@ class Space:
         if self.writer.waits:
             await self.writer.settle(written)
             self.ring.on_append()  # durable now, so shippable
+        if a is not None and a.replicas_needed() and self.ring.sealed_upto < done.last:
+            # A write that waits for replica acks must not also wait out the batch linger: at
+            # light load it would pay batch_max_delay on every request (issue 13).
+            self.ring.seal()
         await self.wait_replicated(done.last, ack_timeout)
         m.check_unchanged(a, epoch, done.first, done.last)
         return done.first, done.last, epoch
