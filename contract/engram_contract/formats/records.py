@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable
 from typing import Final
 
-from engram_contract.formats.entry import MAX_PAYLOAD, EntryType
+from engram_contract.formats.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD, EntryType
 
 CONTENT_TYPE: Final = "application/x-engram-entries"
 
@@ -125,13 +125,16 @@ def _why(
     where = f"record {index} at offset {pos}"
     if index >= limit:
         return RecordsError(
-            TOO_MANY, f"more than {limit} records in one body", record=index, offset=pos
+            TOO_MANY,
+            f"more than {limit} records in one body (max_entries_per_request)",
+            record=index,
+            offset=pos,
         )
     if etype not in ENTRY_TYPES:
         return RecordsError(
             UNKNOWN_TYPE,
             f"{where}: entry type {etype} is not one of "
-            + ", ".join(f"{int(t)} ({t.name.lower()})" for t in EntryType),
+            + ", ".join(f"{int(t)} ({name})" for name, t in ENTRY_TYPE_NAMES.items()),
             record=index,
             offset=pos,
         )
