@@ -34,15 +34,16 @@ from typing import Final, Literal
 
 from engram_contract.formats.entry import (
     HEADER_SIZE,
+    CheckedRun,
     Entry,
-    EntryHeader,
     Record,
+    RunProblem,
     check_payload,
+    check_run,
     decode_header,
     encode_entries,
     encode_entry,
     iter_entries,
-    walk_entries,
 )
 from engram_contract.ids import SpaceId, validate_space_id
 from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalCorruption, WalIOError
@@ -342,61 +343,47 @@ class SpaceLog:
         self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts)
         return Appended(first, seq - 1, data, ends)
 
-    def append_stored(
-        self,
-        data: bytes,
-        *,
-        payloads_checked: bool = False,
-        headers: Sequence[EntryHeader] | None = None,
-    ) -> tuple[int, int]:
+    def append_stored(self, data: bytes, checked: CheckedRun | None = None) -> tuple[int, int]:
         """Append entries already encoded by a primary (a replica applying a batch).
 
-        Every entry is checked (header CRCs, sequences continuing from next_sequence, epochs not
-        going back) before a byte is written, so a bad batch leaves the log untouched. Payload
-        CRCs too, unless the caller just checked them (`Batch.from_frame` does). A caller that
-        already parsed and checked every header and payload (`Batch.headers`) passes `headers`,
-        one per entry of `data`, and no CRC is computed twice.
+        Every entry is checked (CRCs, sequences continuing from next_sequence, epochs not going
+        back) before a byte is written, so a bad batch leaves the log untouched. A caller that
+        already checked the run (`Batch.checked`, from the frame decoder) passes it, and only
+        where it joins this log is checked here: no entry is parsed twice.
         """
         self._check_usable()
-        if headers is None:
-            entries: Sequence[EntryHeader] = walk_entries(
-                data, where=f"batch for space {self.space}", check_payloads=not payloads_checked
-            )
-        else:
-            entries = headers
-        if not entries:
-            raise SequenceError("batch of no entries")
-        first = entries[0].sequence
+        if checked is None:
+            run = check_run(data)
+            if isinstance(run, RunProblem):
+                where = f"batch for space {self.space}"
+                if run.corrupt:
+                    raise WalCorruption(where, run.offset, run.reason)
+                raise SequenceError(f"{where}, entry {run.index}: {run.reason}")
+            checked = run
+        if checked.ends[-1] != len(data):
+            raise SequenceError(f"batch entries cover {checked.ends[-1]} of its {len(data)} bytes")
+        first = checked.first
         if first != self.next_sequence:
             raise SequenceError(
                 f"space {self.space}: batch starts at {first}, log expects {self.next_sequence}"
             )
-        # One pass: sequences continue, epochs never go back, where each entry ends (no CRC:
-        # checked above, or by the caller that passed `headers`).
-        epoch = self.last_epoch
-        rises: list[tuple[int, int]] = []  # (epoch, first sequence) of each epoch begun here
-        ends: list[int] = []
-        end = 0
-        for i, e in enumerate(entries):
-            if e.sequence != first + i:
-                raise SequenceError(f"batch sequence jumps to {e.sequence} at entry {i}")
-            if e.epoch < epoch:
-                raise SequenceError(f"entry {e.sequence} has epoch {e.epoch} after epoch {epoch}")
-            if e.epoch > epoch:
-                rises.append((e.epoch, e.sequence))
-            epoch = e.epoch
-            end += HEADER_SIZE + e.payload_size
-            ends.append(end)
-        if end != len(data):
-            raise SequenceError(f"batch entries cover {end} of its {len(data)} bytes")
-        # Record every epoch change inside the batch, then write the bytes.
-        for e_epoch, e_first in rises:
-            self._note_epoch(e_epoch, e_first)
-        last = entries[-1]
+        if checked.epochs[0][0] < self.last_epoch:
+            raise SequenceError(
+                f"entry {first} has epoch {checked.epochs[0][0]} after epoch {self.last_epoch}"
+            )
+        # Record every epoch begun inside the batch, then write the bytes.
+        for e_epoch, e_first in checked.epochs:
+            if e_epoch > self.last_epoch:
+                self._note_epoch(e_epoch, e_first)
         self._write(
-            data, ends, first=first, last=last.sequence, epoch=last.epoch, ts=last.timestamp_ns
+            data,
+            checked.ends,
+            first=first,
+            last=checked.last,
+            epoch=checked.last_epoch,
+            ts=checked.last_timestamp_ns,
         )
-        return first, last.sequence
+        return first, checked.last
 
     def _write(
         self, data: bytes, ends: list[int], *, first: int, last: int, epoch: int, ts: int

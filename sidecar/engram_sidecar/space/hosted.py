@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engram_contract.assignment import Assignment
-from engram_contract.formats.entry import EntryHeader, Record
+from engram_contract.formats.entry import CheckedRun, Record
 from engram_contract.ids import NodeName, SpaceId, space_wire_id
 from engram_sidecar.log import truncations
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -248,15 +248,13 @@ class Space:
 
     # ---- the replica's writes -------------------------------------------------------------
 
-    def apply(
-        self, data: bytes, headers: Sequence[EntryHeader] | None, upto: int
-    ) -> tuple[int, Written]:
+    def apply(self, data: bytes, checked: CheckedRun | None, upto: int) -> tuple[int, Written]:
         """Append a batch's entries that log matching let through (`data` may be empty: this
         log held them all) and vouch for the batch up to `upto`. Returns how many entries were
         appended, and what to settle before acknowledging `upto`."""
         count = 0
         if data:
-            first, last = self.writer.append_stored(data, headers)
+            first, last = self.writer.append_stored(data, checked)
             count = last - first + 1
         written = self.writer.written(upto)
         self.matched_upto = max(self.matched_upto, upto)
