@@ -22,6 +22,7 @@ SCENARIOS: tuple[str, ...] = (
     "catchup",
     "promotion",
     "redis",
+    "cpu",
 )
 
 

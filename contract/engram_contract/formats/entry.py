@@ -59,7 +59,6 @@ _CRC_END: Final = 36
 _COVERED_END: Final = 56
 _CRC: Final = struct.Struct("<I")
 _ZERO12: Final = bytes(12)
-_ZERO20: Final = bytes(20)  # reserved + unused, bytes 44-64
 _ZERO8: Final = bytes(8)
 # Entries above this are refused: keeps a corrupt size field from asking for gigabytes.
 MAX_PAYLOAD: Final = 64 * 1024 * 1024
@@ -124,6 +123,17 @@ Record: TypeAlias = tuple[int, bytes | bytearray | memoryview]
 # The leading fields `encode_entries` writes into a zeroed buffer; the rest of a header is zeros.
 _LEAD: Final = struct.Struct(HEADER.format[:9])  # "<IQQIIIIQ": magic .. epoch
 assert _LEAD.size == 44
+_HEAD32: Final = struct.Struct(
+    HEADER.format[:7]
+)  # "<IQQIII": bytes 0-32, the header CRC's first part
+assert _HEAD32.size == _CRC_OFFSET
+# Bytes 36-56: the epoch, then the reserved bytes the header CRC covers (zero).
+_EPOCH_TAIL: Final = struct.Struct("<Q12x")
+assert _EPOCH_TAIL.size == _COVERED_END - _CRC_END
+# A whole header with the reserved and unused bytes as integers, so a reader checks them for
+# zero without slicing: "<IQQIIIIQ" then reserved (Q, I) and unused (Q).
+_WHOLE: Final = struct.Struct(_LEAD.format + "QIQ")
+assert _WHOLE.size == HEADER_SIZE
 
 
 def encode_entries(
@@ -140,31 +150,27 @@ def encode_entries(
     header (its two covered ranges chained): what a primary appends and ships as it is.
     """
     items = records if isinstance(records, list | tuple) else list(records)
-    total = HEADER_SIZE * len(items) + sum(len(p) for _, p in items)
+    total = HEADER_SIZE * len(items) + sum([len(p) for _, p in items])
     buf = bytearray(total)
-    view = memoryview(buf)
     ends: list[int] = []
+    append = ends.append
+    # Bytes 36-56 (epoch, then zeros) are the same for every entry of the run: packed once.
+    tail = _EPOCH_TAIL.pack(epoch)
+    head = _HEAD32.pack
     pack = _LEAD.pack_into
-    pack_crc = _CRC.pack_into
     off = 0
     seq = first_sequence
     for etype, payload in items:
         size = len(payload)
         body = off + HEADER_SIZE
         end = body + size
-        view[body:end] = payload
-        pack(buf, off, MAGIC, seq, timestamp_ns, etype, size, crc32c(payload), 0, epoch)
-        pack_crc(
-            buf,
-            off + _CRC_OFFSET,
-            crc32c(
-                view[off + _CRC_END : off + _COVERED_END], crc32c(view[off : off + _CRC_OFFSET])
-            ),
-        )
-        ends.append(end)
+        buf[body:end] = payload
+        pcrc = crc32c(payload)
+        hcrc = crc32c(tail, crc32c(head(MAGIC, seq, timestamp_ns, etype, size, pcrc)))
+        pack(buf, off, MAGIC, seq, timestamp_ns, etype, size, pcrc, hcrc, epoch)
+        append(end)
         off = end
         seq += 1
-    view.release()
     return bytes(buf), ends
 
 
@@ -326,54 +332,58 @@ def check_run(
     first entry's) on by one; epochs at least `min_epoch`, never going back, at most
     `max_epoch`; at most `count` entries. The reason is worked out only for a run that fails
     (the fast loop just compares), so a good run costs one unpack and three CRC calls per
-    entry, and no objects.
+    entry, and no objects but its end offset.
     """
     view = memoryview(data).cast("B")
     end = len(view)
     if end == 0:
         return RunProblem(0, 0, "no entries", corrupt=False)
-    unpack = _LEAD.unpack_from
+    unpack = _WHOLE.unpack_from
     top = (1 << 64) if max_epoch is None else max_epoch
     ends: list[int] = []
+    append = ends.append
     epochs: list[tuple[int, int]] = []
     cur = min_epoch
+    if first_sequence is None:  # the run's own first sequence, if its header is there at all
+        first_sequence = unpack(view, 0)[1] if end >= HEADER_SIZE else 0
     want = first_sequence
+    beyond = first_sequence + (end if count is None else count)  # the first sequence too many
+    tail_epoch, tail = -1, b""
     ts = 0
     pos = 0
-    most = end if count is None else count
     while pos < end:
-        if len(ends) == most:
-            return RunProblem(most, pos, f"more than the {most} entries", corrupt=False)
+        if want == beyond:
+            return RunProblem(want - first_sequence, pos, f"more than the {count} entries", False)
         if end - pos < HEADER_SIZE:
             return _run_problem(view, pos, index=len(ends), want=want, low=cur, top=top)
-        magic, seq, ts, _etype, size, pcrc, hcrc, epoch = unpack(view, pos)
+        magic, seq, ts, _etype, size, pcrc, hcrc, epoch, res1, res2, unused = unpack(view, pos)
         body = pos + HEADER_SIZE
         stop = body + size
+        if epoch != tail_epoch:
+            tail_epoch, tail = epoch, _EPOCH_TAIL.pack(epoch)
         if (
             magic != MAGIC
-            or (want is not None and seq != want)
+            or seq != want
+            or res1
+            or res2
+            or unused
             or not cur <= epoch <= top
             or stop > end
-            or view[pos + _LEAD.size : body] != _ZERO20
-            or crc32c(
-                view[pos + _CRC_END : pos + _COVERED_END], crc32c(view[pos : pos + _CRC_OFFSET])
-            )
-            != hcrc
+            or crc32c(tail, crc32c(view[pos : pos + _CRC_OFFSET])) != hcrc
             or crc32c(view[body:stop]) != pcrc
         ):
             return _run_problem(view, pos, index=len(ends), want=want, low=cur, top=top)
-        if not epochs or epoch != cur:
+        if epoch != cur or not epochs:
             epochs.append((epoch, seq))
             cur = epoch
         want = seq + 1
-        ends.append(stop)
+        append(stop)
         pos = stop
-    assert want is not None
     return CheckedRun(want - len(ends), want - 1, ends, epochs, ts)
 
 
 def _run_problem(
-    view: memoryview, pos: int, *, index: int, want: int | None, low: int, top: int
+    view: memoryview, pos: int, *, index: int, want: int, low: int, top: int
 ) -> RunProblem:
     """The reason the entry at `pos` failed `check_run` (the slow path, on failure only)."""
     h = decode_header(view, pos)
@@ -385,7 +395,7 @@ def _run_problem(
     bad = check_payload(h, view[pos + HEADER_SIZE : stop])
     if bad is not None:
         return RunProblem(index, pos, bad)
-    if want is not None and h.sequence != want:
+    if h.sequence != want:
         return RunProblem(index, pos, f"sequence {h.sequence}, expected {want}", corrupt=False)
     if h.epoch > top:
         return RunProblem(
