@@ -62,7 +62,7 @@ class SidecarConfig:
     fsync: str = "always"
     fsync_interval: float = 0.05
     segment_bytes: int = 64 * 1024 * 1024
-    batch_max_entries: int = 100
+    batch_max_entries: int = 1000
     batch_max_delay: float = 0.010
     max_inflight_batches: int = 32
     max_frame_bytes: int = 16 * 1024 * 1024
