@@ -3,6 +3,8 @@ the appender (`CheckedRun`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engram_contract.formats.entry import (
@@ -37,7 +39,7 @@ def test_check_run_gives_what_the_appender_needs() -> None:
     assert run.ends == [h_end for h_end in _ends(data)]
     assert run.epochs == [(1, 7), (2, 9), (5, 10)]
     assert run.entry_epochs() == [h.epoch for h in walk_entries(data)]
-    assert run.last_timestamp_ns == 100
+    assert (run.first_timestamp_ns, run.last_timestamp_ns) == (70, 100)
 
 
 def _ends(data: bytes) -> list[int]:
@@ -58,7 +60,10 @@ def test_checked_run_without_first(n: int) -> None:
         assert rest is None and cut == len(data)
         return
     again = check_run(data[cut:])
-    assert rest == again
+    assert isinstance(again, CheckedRun)
+    # The rest keeps the whole run's first timestamp: no later than its own first entry's.
+    assert rest == replace(again, first_timestamp_ns=run.first_timestamp_ns)
+    assert rest.first_timestamp_ns <= again.first_timestamp_ns
 
 
 @pytest.mark.parametrize(

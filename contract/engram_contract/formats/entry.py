@@ -272,6 +272,7 @@ class CheckedRun:
     ends: list[int]  # ends[i]: offset just past entry first + i
     epochs: list[tuple[int, int]]  # (epoch, first sequence) of each epoch in the run, in order
     last_timestamp_ns: int
+    first_timestamp_ns: int = 0  # of the run's first entry (of the whole run, after a cut)
 
     @property
     def count(self) -> int:
@@ -302,8 +303,9 @@ class CheckedRun:
             for i, (e, q) in enumerate(self.epochs)
             if i + 1 == len(self.epochs) or self.epochs[i + 1][1] > seq
         ]
+        ends = [e - cut for e in self.ends[n:]]
         return cut, CheckedRun(
-            seq, self.last, [e - cut for e in self.ends[n:]], kept, self.last_timestamp_ns
+            seq, self.last, ends, kept, self.last_timestamp_ns, self.first_timestamp_ns
         )
 
 
@@ -379,7 +381,8 @@ def check_run(
         want = seq + 1
         append(stop)
         pos = stop
-    return CheckedRun(want - len(ends), want - 1, ends, epochs, ts)
+    first_ts = unpack(view, 0)[2]
+    return CheckedRun(want - len(ends), want - 1, ends, epochs, ts, first_ts)
 
 
 def _run_problem(

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "interval", "none"]
 DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+# Appends whose timestamps stay in memory (`timestamp_of`), at least; at most twice as many.
+_RUNS_KEPT: Final = 4096
 # Truncations remembered for `cut_since`; a waiter older than all of them assumes the worst.
 _CUTS_KEPT: Final = 64
 
@@ -140,6 +142,10 @@ class SpaceLog:
         self._cuts: deque[tuple[int, int]] = deque(maxlen=_CUTS_KEPT)  # (generation, kept up to)
         self._cuts_forgotten = -1  # the newest generation whose cut fell out of _cuts
         self.last_timestamp_ns = 0
+        # When recent entries were written, in memory: (first sequence of an append, timestamp
+        # of its first entry), for lag by age without reading the log (`timestamp_of`).
+        self._run_firsts: list[int] = []
+        self._run_times: list[int] = []
         self.history: epoch_history.History = []
         self.recovery = self._open()
 
@@ -314,7 +320,7 @@ class SpaceLog:
         if not ends:
             raise SequenceError("append of no entries")
         last = first + len(ends) - 1
-        self._write(data, ends, first=first, last=last, epoch=epoch, ts=ts)
+        self._write(data, ends, first=first, last=last, epoch=epoch, ts=ts, first_ts=ts)
         return Appended(first, last, data, ends)
 
     def append_timed(
@@ -340,7 +346,9 @@ class SpaceLog:
         data = b"".join(parts)
         ends = list(itertools.accumulate(map(len, parts)))
         last_ts = max(self.last_timestamp_ns, timestamps[-1])
-        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts)
+        self._write(
+            data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts, first_ts=timestamps[0]
+        )
         return Appended(first, seq - 1, data, ends)
 
     def append_stored(self, data: bytes, checked: CheckedRun | None = None) -> tuple[int, int]:
@@ -382,13 +390,23 @@ class SpaceLog:
             last=checked.last,
             epoch=checked.last_epoch,
             ts=checked.last_timestamp_ns,
+            first_ts=checked.first_timestamp_ns,
         )
         return first, checked.last
 
     def _write(
-        self, data: bytes, ends: list[int], *, first: int, last: int, epoch: int, ts: int
+        self,
+        data: bytes,
+        ends: list[int],
+        *,
+        first: int,
+        last: int,
+        epoch: int,
+        ts: int,
+        first_ts: int,
     ) -> None:
-        """Write entries `first..last`; `ends[i]` is where entry first + i ends in `data`."""
+        """Write entries `first..last`; `ends[i]` is where entry first + i ends in `data`;
+        `ts` and `first_ts` are the last and the first entry's timestamps."""
         if epoch > self.last_epoch:
             self._note_epoch(epoch, first)
         # Rotation is decided entry by entry (rotate before an entry that would take a non-empty
@@ -415,6 +433,30 @@ class SpaceLog:
                 raise
             k = j + 1
         assert first + k - 1 == last
+        self._note_times(first, first_ts)
+
+    def _note_times(self, first: int, first_ts: int) -> None:
+        if len(self._run_firsts) >= 2 * _RUNS_KEPT:
+            del self._run_firsts[:_RUNS_KEPT], self._run_times[:_RUNS_KEPT]
+        self._run_firsts.append(first)
+        self._run_times.append(first_ts)
+
+    def timestamp_of(self, sequence: int) -> int | None:
+        """When the entry at `sequence` was written, or None if the log lacks it.
+
+        From memory for entries appended since the log was opened (the last appends): exact for
+        a primary's appends, whose entries share one timestamp, and for a run of a replica's
+        batch the timestamp of its first entry, never later than the entry's own (lag by age
+        then reads high, never low). Older entries are read from the log.
+        """
+        if sequence < self.first_sequence or sequence > self.last_sequence:
+            return None
+        firsts = self._run_firsts
+        if firsts and sequence >= firsts[0]:
+            return self._run_times[bisect.bisect_right(firsts, sequence) - 1]
+        r = self.read(sequence, max_entries=1)
+        h = decode_header(r.data)
+        return None if isinstance(h, str) else h.timestamp_ns
 
     def _write_chunk(
         self,
@@ -664,6 +706,8 @@ class SpaceLog:
             )
         dropped = self.last_sequence - sequence
         self._note_cut(sequence)
+        keep = bisect.bisect_right(self._run_firsts, sequence)
+        del self._run_firsts[keep:], self._run_times[keep:]
         self.durable_sequence = min(self.durable_sequence, sequence)
         try:
             self._cut_files(sequence)
