@@ -93,13 +93,45 @@ class Appended:
 
 @dataclass(frozen=True, slots=True)
 class SyncTicket:
-    """An fsync to run off the loop: a duplicate fd of the active segment, the sequence it makes
-    durable, and the log's generation when it was taken (a truncation since voids it)."""
+    """An fsync to run off the loop (`run_ticket`): a duplicate fd of the active segment, the
+    sequence it makes durable, and the log's generation when it was taken (a truncation since
+    voids it). It also owns the fds of segments sealed since the last sync, fsynced and closed
+    first, and the directory to fsync when a rotation named a new segment in it."""
 
     fd: int
     path: Path  # the segment fd refers to, for error messages
     target: int
     generation: int
+    sealed: tuple[tuple[int, Path], ...] = ()
+    directory: Path | None = None
+
+
+def run_ticket(
+    ticket: SyncTicket, fsync: Callable[[int], None] | None = None, *, space: str = ""
+) -> None:
+    """Carry out a ticket, in a worker thread: sealed segments, the directory, then the active
+    segment. Closes every fd the ticket owns. Raises StorageError naming what failed.
+    `fsync`: os.fsync (looked up at each call) unless given."""
+    fsync = fsync or os.fsync
+    try:
+        for fd, path in ticket.sealed:
+            try:
+                fsync(fd)
+            except OSError as err:
+                raise StorageError("fsync", path, err, space=space) from err
+        if ticket.directory is not None:
+            try:
+                fsync_dir(ticket.directory)
+            except OSError as err:
+                raise StorageError("fsync directory", ticket.directory, err, space=space) from err
+        try:
+            fsync(ticket.fd)
+        except OSError as err:
+            raise StorageError("fsync", ticket.path, err, space=space) from err
+    finally:
+        for fd, _ in ticket.sealed:
+            os.close(fd)
+        os.close(ticket.fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +164,11 @@ class SpaceLog:
         self._on_torn_tail = on_torn_tail
         self._segments: list[Segment] = []
         self._fd = -1  # active segment, opened for append
+        # Segments sealed by rotation whose fsync is still owed (their fds, kept open for it),
+        # and whether the directory naming a new segment is: paid by the next sync, off the
+        # loop, never by the append that rotated.
+        self._sealed_unsynced: list[tuple[int, Path]] = []
+        self._dir_unsynced = False
         self._rfds: dict[Path, int] = {}
         # (sequence, segment, offset) just past the last read: sequential reads skip the seek.
         self._next_read: tuple[int, Segment, int] | None = None
@@ -538,31 +575,52 @@ class SpaceLog:
         return True
 
     def _rotate(self) -> None:
-        self.sync()
+        """Start a new segment. Its fsyncs (the sealed segment's, the directory's) are owed to
+        the next sync, which runs off the loop: nothing counts as durable before it does."""
         path = self.wal_dir / segment_name(self.next_sequence)
         try:
-            # Open the new segment before closing the old one: if this fails, the log still
+            # Open the new segment before giving up the old one: if this fails, the log still
             # appends to a valid fd.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as err:
             raise StorageError("create", path, err, space=self.space) from err
-        os.close(self._fd)
+        self._sealed_unsynced.append((self._fd, self._active.path))
         self._fd = fd
         self._segments.append(Segment(path, self.next_sequence, self.last_sequence, 0, []))
+        # Until wal/ is fsynced the new file may vanish in a power cut, and with it every entry
+        # written into it: the next sync fsyncs the directory before calling them durable.
+        self._dir_unsynced = True
+
+    @property
+    def owes_rotation_sync(self) -> bool:
+        """A rotation's fsyncs are still owed (under fsync `none`, a sync should follow soon)."""
+        return bool(self._sealed_unsynced) or self._dir_unsynced
+
+    def _pay_rotation_syncs(self) -> None:
+        """The owed fsyncs of sealed segments and the directory, here and now (rare paths)."""
+        sealed, self._sealed_unsynced = self._sealed_unsynced, []
         try:
-            # Until wal/ is fsynced the new file may vanish in a power cut, and with it every
-            # entry about to be written (and acknowledged) into it.
-            fsync_dir(self.wal_dir)
-        except OSError as err:
+            for fd, path in sealed:
+                with self._os_errors("fsync", path):
+                    os.fsync(fd)
+            if self._dir_unsynced:
+                with self._os_errors("fsync directory", self.wal_dir):
+                    fsync_dir(self.wal_dir)
+                self._dir_unsynced = False
+        except StorageError as err:
             self._failed = err
-            raise StorageError("fsync directory", self.wal_dir, err, space=self.space) from err
+            raise
+        finally:
+            for fd, _ in sealed:
+                os.close(fd)
 
     # ---- durability -----------------------------------------------------------------------
 
     def sync(self) -> int:
-        """fsync everything written so far. Returns the durable sequence."""
+        """fsync everything written so far, here. Returns the durable sequence."""
         self._check_usable()
         target = self.last_sequence
+        self._pay_rotation_syncs()
         try:
             os.fsync(self._fd)
         except OSError as err:
@@ -572,15 +630,22 @@ class SpaceLog:
         return self.durable_sequence
 
     def sync_handle(self) -> SyncTicket:
-        """A ticket for an fsync run off the loop; pass it back to `mark_durable` when done.
+        """A ticket for an fsync run off the loop (`run_ticket`); pass it back to
+        `mark_durable` when done.
 
-        Lets the group commit run fsync in a thread while appends continue on the loop; rotation
-        fsyncs the segment it seals, so a sync on the old fd still covers its target.
+        Lets the group commit run fsync in a thread while appends continue on the loop. The
+        ticket takes over what rotations owe (sealed segments' fds, the directory), so an
+        entry in a new segment is durable only once its segment's name is too.
         """
         self._check_usable()
         with self._os_errors("dup descriptor of", self._active.path):
             fd = os.dup(self._fd)
-        return SyncTicket(fd, self._active.path, self.last_sequence, self.generation)
+        sealed, self._sealed_unsynced = tuple(self._sealed_unsynced), []
+        directory = self.wal_dir if self._dir_unsynced else None
+        self._dir_unsynced = False
+        return SyncTicket(
+            fd, self._active.path, self.last_sequence, self.generation, sealed, directory
+        )
 
     def mark_durable(self, ticket: SyncTicket) -> bool:
         """Apply a completed fsync. False (nothing changes) when the ticket is stale.
@@ -733,6 +798,7 @@ class SpaceLog:
         self._cuts.append((self.generation, sequence))
 
     def _cut_files(self, sequence: int) -> None:
+        self._pay_rotation_syncs()  # no fd of a segment about to be deleted stays owed
         seg = self._segment_for(sequence + 1)
         off = seek_offset(seg, sequence + 1, self._rfd(seg)) if not seg.empty else 0
         os.close(self._fd)
@@ -753,7 +819,10 @@ class SpaceLog:
         """Delete sealed segments holding only entries below `sequence`. Returns bytes freed."""
         self._next_read = None
         freed = 0
-        for seg in [s for s in self._segments[:-1] if s.last_sequence < sequence]:
+        doomed = [s for s in self._segments[:-1] if s.last_sequence < sequence]
+        if doomed and self.owes_rotation_sync:
+            self._pay_rotation_syncs()
+        for seg in doomed:
             self._forget(seg)
             with self._os_errors("delete", seg.path):
                 seg.path.unlink()
@@ -775,6 +844,14 @@ class SpaceLog:
 
     def close(self) -> None:
         self.generation += 1  # an fsync still running can't mark a closed (or replaced) log
+        if self._failed is None and self.owes_rotation_sync:
+            try:
+                self._pay_rotation_syncs()
+            except StorageError:
+                log.exception("space %s: fsync of sealed segments at close failed", self.space)
+        for fd, _ in self._sealed_unsynced:
+            os.close(fd)
+        self._sealed_unsynced = []
         if self._fd >= 0:
             if self._failed is None:
                 try:

@@ -69,6 +69,7 @@ class SpaceWriter:
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise
+        self.commit.after_append()
         if not self.waits:
             self.clear_error()
         return done
@@ -83,6 +84,7 @@ class SpaceWriter:
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise
+        self.commit.after_append()
         if not self.waits:
             self.clear_error()
         return done
@@ -95,6 +97,7 @@ class SpaceWriter:
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise
+        self.commit.after_append()
         if not self.waits:
             self.clear_error()
         return first, last
