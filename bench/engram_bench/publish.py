@@ -7,6 +7,7 @@ a cycle back to it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,9 +17,21 @@ from engram_bench.sidecars import bench_dir
 from engram_bench.summary import goals_section
 
 
-def write_results(sections: list[Section], *, docs: Path, json_path: Path, quick: bool) -> None:
-    """JSON always; docs/benchmarks.md and its plots (docs/img/) only for a full run."""
+def write_results(
+    sections: list[Section], *, docs: Path, json_path: Path, quick: bool, partial: bool = False
+) -> None:
+    """JSON always; docs/benchmarks.md and its plots (docs/img/) for a full run. A `partial`
+    run (some scenarios, not quick) replaces only its own sections in docs/benchmarks.md
+    (`merge_sections`) and the goals it measured, and leaves the rest and the plots as they
+    were."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    if partial and not quick:
+        summary = goals_section(sections)
+        json_path.write_text(
+            json.dumps([asdict(s) for s in (summary, *sections)], indent=2, default=str) + "\n"
+        )
+        docs.write_text(merge_sections(docs.read_text(), summary, sections))
+        return
     if quick:
         json_path.write_text(
             json.dumps([asdict(s) for s in sections], indent=2, default=str) + "\n"
@@ -42,3 +55,49 @@ def write_results(sections: list[Section], *, docs: Path, json_path: Path, quick
     ]
     parts.extend(s.to_markdown() for s in sections)
     docs.write_text("\n".join(parts))
+
+
+def _blocks(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """The page's head (up to its first section) and its sections as (title, markdown)."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    head, rest = parts[0], parts[1:]
+    return head, [(p.splitlines()[0][3:].strip(), p) for p in rest]
+
+
+def _rows(markdown: str) -> list[str]:
+    return [ln for ln in markdown.splitlines() if ln.startswith("| ") and not ln.startswith("|---")]
+
+
+def merge_sections(text: str, summary: Section, sections: list[Section]) -> str:
+    """docs/benchmarks.md with `sections` in place of the ones of the same title (a new one
+    goes just before the first section it follows in the run, else at the end), and the goals
+    table's rows for what this run measured replaced (other rows kept)."""
+    head, blocks = _blocks(text)
+    new = {s.title: s.to_markdown() + "\n" for s in sections}
+    out: list[tuple[str, str]] = []
+    pending = [s.title for s in sections if s.title not in {t for t, _ in blocks}]
+    for title, old in blocks:
+        body = old
+        if title == summary.title:
+            body = _merge_goals(old, summary)
+        elif title in new:
+            # Sections new to the page go before the first section of this run already there.
+            out.extend((t, new[t]) for t in pending)
+            pending = []
+            body = new[title]
+        out.append((title, body))
+    out.extend((t, new[t]) for t in pending)
+    return head + "".join(body if body.endswith("\n") else body + "\n" for _, body in out)
+
+
+def _merge_goals(markdown: str, summary: Section) -> str:
+    fresh = summary.to_markdown().splitlines()
+    measured = {r[0] for r in summary.rows}
+    lines = markdown.splitlines()
+    table = [i for i, ln in enumerate(lines) if ln.startswith("|")]
+    if not table:
+        return summary.to_markdown() + "\n"
+    kept = [ln for ln in _rows(markdown)[1:] if ln[2:].split(" | ", 1)[0] not in measured]
+    rows = [ln for ln in fresh if ln.startswith("| ")][1:]
+    body = lines[: table[0] + 2] + kept + rows + lines[table[-1] + 1 :]
+    return "\n".join(body) + "\n"
