@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from engram_sidecar.replication.transport import (
     PeerClosed,
     client_handshake,
     next_frames,
+    send,
     tune_socket,
 )
 from engram_sidecar.space.hosted import Space
@@ -241,7 +243,7 @@ class PeerLink:
             now = self.clock()
             wait = self.cfg.heartbeat_interval
             for s in list(self.streams.values()):
-                retry = s.fill(writer.write, now)
+                retry = s.fill(functools.partial(send, writer), now)
                 if retry is not None:
                     wait = min(wait, max(retry, 0.001))
             await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)

@@ -54,6 +54,7 @@ from engram_sidecar.replication.transport import (
     PeerClosed,
     next_frames,
     peer_source,
+    send,
     server_handshake,
     tune_socket,
 )
@@ -201,7 +202,7 @@ class Receiver:
                     self.metrics.bytes.labels("in").inc(FRAME_HEADER_SIZE + len(frame.body))
                     reply = await self._on_frame(peer, frame, writer, acks)
                     if reply:
-                        writer.write(reply)
+                        send(writer, reply)
                 pending = []
                 await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
         finally:
@@ -455,8 +456,8 @@ class Receiver:
             log.error("space %s: fsync failed; not acking %d: %s", space.id, written.last, err)
             writer.close()
             return
-        if not writer.is_closing():
-            writer.write(self._ack(space))
+        with contextlib.suppress(PeerClosed):
+            send(writer, self._ack(space))
 
     def _ack(self, space: Space) -> bytes:
         wal = space.log
