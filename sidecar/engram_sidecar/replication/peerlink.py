@@ -227,6 +227,9 @@ class PeerLink:
             if prog is not None:
                 prog.disconnected_since = None
         reader_task = asyncio.create_task(self._read_loop(reader, decoder, early))
+        # Its error is read by the send loop; if shutdown cancels that first, this reads it, so
+        # the loop's shutdown never reports it as unhandled.
+        reader_task.add_done_callback(_retrieve)
         try:
             await self._send_loop(writer, reader_task)
         finally:
@@ -279,3 +282,8 @@ class PeerLink:
                     raise PeerClosed(str(err)) from err
             pending = []
             self._wake.set()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
