@@ -55,6 +55,7 @@ def http_send(
     *,
     timeout: float = 10.0,
     messages: dict[str, str] | None = None,
+    content_type: str = "application/x-ndjson",
 ) -> Send:
     """A send that makes one HTTP request through `client`; its status code is the label.
 
@@ -63,7 +64,9 @@ def http_send(
 
     async def send() -> str:
         try:
-            code, answer = await client.request(method, path, body, timeout=timeout)
+            code, answer = await client.request(
+                method, path, body, timeout=timeout, content_type=content_type
+            )
         except HttpError:
             return "HttpError"
         status = str(code)

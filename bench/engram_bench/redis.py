@@ -3,15 +3,17 @@
 Both systems run side by side on 127.0.0.1 for the whole scenario, and every measurement is
 taken on one and then at once on the other:
 
-- ours: two sidecars (primary + 1 replica), fsync always, ackPolicy async;
+- ours: sidecars (primary + 1 replica), fsync always, ackPolicy async, written to in the binary
+  format (`engram_contract.writes`) and, in rows of their own, as NDJSON; and a primary with
+  2 replicas under ackPolicy quorum (the binary format);
 - Redis: Debian's redis-server, a primary and one replica (``replicaof``), AOF with
   ``appendfsync always`` on both, no RDB, no AOF rewrite (`redispeer.SETTINGS`).
 
-The same workload: 100-byte payloads (the same NDJSON lines: for us one line per entry in one
-HTTP request, for Redis one ``XADD <stream> * p <line>`` per entry in one pipeline written at
-once), a space per stream, the same request sizes, concurrency and schedule, driven by the same
-code (`load.open_loop` / `load.closed_loop`) through clients equally lean
-(`leanhttp.LeanHttp`, `resp.RespPool`).
+The same workload: 100-byte payloads (the same bytes: for us one record per entry of one binary
+HTTP request, or one line per entry of an NDJSON one, for Redis one ``XADD <stream> * p <line>``
+per entry in one pipeline written at once), a space per stream, the same request sizes,
+concurrency and schedule, driven by the same code (`load.open_loop` / `load.closed_loop`)
+through clients equally lean (`leanhttp.LeanHttp`, `resp.RespPool`).
 
 Measured: the most entries/s (8 concurrent requests of 1,000 entries, closed loop) accepted by
 the primary and applied by the replica; write latency at open-loop loads of 1K..100K entries/s
@@ -27,7 +29,7 @@ import asyncio
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +53,7 @@ REQUEST: Final = 1_000
 CONCURRENCY: Final = 8
 LAT_REQUESTS_PER_S: Final = 1_000
 LOADS: Final = (1_000, 10_000, 50_000, 100_000)
+QUORUM_LOADS: Final = (1_000, 10_000)  # quorum with 2 replicas: the light loads
 LAG_SHARE: Final = 0.8
 SAMPLE_S: Final = 0.05
 
@@ -171,28 +174,46 @@ async def _main(quick: bool, binary: str) -> dict[str, Any]:
             raw_fsync, root / "fsync.bin", b.fsync_s, ENTRY_HEADER_SIZE + PAYLOAD
         )
         async with BenchCluster(root / "nodes") as c, RedisPair(binary, root / "redis") as pair:
-            c.add_node("p")
-            c.add_node("r")
+            for node in ("p", "r", "r2"):
+                c.add_node(node)
             await c.start()
-            for space in ("cmp-tput", "cmp-lat", "cmp-lag"):
+            for space in ("cmp-tput", "cmp-tput-nd", "cmp-lat", "cmp-lat-nd", "cmp-lag"):
                 await c.assign(space, "p", ["r"])
                 await c.wait_streaming(space, "p")
+            await c.assign("cmp-quorum", "p", ["r", "r2"], ack_policy="quorum")
+            await c.wait_streaming("cmp-quorum", "p")
             ours, red = OursSide(c, "p", "r", PAYLOAD), RedisSide(pair, PAYLOAD)
+            nd = OursSide(c, "p", "r", PAYLOAD, binary=False)
+            quorum = OursSide(c, "p", ["r", "r2"], PAYLOAD)
             try:
                 sides: tuple[Side, Side] = (ours, red)
-                # Warm-up: connections open, code paths hot, on both.
-                for s in sides:
+                # Warm-up: connections open, code paths hot, on every side.
+                warm: list[tuple[Side, str]] = [
+                    (ours, "cmp-lat"),
+                    (nd, "cmp-lat-nd"),
+                    (red, "cmp-lat"),
+                ]
+                for s, key in warm:
                     await open_loop(
-                        s.send("cmp-lat", 1), entries_per_request=1, request_rate=200, duration=0.2
+                        s.send(key, 1), entries_per_request=1, request_rate=200, duration=0.2
                     )
                 data["noop"] = [(await noop(s, b)).summary() for s in sides]
                 data["tput"] = [await throughput(s, "cmp-tput", b) for s in sides]
-                lat: list[list[LoadResult]] = [[], []]
-                for load in b.loads:  # interleaved, so drift on the machine hits both
-                    one = Budget(b.tput_s, b.load_s, b.noop_s, b.fsync_s, b.lag_s, (load,))
-                    for i, s in enumerate(sides):
-                        lat[i] += await latency(s, "cmp-lat", one)
-                data["latency"] = [[r.summary() for r in rows] for rows in lat]
+                data["tput_ndjson"] = await throughput(nd, "cmp-tput-nd", b)
+                lat: list[list[LoadResult]] = [[], [], []]
+                for load in b.loads:  # interleaved, so drift on the machine hits all
+                    one = replace(b, loads=(load,))
+                    for i, (s, key) in enumerate([warm[0], warm[2], warm[1]]):
+                        lat[i] += await latency(s, key, one)
+                data["latency"] = [[r.summary() for r in rows] for rows in lat[:2]]
+                data["latency_ndjson"] = [r.summary() for r in lat[2]]
+                data["quorum"] = {
+                    "tput": await throughput(quorum, "cmp-quorum", b),
+                    "latency": [
+                        r.summary()
+                        for r in await latency(quorum, "cmp-quorum", replace(b, loads=QUORUM_LOADS))
+                    ],
+                }
                 offered = max(float(REQUEST), LAG_SHARE * data["tput"][0]["applied_per_s"])
                 data["lag_offered_per_s"] = offered
                 data["lag"] = [

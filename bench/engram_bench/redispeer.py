@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -36,7 +37,8 @@ from engram_bench.resp import (
     info_fields,
     xadd_pipeline,
 )
-from engram_bench.sidecars import BenchCluster, BenchError, ndjson_body, rss_bytes
+from engram_bench.sidecars import BenchCluster, BenchError, binary_body, ndjson_body, rss_bytes
+from engram_contract.formats.records import CONTENT_TYPE
 from engram_contract.launcher import HOST, READY_TIMEOUT, STOP_TIMEOUT, die_with_parent, free_port
 
 # Durability equal to our `fsync always` + ackPolicy async: the primary answers only after its
@@ -242,17 +244,34 @@ class LagPoint:
 
 
 class OursSide:
-    name = "engram sidecar"
+    """Writes to our primary in the binary format (`engram_contract.writes`), or, with
+    `binary=False`, as NDJSON: the same payload bytes either way."""
 
-    def __init__(self, c: BenchCluster, primary: str, replica: str, payload: int) -> None:
-        self.c, self.primary, self.replica, self.payload = c, primary, replica, payload
+    def __init__(
+        self,
+        c: BenchCluster,
+        primary: str,
+        replicas: str | Sequence[str],
+        payload: int,
+        *,
+        binary: bool = True,
+    ) -> None:
+        self.c, self.primary, self.payload, self.binary = c, primary, payload, binary
+        self.replicas = [replicas] if isinstance(replicas, str) else list(replicas)
+        self.replica = self.replicas[0]
+        self.name = "engram sidecar, " + ("binary" if binary else "NDJSON")
 
     def send(self, space: str, entries: int) -> Send:
+        if self.binary:
+            body, ctype = binary_body(entries, self.payload, tag=space), CONTENT_TYPE
+        else:
+            body, ctype = ndjson_body(entries, self.payload, tag=space), "application/x-ndjson"
         return http_send(
             self.c.http(self.primary),
             "POST",
             f"/v1/spaces/{space}/entries",
-            ndjson_body(entries, self.payload, tag=space),
+            body,
+            content_type=ctype,
         )
 
     def noop(self) -> Send:
@@ -263,7 +282,7 @@ class OursSide:
 
     async def replicated_at(self, space: str, timeout: float = 120.0) -> float:
         last = await self.entries(space)
-        return await self.c.wait_applied(space, [self.replica], last, timeout=timeout)
+        return await self.c.wait_applied(space, self.replicas, last, timeout=timeout)
 
     async def lag_probe(self, space: str) -> tuple[float, float]:
         rep = (await self.c.space_view(self.primary, space))["replicas"][self.replica]

@@ -26,6 +26,7 @@ from typing import Any, Final
 import aiohttp
 
 from engram_bench.leanhttp import HttpError, LeanHttp
+from engram_contract import writes
 from engram_contract.assignment import AckPolicy, assignment_document
 from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import SpaceId
@@ -72,6 +73,12 @@ def ndjson_body(entries: int, payload_bytes: int = 100, tag: str = "b") -> bytes
             raise ValueError(f"payload_bytes {payload_bytes} too small")
         lines.append(head + "x" * pad + '"}')
     return ("\n".join(lines) + "\n").encode()
+
+
+def binary_body(entries: int, payload_bytes: int = 100, tag: str = "b") -> bytes:
+    """The same payloads as `ndjson_body`, as a binary write body (`engram_contract.writes`,
+    sent with `Content-Type: writes.CONTENT_TYPE`): the two paths store the same bytes."""
+    return writes.encode_body(ndjson_body(entries, payload_bytes, tag).splitlines())
 
 
 class BenchError(RuntimeError):

@@ -11,14 +11,21 @@ import binascii
 import hmac
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from engram_contract.assignment import MAX_EPOCH, Assignment, AssignmentError
-from engram_contract.formats.entry import ENTRY_TYPE_NAMES, MAX_PAYLOAD, Entry, iter_entries
+from engram_contract.formats import records as records_format
+from engram_contract.formats.entry import (
+    ENTRY_TYPE_NAMES,
+    MAX_PAYLOAD,
+    Entry,
+    Record,
+    iter_entries,
+)
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import validate_space_id
 from engram_contract.tokens import KeyFile
@@ -174,7 +181,7 @@ def _entry_type(value: Any, where: str) -> int:
     raise ValueError(f"{where} must be one of {', '.join(ENTRY_TYPE_NAMES)}, got {value!r}")
 
 
-def _frame_overflow(records: list[tuple[int, bytes]], max_frame_bytes: int) -> str | None:
+def _frame_overflow(records: Sequence[Record], max_frame_bytes: int) -> str | None:
     """Why the entries can't travel in one replication frame, or None if they can.
 
     Config keeps every request within a frame as sent; JSON payloads are re-encoded when stored
@@ -208,17 +215,29 @@ async def post_entries(request: web.Request) -> web.Response:
             if not chunk:
                 break
             buf += chunk
-        raw = bytes(buf)
     except (OSError, ValueError) as err:
         return _error(400, "bad_request", f"could not read the body: {err}")
-    if len(raw) > limit:
+    if len(buf) > limit:
         return _error(413, "too_large", f"request body over {limit} bytes")
-    try:
-        records = _parse_entries(
-            raw, request.content_type, request.query.get("type"), node.cfg.max_entries_per_request
-        )
-    except ValueError as err:
-        return _error(400, "bad_request", str(err))
+    records: Sequence[Record]
+    if request.content_type == records_format.CONTENT_TYPE:
+        try:
+            # Payloads stay views into `buf`: copied once, into the entries' buffer.
+            records = records_format.decode_records(
+                buf, max_records=node.cfg.max_entries_per_request
+            )
+        except records_format.RecordsError as err:
+            return _error(400, err.code, str(err), record=err.record, offset=err.offset)
+    else:
+        try:
+            records = _parse_entries(
+                bytes(buf),
+                request.content_type,
+                request.query.get("type"),
+                node.cfg.max_entries_per_request,
+            )
+        except ValueError as err:
+            return _error(400, "bad_request", str(err))
     overflow = _frame_overflow(records, node.cfg.max_frame_bytes)
     if overflow is not None:
         return _error(413, "too_large", overflow)

@@ -9,6 +9,7 @@ allowed. docs/configuration.md lists them all.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -63,7 +64,7 @@ class SidecarConfig:
     fsync: str = "always"
     fsync_interval: float = 0.05
     segment_bytes: int = 64 * 1024 * 1024
-    batch_max_entries: int = 100
+    batch_max_entries: int = 1000
     batch_max_delay: float = 0.010
     max_inflight_batches: int = 32
     max_frame_bytes: int = 16 * 1024 * 1024
@@ -101,6 +102,8 @@ class SidecarConfig:
     write_lease_seconds: float = 1.5
     control_plane_url: str = ""
     log_level: str = "INFO"
+    # The asyncio event loop implementation (main.py): uvloop where installed, else asyncio's.
+    event_loop: str = "auto"
     # Kubernetes (kube/agent.py): node Lease, assignments and member reports via the API.
     # host:port of the HTTP API that peers and the operator use; defaults to http_host:http_port
     advertise_http_address: str = ""
@@ -167,6 +170,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "kube_enabled": ("auto", "true", "false"),
     "engram_watch": ("auto", "inotify", "poll"),
+    "event_loop": ("auto", "uvloop", "asyncio"),
 }
 
 
@@ -272,6 +276,8 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("engram_data_root", "must not be data_dir: Engram's files and this log differ")
     if cfg.engram_watch == "inotify" and not inotify_available():
         raise bad("engram_watch", "inotify is not available here; use auto or poll")
+    if cfg.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise bad("event_loop", "uvloop is not installed (pip install 'engram-replication[fast]')")
     why = _request_fits_frame(cfg)
     if why is not None:
         raise bad("max_request_bytes", why)

@@ -61,6 +61,7 @@ TEST_WALL_CLOCK_OFFSET, TEST_WALL_CLOCK_ERROR = apply_test_wall_clock_offset(os.
 
 from aiohttp import web  # noqa: E402 - after the clock hook, on purpose
 
+from engram_sidecar import eventloop  # noqa: E402
 from engram_sidecar.api import make_app  # noqa: E402
 from engram_sidecar.config import SidecarConfig, load_config  # noqa: E402
 from engram_sidecar.errors import ConfigError, EngramError  # noqa: E402
@@ -183,8 +184,10 @@ def main(args: argparse.Namespace) -> int:
             TEST_WALL_CLOCK_OFFSET,
             TEST_WALL_CLOCK_OFFSET_ENV,
         )
+    loop_name, _ = eventloop.choose(cfg.event_loop)
+    log.info("node %s: event loop %s (event_loop: %s)", cfg.node, loop_name, cfg.event_loop)
     try:
-        asyncio.run(serve(cfg))
+        eventloop.run(serve(cfg), cfg.event_loop)
     except EngramError as err:
         print(f"engram-replication sidecar: {err}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from engram_contract.assignment import Assignment
+from engram_contract.formats.entry import Record
 from engram_contract.ids import NodeName, SpaceId, validate_space_id
 from engram_sidecar import views
 from engram_sidecar.config import SidecarConfig
@@ -348,7 +349,7 @@ class Node:
 
     # ---- writes ---------------------------------------------------------------------------
 
-    async def write(self, sp: Space, records: Sequence[tuple[int, bytes]]) -> tuple[int, int, int]:
+    async def write(self, sp: Space, records: Sequence[Record]) -> tuple[int, int, int]:
         """`Space.write` with the ack timeout of this node, timed and counted."""
         if self.tail is not None and self.tail.tails(sp.id):
             raise NotWritable(

@@ -495,3 +495,28 @@ async def test_raw_sink_answers_each_frame_with_a_bare_header() -> None:
             assert got == bytes(3 * frame.HEADER_SIZE)
         finally:
             w.close()
+
+
+def test_partial_results_replace_only_their_sections_and_goals(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(
+        "# Benchmarks\n\nMachine: x\n\n## Goals at a glance\n\n"
+        "| goal | measured in this run | verdict | details and why |\n|---|---|---|---|\n"
+        "| kept goal | 1 | met | section 'Other' |\n"
+        "| ≥ 100K entries/s per replica stream (aim 500K) | old | met | section 'Throughput' |\n"
+        "\n- a note\n\n## Other\n\nold other\n\n## Throughput\n\nold figures\n"
+    )
+    tput = Section(key="replication-throughput", title="Throughput", headers=["m"], rows=[["new"]])
+    tput.data = {"goal": {"goal": 100_000.0, "value": 54_000.0, "met": False}}
+    cpu = Section(key="cpu", title="CPU per entry", headers=["n"], rows=[["2.0"]])
+    out = tmp_path / "latest.json"
+    write_results([tput, cpu], docs=docs, json_path=out, quick=False, partial=True)
+    md = docs.read_text()
+    assert "old other" in md and "old figures" not in md and "| new |" in md
+    assert md.index("## Other") < md.index("## CPU per entry") < md.index("## Throughput")
+    assert "| kept goal | 1 | met |" in md
+    assert "54,000/s" in md and "| old |" not in md
+    assert json.loads(out.read_text())[1]["key"] == "replication-throughput"
+    # A quick run still leaves the page alone, whatever it ran.
+    write_results([cpu], docs=docs, json_path=out, quick=True, partial=True)
+    assert docs.read_text() == md

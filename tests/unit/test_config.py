@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,29 @@ def test_config_bad_yaml_is_a_clear_error(tmp_path: Path) -> None:
     f.write_text("node: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(env={}, config_file=f)
+
+
+def test_config_event_loop_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engram_sidecar import config as config_module
+    from engram_sidecar import eventloop
+
+    env = {"ENGRAM_NODE": "n0"}
+    assert load_config(env=env).event_loop == "auto"
+    with pytest.raises(ConfigError, match="event_loop"):
+        load_config(env={**env, "ENGRAM_EVENT_LOOP": "trio"})
+    assert eventloop.choose("asyncio") == ("asyncio", None)
+    name, factory = eventloop.choose("auto")
+    assert name in ("uvloop", "asyncio") and (factory is None) == (name == "asyncio")
+    # Whatever it picks runs coroutines to completion.
+    assert eventloop.run(asyncio.sleep(0, "done"), "auto") == "done"
+    # Without uvloop installed: auto falls back, an explicit uvloop is a configuration error.
+    real = config_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        config_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "uvloop" else real(name, *a),
+    )
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        load_config(env={**env, "ENGRAM_EVENT_LOOP": "uvloop"})
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    assert eventloop.choose("auto") == ("asyncio", None)

@@ -415,7 +415,7 @@ def test_crd_spec_defaults_are_the_design_seed_constants() -> None:
     assert stored["spec"] == {
         "replicas": 2,
         "ackPolicy": "async",
-        "batch": {"maxEntries": 100, "maxDelay": "10ms"},
+        "batch": {"maxEntries": 1000, "maxDelay": "10ms"},
         "compression": "none",
         "lag": {"warningSeconds": 1, "criticalSeconds": 5},
         "maxLagOnFailover": 10000,

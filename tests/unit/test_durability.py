@@ -35,7 +35,7 @@ from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.segment import segment_name
 from engram_sidecar.log.snapshot import SnapshotBuilder
 from engram_sidecar.log.storage_health import StorageHealth, classify
-from engram_sidecar.log.wal import SpaceLog
+from engram_sidecar.log.wal import SpaceLog, run_ticket
 from engram_sidecar.metrics import Metrics
 
 SPACE = SpaceId("durable")
@@ -127,18 +127,32 @@ def test_open_refuses_a_log_it_cannot_fsync(
     assert str(SPACE) in str(got.value) and "EIO" in str(got.value)
 
 
-def test_a_new_segment_is_named_durably_before_entries_go_into_it(
-    tmp_path: Path, fsynced: list[Path]
+@pytest.mark.parametrize("how", ["inline", "ticket"])
+def test_a_new_segment_is_named_durably_before_entries_in_it_count(
+    tmp_path: Path, fsynced: list[Path], how: str
 ) -> None:
     lg = open_log(tmp_path, segment_bytes=300)
+    lg.append([REC], epoch=1)  # records epoch 1 (epochs.json), fsynced as it must be
+    lg.sync()
     fsynced.clear()
     while len(lg.segments) < 2:
         lg.append([REC], epoch=1)
     wal_dir = (tmp_path / SPACE / "wal").resolve()
-    sealed = lg.segments[0].path.resolve()
-    # The sealed segment, then the directory that names the new one.
-    assert sealed in fsynced and wal_dir in fsynced
-    assert fsynced.index(sealed) < fsynced.index(wal_dir)
+    sealed, new = (s.path.resolve() for s in lg.segments)
+    # The append that rotated paid no fsync (it runs on the event loop); the fsyncs are owed,
+    # and until they are paid nothing in the new segment counts as durable.
+    assert fsynced == [] and lg.owes_rotation_sync
+    assert lg.durable_sequence < lg.segments[1].first_sequence
+    if how == "inline":
+        lg.sync()
+    else:  # the group commit's way: a ticket carried out in a worker thread
+        ticket = lg.sync_handle()
+        assert not lg.owes_rotation_sync  # the ticket took it over
+        run_ticket(ticket)
+        assert lg.mark_durable(ticket)
+    # The sealed segment, then the directory that names the new one, then the new one.
+    assert fsynced.index(sealed) < fsynced.index(wal_dir) < fsynced.index(new)
+    assert lg.durable_sequence == lg.last_sequence
     lg.close()
 
 

@@ -277,7 +277,7 @@ def _stored(epochs_by_seq: list[tuple[int, int]], *, size: int = 0) -> bytes:
 
 
 def test_matching_compares_the_epochs_the_frame_decoder_read() -> None:
-    # The receiver compares an overlap by the epochs in `Batch.headers`, parsed and checked once
+    # The receiver compares an overlap by the epochs in `Batch.checked`, parsed and checked once
     # by the frame decoder, instead of decoding the entries again.
     data = _stored([(7, 1), (8, 1), (9, 2), (10, 5)], size=33)
     frame = encode_batch(
@@ -291,8 +291,10 @@ def test_matching_compares_the_epochs_the_frame_decoder_read() -> None:
     )
     (decoded,) = FrameDecoder().feed(frame)
     batch = Batch.from_frame(decoded)
-    assert [h.epoch for h in batch.headers] == [1, 1, 2, 5]
-    assert [h.sequence for h in batch.headers] == [7, 8, 9, 10]
+    assert batch.checked is not None
+    assert batch.checked.entry_epochs() == [1, 1, 2, 5]
+    assert (batch.checked.first, batch.checked.last) == (7, 10)
+    assert batch.checked.epochs == [(1, 7), (2, 9), (5, 10)]
     assert batch == Batch(
         batch.space, batch.epoch, batch.first_seq, batch.last_seq, 4, data, Epoch(1)
     )

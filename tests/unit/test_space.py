@@ -271,19 +271,19 @@ async def test_space_apply_takes_the_entries_as_the_frame_decoder_checked_them(
     replica, _ = _space(tmp_path / "r", node="n1")
     replica.apply_assignment(_assignment("n0", ["n1"]))
     batch = _batch_of(primary, 1, 20)
-    assert len(batch.headers) == 20
+    assert batch.checked is not None and batch.checked.count == 20
 
     def walked(*args: object, **kwargs: object) -> None:
         raise AssertionError("the log parsed and checked the entries a second time")
 
-    monkeypatch.setattr(wal_module, "walk_entries", walked)
-    applied, written = replica.apply(batch.entries, batch.headers, int(batch.last_seq))
+    monkeypatch.setattr(wal_module, "check_run", walked)
+    applied, written = replica.apply(batch.entries, batch.checked, int(batch.last_seq))
     assert applied == 20 and written.last == 20
     await replica.settle(written)
     assert replica.matched_sequence == 20
     assert replica.log.read(1, max_entries=100).data == primary.log.read(1, max_entries=100).data
     monkeypatch.undo()
-    # A caller without checked headers gets the log's own checks.
+    # A caller without a checked run gets the log's own checks.
     with pytest.raises(wal_module.WalCorruption):
         replica.apply(bytes(64), None, 21)
 

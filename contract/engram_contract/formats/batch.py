@@ -20,7 +20,7 @@ import zstandard
 
 from engram_contract.errors import FrameTooLarge
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
-from engram_contract.formats.entry import EntryHeader, check_payload, decode_header
+from engram_contract.formats.entry import CheckedRun, RunProblem, check_run
 from engram_contract.formats.frame import (
     DEFAULT_MAX_BODY,
     FLAG_COMPRESSED,
@@ -157,46 +157,34 @@ def decompress_body(data: bytes, *, max_size: int = DEFAULT_MAX_BODY) -> bytes:
 
 
 def validate_batch_body(
-    entries: bytes, *, first_seq: int, last_seq: int, count: int, epoch: int
-) -> list[EntryHeader]:
+    entries: bytes,
+    *,
+    first_seq: int,
+    last_seq: int,
+    count: int,
+    epoch: int,
+    prev_epoch: int = 0,
+) -> CheckedRun:
     """Check that `entries` parse as whole, CRC-valid entries `first_seq..last_seq`, no gaps.
 
-    Also that no entry claims an epoch above the frame's: a primary ships only entries written at
-    its own epoch or before. Raises BatchMismatch naming the entry and body offset. Returns the
-    parsed headers, one per entry, so that nobody checks them again.
+    Also that their epochs never go back, from `prev_epoch` (the entry before the batch) to at
+    most the frame's: a primary ships only entries written at its own epoch or before. Raises
+    BatchMismatch naming the entry and body offset. Returns the checked run (`entry.check_run`),
+    so that nobody parses or checks the entries again: the one validation of this hop.
     """
     bad = _check_batch_range(first_seq, last_seq, count)
     if bad is not None:
         raise BatchMismatch(f"BATCH header: {bad}")
-    view = memoryview(entries)
-    end = len(view)
-    pos = 0
-    want = first_seq
-    headers: list[EntryHeader] = []
-    while pos < end:
-        problem: str | None = None
-        h = decode_header(view, pos) if want <= last_seq else f"more than the {count} entries"
-        if isinstance(h, str):
-            problem = h
-        else:
-            stop = pos + ENTRY_HEADER_SIZE + h.payload_size
-            if stop > end:
-                problem = f"payload runs {stop - end} bytes past the body"
-            elif h.sequence != want:
-                problem = f"sequence {h.sequence}, expected {want}"
-            elif h.epoch > epoch:
-                problem = f"entry epoch {h.epoch} above the frame's {epoch}"
-            else:
-                problem = check_payload(h, view[pos + ENTRY_HEADER_SIZE : stop])
-            headers.append(h)  # kept only if the body passes: a problem raises below
-        if problem is not None:
-            # Built only on failure: formatting per entry would cost more than the checks.
-            raise BatchMismatch(f"BATCH entry {want - first_seq} at body offset {pos}: {problem}")
-        want += 1
-        pos = stop
-    if want != last_seq + 1:
-        raise BatchMismatch(f"BATCH body holds {want - first_seq} entries, header says {count}")
-    return headers
+    if not entries:
+        raise BatchMismatch(f"BATCH body holds 0 entries, header says {count}")
+    run = check_run(
+        entries, first_sequence=first_seq, min_epoch=prev_epoch, max_epoch=epoch, count=count
+    )
+    if isinstance(run, RunProblem):
+        raise BatchMismatch(f"BATCH entry {run.index} at body offset {run.offset}: {run.reason}")
+    if run.last != last_seq:
+        raise BatchMismatch(f"BATCH body holds {run.count} entries, header says {count}")
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +198,10 @@ class Batch:
     count: int
     entries: bytes
     prev_epoch: Epoch = _NO_EPOCH
-    # Set by `from_frame`: every entry's header, CRCs checked, so a receiver need not parse or
-    # check them again (empty for a Batch built by hand). Not part of the message's value.
-    headers: tuple[EntryHeader, ...] = field(default=(), compare=False, repr=False)
+    # Set by `from_frame`: the entries as checked once (CRCs, sequences, epochs), so a receiver
+    # need not parse or check them again (None for a Batch built by hand). Not part of the
+    # message's value.
+    checked: CheckedRun | None = field(default=None, compare=False, repr=False)
 
     def encode(self, *, compress: bool | int = False) -> bytes:
         return encode_batch(
@@ -244,12 +233,13 @@ class Batch:
             )
         raw = frame.body[PREV_EPOCH.size :]
         entries = decompress_body(raw, max_size=max_size) if frame.compressed else raw
-        headers = validate_batch_body(
+        checked = validate_batch_body(
             entries,
             first_seq=frame.first_seq,
             last_seq=frame.last_seq,
             count=frame.count,
             epoch=frame.epoch,
+            prev_epoch=prev_epoch,
         )
         return cls(
             frame.space,
@@ -259,7 +249,7 @@ class Batch:
             frame.count,
             entries,
             Epoch(prev_epoch),
-            tuple(headers),
+            checked,
         )
 
 

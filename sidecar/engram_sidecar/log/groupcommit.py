@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable
 
 from engram_sidecar.errors import StorageError, WalIOError, WalTruncated
-from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
+from engram_sidecar.log.wal import FsyncPolicy, SpaceLog, run_ticket
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,22 @@ class GroupCommit:
         """Append, then settle: for tools and benchmarks that drive a bare log. The sidecar
         writes through `engram_sidecar.space.writer.SpaceWriter`, which settles the same way."""
         first, last = self.wal.append(records, epoch=epoch)
+        self.after_append()
         await self.settle(last)
         return first, last
+
+    def after_append(self) -> None:
+        """An append rotated the log: under `none` and `interval`, pay its fsyncs (the sealed
+        segment, the directory) soon, in the background, off the loop. Under `always` the
+        next settle pays them."""
+        if self.waits or self._inflight is not None or not self.wal.owes_rotation_sync:
+            return
+        self._inflight = asyncio.ensure_future(self._sync_once())
+        self._inflight.add_done_callback(self._background_done)
+
+    def _background_done(self, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("space %s: fsync after rotation failed: %s", self.wal.space, fut.exception())
 
     async def wait_durable(self, sequence: int, *, generation: int | None = None) -> None:
         """Return once `sequence` is durable.
@@ -116,12 +129,10 @@ class GroupCommit:
         try:
             ticket = self.wal.sync_handle()
             try:
-                await asyncio.to_thread(self._fsync or os.fsync, ticket.fd)
-            except OSError as err:
+                await asyncio.to_thread(run_ticket, ticket, self._fsync, space=self.wal.space)
+            except StorageError as err:
                 self.wal.fail(err)
-                raise StorageError("fsync", ticket.path, err, space=self.wal.space) from err
-            finally:
-                os.close(ticket.fd)
+                raise
             self.fsyncs += 1
             self.wal.mark_durable(ticket)
         finally:

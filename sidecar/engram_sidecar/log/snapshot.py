@@ -17,10 +17,10 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-from engram_contract.formats.entry import EntryHeader
+from engram_contract.formats.entry import CheckedRun
 from engram_contract.ids import SpaceId
 from engram_sidecar.errors import SequenceError, StorageError
 from engram_sidecar.log import epochs as epoch_history
@@ -66,10 +66,10 @@ class SnapshotBuilder:
             self.dir, space=space, segment_bytes=segment_bytes, first_sequence=first
         )
 
-    def append(self, data: bytes, headers: Sequence[EntryHeader] | None = None) -> int:
-        """Append a chunk's entries; `headers` as for `SpaceLog.append_stored` (the payloads
-        are always checked already: chunks arrive through `Batch.from_frame`)."""
-        _, last = self.log.append_stored(data, payloads_checked=True, headers=headers)
+    def append(self, data: bytes, checked: CheckedRun | None = None) -> int:
+        """Append a chunk's entries; `checked` as for `SpaceLog.append_stored` (chunks arrive
+        through `Batch.from_frame`, which checked them)."""
+        _, last = self.log.append_stored(data, checked)
         return last
 
     def durable(self) -> int:

@@ -34,13 +34,16 @@ from typing import Final, Literal
 
 from engram_contract.formats.entry import (
     HEADER_SIZE,
+    CheckedRun,
     Entry,
-    EntryHeader,
+    Record,
+    RunProblem,
     check_payload,
+    check_run,
     decode_header,
+    encode_entries,
     encode_entry,
     iter_entries,
-    walk_entries,
 )
 from engram_contract.ids import SpaceId, validate_space_id
 from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalCorruption, WalIOError
@@ -61,6 +64,8 @@ log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "interval", "none"]
 DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+# Appends whose timestamps stay in memory (`timestamp_of`), at least; at most twice as many.
+_RUNS_KEPT: Final = 4096
 # Truncations remembered for `cut_since`; a waiter older than all of them assumes the worst.
 _CUTS_KEPT: Final = 64
 
@@ -88,13 +93,45 @@ class Appended:
 
 @dataclass(frozen=True, slots=True)
 class SyncTicket:
-    """An fsync to run off the loop: a duplicate fd of the active segment, the sequence it makes
-    durable, and the log's generation when it was taken (a truncation since voids it)."""
+    """An fsync to run off the loop (`run_ticket`): a duplicate fd of the active segment, the
+    sequence it makes durable, and the log's generation when it was taken (a truncation since
+    voids it). It also owns the fds of segments sealed since the last sync, fsynced and closed
+    first, and the directory to fsync when a rotation named a new segment in it."""
 
     fd: int
     path: Path  # the segment fd refers to, for error messages
     target: int
     generation: int
+    sealed: tuple[tuple[int, Path], ...] = ()
+    directory: Path | None = None
+
+
+def run_ticket(
+    ticket: SyncTicket, fsync: Callable[[int], None] | None = None, *, space: str = ""
+) -> None:
+    """Carry out a ticket, in a worker thread: sealed segments, the directory, then the active
+    segment. Closes every fd the ticket owns. Raises StorageError naming what failed.
+    `fsync`: os.fsync (looked up at each call) unless given."""
+    fsync = fsync or os.fsync
+    try:
+        for fd, path in ticket.sealed:
+            try:
+                fsync(fd)
+            except OSError as err:
+                raise StorageError("fsync", path, err, space=space) from err
+        if ticket.directory is not None:
+            try:
+                fsync_dir(ticket.directory)
+            except OSError as err:
+                raise StorageError("fsync directory", ticket.directory, err, space=space) from err
+        try:
+            fsync(ticket.fd)
+        except OSError as err:
+            raise StorageError("fsync", ticket.path, err, space=space) from err
+    finally:
+        for fd, _ in ticket.sealed:
+            os.close(fd)
+        os.close(ticket.fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +164,11 @@ class SpaceLog:
         self._on_torn_tail = on_torn_tail
         self._segments: list[Segment] = []
         self._fd = -1  # active segment, opened for append
+        # Segments sealed by rotation whose fsync is still owed (their fds, kept open for it),
+        # and whether the directory naming a new segment is: paid by the next sync, off the
+        # loop, never by the append that rotated.
+        self._sealed_unsynced: list[tuple[int, Path]] = []
+        self._dir_unsynced = False
         self._rfds: dict[Path, int] = {}
         # (sequence, segment, offset) just past the last read: sequential reads skip the seek.
         self._next_read: tuple[int, Segment, int] | None = None
@@ -137,6 +179,10 @@ class SpaceLog:
         self._cuts: deque[tuple[int, int]] = deque(maxlen=_CUTS_KEPT)  # (generation, kept up to)
         self._cuts_forgotten = -1  # the newest generation whose cut fell out of _cuts
         self.last_timestamp_ns = 0
+        # When recent entries were written, in memory: (first sequence of an append, timestamp
+        # of its first entry), for lag by age without reading the log (`timestamp_of`).
+        self._run_firsts: list[int] = []
+        self._run_times: list[int] = []
         self.history: epoch_history.History = []
         self.recovery = self._open()
 
@@ -287,7 +333,7 @@ class SpaceLog:
 
     # ---- appends --------------------------------------------------------------------------
 
-    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> tuple[int, int]:
+    def append(self, records: Iterable[Record], *, epoch: int) -> tuple[int, int]:
         """Encode and write entries (type, payload) at `epoch`. Returns (first, last) sequence.
 
         The entries are in the page cache when this returns, not yet durable: call `sync()` or
@@ -296,28 +342,23 @@ class SpaceLog:
         done = self.append_entries(records, epoch=epoch)
         return done.first, done.last
 
-    def append_entries(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+    def append_entries(self, records: Iterable[Record], *, epoch: int) -> Appended:
         """`append`, returning the entries' stored bytes too (what a primary ships)."""
         self._check_usable()
         if epoch < self.last_epoch:
             raise SequenceError(
                 f"space {self.space}: epoch {epoch} is older than the log's epoch {self.last_epoch}"
             )
-        first = seq = self.next_sequence
+        first = self.next_sequence
         now = self._clock_ns()
         ts = max(now, self.last_timestamp_ns)  # keeps lag-by-age monotonic if the clock steps back
-        parts = [
-            encode_entry(
-                sequence=(seq := seq + 1) - 1, timestamp_ns=ts, entry_type=t, epoch=epoch, payload=p
-            )
-            for t, p in records
-        ]
-        if not parts:
+        # One buffer for the whole request: written once, and shipped as it is (`Appended`).
+        data, ends = encode_entries(records, first_sequence=first, timestamp_ns=ts, epoch=epoch)
+        if not ends:
             raise SequenceError("append of no entries")
-        data = b"".join(parts)
-        ends = list(itertools.accumulate(map(len, parts)))
-        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=ts)
-        return Appended(first, seq - 1, data, ends)
+        last = first + len(ends) - 1
+        self._write(data, ends, first=first, last=last, epoch=epoch, ts=ts, first_ts=ts)
+        return Appended(first, last, data, ends)
 
     def append_timed(
         self, records: Iterable[tuple[int, bytes]], *, epoch: int, timestamps: Sequence[int]
@@ -342,69 +383,67 @@ class SpaceLog:
         data = b"".join(parts)
         ends = list(itertools.accumulate(map(len, parts)))
         last_ts = max(self.last_timestamp_ns, timestamps[-1])
-        self._write(data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts)
+        self._write(
+            data, ends, first=first, last=seq - 1, epoch=epoch, ts=last_ts, first_ts=timestamps[0]
+        )
         return Appended(first, seq - 1, data, ends)
 
-    def append_stored(
-        self,
-        data: bytes,
-        *,
-        payloads_checked: bool = False,
-        headers: Sequence[EntryHeader] | None = None,
-    ) -> tuple[int, int]:
+    def append_stored(self, data: bytes, checked: CheckedRun | None = None) -> tuple[int, int]:
         """Append entries already encoded by a primary (a replica applying a batch).
 
-        Every entry is checked (header CRCs, sequences continuing from next_sequence, epochs not
-        going back) before a byte is written, so a bad batch leaves the log untouched. Payload
-        CRCs too, unless the caller just checked them (`Batch.from_frame` does). A caller that
-        already parsed and checked every header and payload (`Batch.headers`) passes `headers`,
-        one per entry of `data`, and no CRC is computed twice.
+        Every entry is checked (CRCs, sequences continuing from next_sequence, epochs not going
+        back) before a byte is written, so a bad batch leaves the log untouched. A caller that
+        already checked the run (`Batch.checked`, from the frame decoder) passes it, and only
+        where it joins this log is checked here: no entry is parsed twice.
         """
         self._check_usable()
-        if headers is None:
-            entries: Sequence[EntryHeader] = walk_entries(
-                data, where=f"batch for space {self.space}", check_payloads=not payloads_checked
-            )
-        else:
-            entries = headers
-        if not entries:
-            raise SequenceError("batch of no entries")
-        first = entries[0].sequence
+        if checked is None:
+            run = check_run(data)
+            if isinstance(run, RunProblem):
+                where = f"batch for space {self.space}"
+                if run.corrupt:
+                    raise WalCorruption(where, run.offset, run.reason)
+                raise SequenceError(f"{where}, entry {run.index}: {run.reason}")
+            checked = run
+        if checked.ends[-1] != len(data):
+            raise SequenceError(f"batch entries cover {checked.ends[-1]} of its {len(data)} bytes")
+        first = checked.first
         if first != self.next_sequence:
             raise SequenceError(
                 f"space {self.space}: batch starts at {first}, log expects {self.next_sequence}"
             )
-        # One pass: sequences continue, epochs never go back, where each entry ends (no CRC:
-        # checked above, or by the caller that passed `headers`).
-        epoch = self.last_epoch
-        rises: list[tuple[int, int]] = []  # (epoch, first sequence) of each epoch begun here
-        ends: list[int] = []
-        end = 0
-        for i, e in enumerate(entries):
-            if e.sequence != first + i:
-                raise SequenceError(f"batch sequence jumps to {e.sequence} at entry {i}")
-            if e.epoch < epoch:
-                raise SequenceError(f"entry {e.sequence} has epoch {e.epoch} after epoch {epoch}")
-            if e.epoch > epoch:
-                rises.append((e.epoch, e.sequence))
-            epoch = e.epoch
-            end += HEADER_SIZE + e.payload_size
-            ends.append(end)
-        if end != len(data):
-            raise SequenceError(f"batch entries cover {end} of its {len(data)} bytes")
-        # Record every epoch change inside the batch, then write the bytes.
-        for e_epoch, e_first in rises:
-            self._note_epoch(e_epoch, e_first)
-        last = entries[-1]
+        if checked.epochs[0][0] < self.last_epoch:
+            raise SequenceError(
+                f"entry {first} has epoch {checked.epochs[0][0]} after epoch {self.last_epoch}"
+            )
+        # Record every epoch begun inside the batch, then write the bytes.
+        for e_epoch, e_first in checked.epochs:
+            if e_epoch > self.last_epoch:
+                self._note_epoch(e_epoch, e_first)
         self._write(
-            data, ends, first=first, last=last.sequence, epoch=last.epoch, ts=last.timestamp_ns
+            data,
+            checked.ends,
+            first=first,
+            last=checked.last,
+            epoch=checked.last_epoch,
+            ts=checked.last_timestamp_ns,
+            first_ts=checked.first_timestamp_ns,
         )
-        return first, last.sequence
+        return first, checked.last
 
     def _write(
-        self, data: bytes, ends: list[int], *, first: int, last: int, epoch: int, ts: int
+        self,
+        data: bytes,
+        ends: list[int],
+        *,
+        first: int,
+        last: int,
+        epoch: int,
+        ts: int,
+        first_ts: int,
     ) -> None:
-        """Write entries `first..last`; `ends[i]` is where entry first + i ends in `data`."""
+        """Write entries `first..last`; `ends[i]` is where entry first + i ends in `data`;
+        `ts` and `first_ts` are the last and the first entry's timestamps."""
         if epoch > self.last_epoch:
             self._note_epoch(epoch, first)
         # Rotation is decided entry by entry (rotate before an entry that would take a non-empty
@@ -431,6 +470,30 @@ class SpaceLog:
                 raise
             k = j + 1
         assert first + k - 1 == last
+        self._note_times(first, first_ts)
+
+    def _note_times(self, first: int, first_ts: int) -> None:
+        if len(self._run_firsts) >= 2 * _RUNS_KEPT:
+            del self._run_firsts[:_RUNS_KEPT], self._run_times[:_RUNS_KEPT]
+        self._run_firsts.append(first)
+        self._run_times.append(first_ts)
+
+    def timestamp_of(self, sequence: int) -> int | None:
+        """When the entry at `sequence` was written, or None if the log lacks it.
+
+        From memory for entries appended since the log was opened (the last appends): exact for
+        a primary's appends, whose entries share one timestamp, and for a run of a replica's
+        batch the timestamp of its first entry, never later than the entry's own (lag by age
+        then reads high, never low). Older entries are read from the log.
+        """
+        if sequence < self.first_sequence or sequence > self.last_sequence:
+            return None
+        firsts = self._run_firsts
+        if firsts and sequence >= firsts[0]:
+            return self._run_times[bisect.bisect_right(firsts, sequence) - 1]
+        r = self.read(sequence, max_entries=1)
+        h = decode_header(r.data)
+        return None if isinstance(h, str) else h.timestamp_ns
 
     def _write_chunk(
         self,
@@ -512,31 +575,52 @@ class SpaceLog:
         return True
 
     def _rotate(self) -> None:
-        self.sync()
+        """Start a new segment. Its fsyncs (the sealed segment's, the directory's) are owed to
+        the next sync, which runs off the loop: nothing counts as durable before it does."""
         path = self.wal_dir / segment_name(self.next_sequence)
         try:
-            # Open the new segment before closing the old one: if this fails, the log still
+            # Open the new segment before giving up the old one: if this fails, the log still
             # appends to a valid fd.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as err:
             raise StorageError("create", path, err, space=self.space) from err
-        os.close(self._fd)
+        self._sealed_unsynced.append((self._fd, self._active.path))
         self._fd = fd
         self._segments.append(Segment(path, self.next_sequence, self.last_sequence, 0, []))
+        # Until wal/ is fsynced the new file may vanish in a power cut, and with it every entry
+        # written into it: the next sync fsyncs the directory before calling them durable.
+        self._dir_unsynced = True
+
+    @property
+    def owes_rotation_sync(self) -> bool:
+        """A rotation's fsyncs are still owed (under fsync `none`, a sync should follow soon)."""
+        return bool(self._sealed_unsynced) or self._dir_unsynced
+
+    def _pay_rotation_syncs(self) -> None:
+        """The owed fsyncs of sealed segments and the directory, here and now (rare paths)."""
+        sealed, self._sealed_unsynced = self._sealed_unsynced, []
         try:
-            # Until wal/ is fsynced the new file may vanish in a power cut, and with it every
-            # entry about to be written (and acknowledged) into it.
-            fsync_dir(self.wal_dir)
-        except OSError as err:
+            for fd, path in sealed:
+                with self._os_errors("fsync", path):
+                    os.fsync(fd)
+            if self._dir_unsynced:
+                with self._os_errors("fsync directory", self.wal_dir):
+                    fsync_dir(self.wal_dir)
+                self._dir_unsynced = False
+        except StorageError as err:
             self._failed = err
-            raise StorageError("fsync directory", self.wal_dir, err, space=self.space) from err
+            raise
+        finally:
+            for fd, _ in sealed:
+                os.close(fd)
 
     # ---- durability -----------------------------------------------------------------------
 
     def sync(self) -> int:
-        """fsync everything written so far. Returns the durable sequence."""
+        """fsync everything written so far, here. Returns the durable sequence."""
         self._check_usable()
         target = self.last_sequence
+        self._pay_rotation_syncs()
         try:
             os.fsync(self._fd)
         except OSError as err:
@@ -546,15 +630,22 @@ class SpaceLog:
         return self.durable_sequence
 
     def sync_handle(self) -> SyncTicket:
-        """A ticket for an fsync run off the loop; pass it back to `mark_durable` when done.
+        """A ticket for an fsync run off the loop (`run_ticket`); pass it back to
+        `mark_durable` when done.
 
-        Lets the group commit run fsync in a thread while appends continue on the loop; rotation
-        fsyncs the segment it seals, so a sync on the old fd still covers its target.
+        Lets the group commit run fsync in a thread while appends continue on the loop. The
+        ticket takes over what rotations owe (sealed segments' fds, the directory), so an
+        entry in a new segment is durable only once its segment's name is too.
         """
         self._check_usable()
         with self._os_errors("dup descriptor of", self._active.path):
             fd = os.dup(self._fd)
-        return SyncTicket(fd, self._active.path, self.last_sequence, self.generation)
+        sealed, self._sealed_unsynced = tuple(self._sealed_unsynced), []
+        directory = self.wal_dir if self._dir_unsynced else None
+        self._dir_unsynced = False
+        return SyncTicket(
+            fd, self._active.path, self.last_sequence, self.generation, sealed, directory
+        )
 
     def mark_durable(self, ticket: SyncTicket) -> bool:
         """Apply a completed fsync. False (nothing changes) when the ticket is stale.
@@ -680,6 +771,8 @@ class SpaceLog:
             )
         dropped = self.last_sequence - sequence
         self._note_cut(sequence)
+        keep = bisect.bisect_right(self._run_firsts, sequence)
+        del self._run_firsts[keep:], self._run_times[keep:]
         self.durable_sequence = min(self.durable_sequence, sequence)
         try:
             self._cut_files(sequence)
@@ -705,6 +798,7 @@ class SpaceLog:
         self._cuts.append((self.generation, sequence))
 
     def _cut_files(self, sequence: int) -> None:
+        self._pay_rotation_syncs()  # no fd of a segment about to be deleted stays owed
         seg = self._segment_for(sequence + 1)
         off = seek_offset(seg, sequence + 1, self._rfd(seg)) if not seg.empty else 0
         os.close(self._fd)
@@ -725,7 +819,10 @@ class SpaceLog:
         """Delete sealed segments holding only entries below `sequence`. Returns bytes freed."""
         self._next_read = None
         freed = 0
-        for seg in [s for s in self._segments[:-1] if s.last_sequence < sequence]:
+        doomed = [s for s in self._segments[:-1] if s.last_sequence < sequence]
+        if doomed and self.owes_rotation_sync:
+            self._pay_rotation_syncs()
+        for seg in doomed:
             self._forget(seg)
             with self._os_errors("delete", seg.path):
                 seg.path.unlink()
@@ -747,6 +844,14 @@ class SpaceLog:
 
     def close(self) -> None:
         self.generation += 1  # an fsync still running can't mark a closed (or replaced) log
+        if self._failed is None and self.owes_rotation_sync:
+            try:
+                self._pay_rotation_syncs()
+            except StorageError:
+                log.exception("space %s: fsync of sealed segments at close failed", self.space)
+        for fd, _ in self._sealed_unsynced:
+            os.close(fd)
+        self._sealed_unsynced = []
         if self._fd >= 0:
             if self._failed is None:
                 try:

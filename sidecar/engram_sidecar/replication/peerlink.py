@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from engram_sidecar.replication.transport import (
     PeerClosed,
     client_handshake,
     next_frames,
+    send,
     tune_socket,
 )
 from engram_sidecar.space.hosted import Space
@@ -225,6 +227,9 @@ class PeerLink:
             if prog is not None:
                 prog.disconnected_since = None
         reader_task = asyncio.create_task(self._read_loop(reader, decoder, early))
+        # Its error is read by the send loop; if shutdown cancels that first, this reads it, so
+        # the loop's shutdown never reports it as unhandled.
+        reader_task.add_done_callback(_retrieve)
         try:
             await self._send_loop(writer, reader_task)
         finally:
@@ -241,7 +246,7 @@ class PeerLink:
             now = self.clock()
             wait = self.cfg.heartbeat_interval
             for s in list(self.streams.values()):
-                retry = s.fill(writer.write, now)
+                retry = s.fill(functools.partial(send, writer), now)
                 if retry is not None:
                     wait = min(wait, max(retry, 0.001))
             await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
@@ -277,3 +282,8 @@ class PeerLink:
                     raise PeerClosed(str(err)) from err
             pending = []
             self._wake.set()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

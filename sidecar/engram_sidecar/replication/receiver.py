@@ -6,8 +6,9 @@ applies only after the entry it follows; entries already held are compared by ep
 divergent tail is cut. A gap or a mismatch is answered with NACK GAP/DIVERGED naming this log's
 entry to resume after. Applied entries go through the space's one write path (`Space.apply`,
 then `Space.settle` as its fsync policy says), checked once: the frame decoder checked every
-entry's CRCs (`Batch.headers`) and the log takes them as checked. The ACK carries the highest
-durable sequence proven identical to the primary's (`Space.matched_sequence`).
+entry's CRCs, sequence and epoch (`Batch.checked`) and the log takes them as checked. The ACK
+carries the highest durable sequence proven identical to the primary's
+(`Space.matched_sequence`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
 
 from engram_contract.formats.batch import Batch, BatchMismatch
-from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
-from engram_contract.formats.entry import EntryHeader, walk_entries
+from engram_contract.formats.entry import CheckedRun, RunProblem, check_run
 from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
 from engram_contract.formats.frame import Frame, FrameDecoder, MessageType
 from engram_contract.formats.messages import (
@@ -40,6 +39,7 @@ from engram_sidecar.errors import (
     ChecksumMismatch,
     EngramError,
     SequenceError,
+    WalCorruption,
     WalError,
     WalTruncated,
     WireError,
@@ -54,6 +54,7 @@ from engram_sidecar.replication.transport import (
     PeerClosed,
     next_frames,
     peer_source,
+    send,
     server_handshake,
     tune_socket,
 )
@@ -201,7 +202,7 @@ class Receiver:
                     self.metrics.bytes.labels("in").inc(FRAME_HEADER_SIZE + len(frame.body))
                     reply = await self._on_frame(peer, frame, writer, acks)
                     if reply:
-                        writer.write(reply)
+                        send(writer, reply)
                 pending = []
                 await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
         finally:
@@ -334,7 +335,8 @@ class Receiver:
                         f"chunk starts at {msg.first_seq}, snapshot expects {have + 1}"
                     )
                 if msg.last_seq > have:  # a resent chunk may overlap what is held
-                    b.append(*_skip_entries(msg, _checked(msg), have + 1 - int(msg.first_seq)))
+                    data, rest = _skip_entries(msg, _checked(msg), have + 1 - int(msg.first_seq))
+                    b.append(data, rest)
                     await asyncio.to_thread(b.durable)
                     if space.snapshot_builder is not b:
                         return b""  # replaced meanwhile by a newer SNAPSHOT_BEGIN
@@ -406,18 +408,18 @@ class Receiver:
                 hint=verdict.epoch_hint,
             )
         skip = 0
-        headers = _checked(batch)
         try:
+            checked = _checked(batch)
             if batch.first_seq <= wal.last_sequence:
                 skip, diverged_at = matching.overlap(
                     history=wal.history,
                     last=wal.last_sequence,
                     first_seq=int(batch.first_seq),
-                    epochs=[h.epoch for h in headers],
+                    epochs=checked.entry_epochs(),
                 )
                 if diverged_at is not None:
                     self._cut(space, diverged_at - 1, int(batch.epoch))
-            data, rest = _skip_entries(batch, headers, skip)
+            data, rest = _skip_entries(batch, checked, skip)
             applied, written = space.apply(data, rest, int(batch.last_seq))
         except (WalError, OSError) as err:
             log.error("space %s: cannot apply batch: %s", space.id, err)
@@ -454,8 +456,8 @@ class Receiver:
             log.error("space %s: fsync failed; not acking %d: %s", space.id, written.last, err)
             writer.close()
             return
-        if not writer.is_closing():
-            writer.write(self._ack(space))
+        with contextlib.suppress(PeerClosed):
+            send(writer, self._ack(space))
 
     def _ack(self, space: Space) -> bytes:
         wal = space.log
@@ -485,17 +487,20 @@ class Receiver:
         return Nack(reason, Sequence(resend_from), message, sid, Epoch(ep), Epoch(hint)).encode()
 
 
-def _checked(batch: Batch) -> Seq[EntryHeader]:
-    """The batch's entry headers as the frame decoder parsed and checked them (`Batch.headers`);
-    a Batch built any other way has none, and is checked here instead."""
-    return batch.headers or walk_entries(batch.entries, where="batch")
+def _checked(batch: Batch) -> CheckedRun:
+    """The batch's entries as the frame decoder checked them (`Batch.checked`); a Batch built
+    any other way has none, and is checked here instead."""
+    if batch.checked is not None:
+        return batch.checked
+    run = check_run(batch.entries, first_sequence=int(batch.first_seq))
+    if isinstance(run, RunProblem):
+        raise WalCorruption("batch", run.offset, run.reason)
+    return run
 
 
-def _skip_entries(
-    batch: Batch, headers: Seq[EntryHeader], n: int
-) -> tuple[bytes, Seq[EntryHeader]]:
+def _skip_entries(batch: Batch, checked: CheckedRun, n: int) -> tuple[bytes, CheckedRun | None]:
     """The batch's entries without its first `n` (the part of an overlap we already hold)."""
     if n == 0:
-        return batch.entries, headers
-    pos = sum(ENTRY_HEADER_SIZE + h.payload_size for h in headers[:n])
-    return batch.entries[pos:], headers[n:]
+        return batch.entries, checked
+    cut, rest = checked.without_first(n)
+    return batch.entries[cut:], rest

@@ -126,7 +126,7 @@ async def client_handshake(
     """
     del decoder
     hs = ClientHandshake(secret=secret, node=node, expect_server=expect)
-    writer.write(hs.start())
+    send(writer, hs.start())
     await _drive(hs, reader, writer, timeout)
     return []
 
@@ -151,6 +151,17 @@ async def server_handshake(
     return hs.peer
 
 
+def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """`writer.write`, alike on every event loop: on a connection already closed it raises
+    PeerClosed (uvloop raises RuntimeError where asyncio's loop drops the bytes silently)."""
+    if writer.is_closing():
+        raise PeerClosed("the connection is closed")
+    try:
+        writer.write(data)
+    except RuntimeError as err:
+        raise PeerClosed(f"the connection is closed: {err}") from err
+
+
 async def _drive(
     hs: ClientHandshake | ServerHandshake,
     reader: asyncio.StreamReader,
@@ -166,7 +177,7 @@ async def _drive(
                 first = False
                 out = hs.receive(frame)
                 if out:
-                    writer.write(out)
+                    send(writer, out)
                     await writer.drain()
                 if hs.failed:
                     assert hs.error is not None

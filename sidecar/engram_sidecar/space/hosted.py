@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engram_contract.assignment import Assignment
-from engram_contract.formats.entry import EntryHeader
+from engram_contract.formats.entry import CheckedRun, Record
 from engram_contract.ids import NodeName, SpaceId, space_wire_id
 from engram_sidecar.log import truncations
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -222,9 +222,7 @@ class Space:
 
     # ---- the primary's write --------------------------------------------------------------
 
-    async def write(
-        self, records: Sequence[tuple[int, bytes]], *, ack_timeout: float
-    ) -> tuple[int, int, int]:
+    async def write(self, records: Sequence[Record], *, ack_timeout: float) -> tuple[int, int, int]:
         """Append `records` as primary, settle them, wait for the ack policy, and acknowledge
         only if this node still leads at the same epoch with a write lease. Returns (first,
         last, epoch). Raises NotWritable (`unavailable` before anything was written,
@@ -240,21 +238,23 @@ class Space:
         if self.writer.waits:
             await self.writer.settle(written)
             self.ring.on_append()  # durable now, so shippable
+        if a is not None and a.replicas_needed() and self.ring.sealed_upto < done.last:
+            # A write that waits for replica acks must not also wait out the batch linger: at
+            # light load it would pay batch_max_delay on every request (issue 13).
+            self.ring.seal()
         await self.wait_replicated(done.last, ack_timeout)
         m.check_unchanged(a, epoch, done.first, done.last)
         return done.first, done.last, epoch
 
     # ---- the replica's writes -------------------------------------------------------------
 
-    def apply(
-        self, data: bytes, headers: Sequence[EntryHeader] | None, upto: int
-    ) -> tuple[int, Written]:
+    def apply(self, data: bytes, checked: CheckedRun | None, upto: int) -> tuple[int, Written]:
         """Append a batch's entries that log matching let through (`data` may be empty: this
         log held them all) and vouch for the batch up to `upto`. Returns how many entries were
         appended, and what to settle before acknowledging `upto`."""
         count = 0
         if data:
-            first, last = self.writer.append_stored(data, headers)
+            first, last = self.writer.append_stored(data, checked)
             count = last - first + 1
         written = self.writer.written(upto)
         self.matched_upto = max(self.matched_upto, upto)

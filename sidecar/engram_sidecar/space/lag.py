@@ -1,5 +1,5 @@
 """Replica lag and state: pure functions over numbers, so every rule is testable on virtual time
-(and `timestamp_of`, the one read of the log a lag needs).
+(and `timestamp_of`, the one fact of the log a lag needs, kept in memory for recent entries).
 
 Lag has two explicit units (engram-facts.md §5.4 mixes them): `entries` = primary last sequence
 minus the replica's acked sequence, and `seconds` = the age of the oldest entry the replica lacks,
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engram_contract.formats.entry import decode_header
 from engram_sidecar.log.wal import SpaceLog
 
 ReplicaState = Literal["Healthy", "Lagging", "Degraded", "Failed", "CatchingUp"]
@@ -41,12 +40,9 @@ def compute_lag(
 
 
 def timestamp_of(log: SpaceLog, sequence: int) -> int | None:
-    """When the entry at `sequence` was written (its header), or None if the log lacks it."""
-    if sequence < log.first_sequence or sequence > log.last_sequence:
-        return None
-    r = log.read(sequence, max_entries=1)
-    h = decode_header(r.data)
-    return None if isinstance(h, str) else h.timestamp_ns
+    """When the entry at `sequence` was written, or None if the log lacks it: from what the log
+    keeps in memory for its recent appends, read from disk only for older entries."""
+    return log.timestamp_of(sequence)
 
 
 def classify(

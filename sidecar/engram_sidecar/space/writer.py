@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from engram_contract.formats.entry import EntryHeader
+from engram_contract.formats.entry import CheckedRun, Record
 from engram_contract.ids import NodeName, SpaceId
 from engram_sidecar.errors import EngramError
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -62,13 +62,14 @@ class SpaceWriter:
 
     # ---- appending ------------------------------------------------------------------------
 
-    def append(self, records: Iterable[tuple[int, bytes]], *, epoch: int) -> Appended:
+    def append(self, records: Iterable[Record], *, epoch: int) -> Appended:
         """A primary's write: encode and append entries at `epoch` (not yet settled)."""
         try:
             done = self.log.append_entries(records, epoch=epoch)
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise
+        self.commit.after_append()
         if not self.waits:
             self.clear_error()
         return done
@@ -83,20 +84,20 @@ class SpaceWriter:
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise
+        self.commit.after_append()
         if not self.waits:
             self.clear_error()
         return done
 
-    def append_stored(
-        self, data: bytes, headers: Sequence[EntryHeader] | None = None
-    ) -> tuple[int, int]:
-        """A replica's write: entries as the primary stored them, `headers` already checked
-        (`SpaceLog.append_stored`). Returns (first, last)."""
+    def append_stored(self, data: bytes, checked: CheckedRun | None = None) -> tuple[int, int]:
+        """A replica's write: entries as the primary stored them, `checked` by the frame
+        decoder (`SpaceLog.append_stored`). Returns (first, last)."""
         try:
-            first, last = self.log.append_stored(data, payloads_checked=True, headers=headers)
+            first, last = self.log.append_stored(data, checked)
         except (EngramError, OSError) as err:
             self.note_error(err)
             raise
+        self.commit.after_append()
         if not self.waits:
             self.clear_error()
         return first, last
