@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from engram_contract.assignment import valid_incarnation
 from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import NodeName, SpaceId
 from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND
@@ -93,6 +94,7 @@ class SpaceDriver:
         uid = (body.get("metadata") or {}).get("uid")
         if isinstance(uid, str):
             self.ref = dataclasses.replace(self.ref, uid=uid)
+            self.executor.incarnation = uid if valid_incarnation(uid) else None
         self.store.adopt(body)
 
     # ---- one tick -------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class SpaceDriver:
         now = self.clock()
         self.store.observed_at = self.nodes.store.last_read_ok_at or now
         verdicts = self.nodes.verdicts(now)
-        reports = self.nodes.reports(self.space)
+        reports = self.nodes.reports(self.space, self.executor.incarnation)
         if spec is None:
             sentence = f"holding space {self.space}: {parsed.problem}"
             decision = rc.Decision(actions=(rc.Wait(reason=sentence),), sentence=sentence)

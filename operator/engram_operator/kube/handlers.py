@@ -16,6 +16,7 @@ replica stands by instead of taking over, and `--dev` (priority 666) outranks th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -27,13 +28,16 @@ from typing import Any, Final, cast
 import kopf
 from aiohttp import web
 
+from engram_contract.assignment import valid_incarnation
 from engram_contract.client import SidecarClient
 from engram_contract.ids import SpaceId, validate_space_id
-from engram_contract.kubernetes import API_GROUP, API_VERSION, PLURAL
-from engram_operator.kube.api import KubeApi, connection_info
+from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND, PLURAL
+from engram_operator.kube.api import KubeApi, KubeApiError, ObjectRef, connection_info
+from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
 from engram_operator.kube.metrics import OperatorMetrics, serve
 from engram_operator.kube.nodes import NodeMonitor, parse_selector
+from engram_operator.kube.retire import deletion_policy, retire_everywhere
 from engram_operator.placement import describe
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING
@@ -151,6 +155,10 @@ class Operator:
         ) -> None:
             await self.run_space(name, namespace or self.opts.namespace, body, stopped)
 
+        @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, id="retire", registry=registry)
+        async def retire_space(name: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+            await self.retire_space(name, namespace or self.opts.namespace, body)
+
         @kopf.on.cleanup(registry=registry)
         async def close(**_: Any) -> None:
             # Before kopf waits for leftover tasks: a scraper's keep-alive connection would
@@ -185,11 +193,11 @@ class Operator:
         placed = driver.state.placement
         log.info("space %s: reconciling (%s)", space, describe(placed) if placed else "not placed")
         try:
-            while not stopped:
+            while not stopped and not deleting(body):
                 # Right after a node refresh: the first tick never decides on an empty view.
                 await self.nodes.next_tick(timeout=2 * DEFAULT_TIMING.check_interval)
-                if stopped:
-                    break
+                if stopped or deleting(body):
+                    break  # deleted: the retire handler takes it from here
                 try:
                     await driver.tick(body)
                 except Exception:  # one bad tick must not end the daemon (no crash loop)
@@ -199,6 +207,58 @@ class Operator:
             self.metrics.active_spaces.dec()
             await self.nodes.detach(space)
             log.info("space %s: stopped reconciling (%s)", space, stopped.reason or "cancelled")
+
+    async def retire_space(self, name: str, namespace: str, body: kopf.Body) -> None:
+        """The finalizer's work (kube/retire.py): retire the space on every node, then let
+        kopf remove the finalizer. Raises kopf.TemporaryError while a live node can't be
+        reached: kopf retries, and the object stays until it is done."""
+        try:
+            space = validate_space_id(name)
+        except ValueError:
+            return  # never reconciled: nothing on any node
+        status = body.get("status") or {}
+        placement = placement_from_status(status)
+        policy = deletion_policy(body.get("spec") or {})
+        uid = (body.get("metadata") or {}).get("uid")
+        incarnation = uid if isinstance(uid, str) and valid_incarnation(uid) else None
+        ref = ObjectRef(
+            kind=KIND,
+            api_version=f"{API_GROUP}/{API_VERSION}",
+            namespace=namespace,
+            name=name,
+            uid=uid if isinstance(uid, str) else None,
+        )
+        try:
+            records, alive = await self.nodes.read_nodes()
+        except KubeApiError as err:
+            raise kopf.TemporaryError(f"cannot read the node Leases: {err}", delay=2) from err
+        outcome = await retire_everywhere(
+            sidecars=self.sidecars,
+            space=space,
+            incarnation=incarnation,
+            policy=policy,
+            records=records,
+            alive=alive,
+            primary=placement.primary if placement else None,
+            members=placement.members if placement else (),
+        )
+        sentence = outcome.sentence(space, policy)
+        if not outcome.done:
+            log.warning("%s", sentence)
+            self.metrics.reconcile_errors.inc()
+            with contextlib.suppress(KubeApiError):
+                await self.api.post_event(
+                    ref, type_="Warning", reason="RetireBlocked", message=sentence
+                )
+            raise kopf.TemporaryError(sentence, delay=2)
+        log.info("%s", sentence)
+        with contextlib.suppress(KubeApiError):
+            await self.api.post_event(ref, type_="Normal", reason="Retired", message=sentence)
+
+
+def deleting(body: kopf.Body) -> bool:
+    """Is the object marked for deletion (the retire handler's turn)?"""
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
 
 
 async def run(opts: OperatorOptions) -> int:

@@ -365,6 +365,24 @@ class NodeMonitor:
         doc = self.status.setdefault(node, {})
         doc["spaces"] = {**(doc.get("spaces") or {}), space: dict(view)}
 
+    async def read_nodes(self) -> tuple[dict[NodeName, NodeRecord], dict[NodeName, bool]]:
+        """One consistent read of the node Leases, outside the loop (a deletion's retire round):
+        every node record, and whether each Lease was renewed lately by the wall clock (within
+        its duration plus FIRST_SIGHT_SLACK: a node that may be alive is waited for)."""
+        items = await self.api.list_leases(
+            self.namespace, self._selector(), timeout=self.timing.store_stale_after * 2
+        )
+        records: dict[NodeName, NodeRecord] = {}
+        for item in items:
+            record = parse_lease(item, self.selector)
+            if record is not None:
+                records[record.name] = record
+        within = self.timing.lease_duration + FIRST_SIGHT_SLACK
+        return records, {n: _fresh(r.renew_time, within) for n, r in records.items()}
+
+    def _selector(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in {LABEL_NODE_LEASE: "true", **self.selector}.items())
+
     # ---- what the space daemons read --------------------------------------------------------
 
     def known(self) -> list[NodeName]:
@@ -417,6 +435,18 @@ class NodeMonitor:
         who = ", ".join(sorted(waiting)) or "the node leases"
         return f"waiting for {who} to be judged before placing"
 
-    def reports(self, space: SpaceId) -> dict[NodeName, MemberReport]:
-        """Each node's last report of `space`, with lag and state as its primary sees them."""
-        return member_reports(self.status, space)
+    def reports(
+        self, space: SpaceId, incarnation: str | None = None
+    ) -> dict[NodeName, MemberReport]:
+        """Each node's last report of `space`, with lag and state as its primary sees them. With
+        `incarnation`, a node reporting another incarnation of the space is left out: its log
+        belongs to an earlier space of that name (it is re-sent the assignment, and retires it)."""
+        status: Mapping[NodeName, Mapping[str, Any]] = self.status
+        if incarnation is not None:
+            status = {
+                n: doc
+                for n, doc in status.items()
+                if ((doc.get("spaces") or {}).get(space) or {}).get("incarnation")
+                in (None, incarnation)
+            }
+        return member_reports(status, space)

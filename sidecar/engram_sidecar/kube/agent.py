@@ -34,7 +34,12 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from engram_contract.assignment import Assignment, AssignmentError, assignment_from_status
+from engram_contract.assignment import (
+    Assignment,
+    AssignmentError,
+    assignment_from_status,
+    valid_incarnation,
+)
 from engram_contract.ids import METRICS_PREFIX, validate_space_id
 from engram_contract.kubernetes import (
     API_GROUP,
@@ -58,7 +63,7 @@ from engram_sidecar.kube.client import (
     lease_object,
     micro_time,
 )
-from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.node import Node, StaleAssignment, incarnation_of
 from engram_sidecar.space.hosted import Space
 
 log = logging.getLogger(__name__)
@@ -328,10 +333,15 @@ class KubeSidecar:
         self._incomplete = False
         for obj in spaces:
             status, spec = obj.get("status") or {}, obj.get("spec") or {}
-            name = (obj.get("metadata") or {}).get("name", "")
-            sp = self._apply(name, status, spec, addresses)
+            meta = obj.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                continue  # being retired by the operator (its finalizer): no role to take up
+            uid = meta.get("uid")
+            life = uid if isinstance(uid, str) and valid_incarnation(uid) else None
+            sp = await self._apply(meta.get("name", ""), status, spec, addresses, life)
             if (
                 sp is not None
+                and incarnation_of(sp) in (None, life)
                 and sp.role == "primary"
                 and status.get("primary") == self.node.name
                 and status.get("epoch") == sp.assignment_epoch()
@@ -341,12 +351,13 @@ class KubeSidecar:
             self.node.grant_leases(Grant(sent_by_us=grant_at), vouched)
         return True
 
-    def _apply(
+    async def _apply(
         self,
         name: str,
         status: Mapping[str, Any],
         spec: Mapping[str, Any],
         addresses: Mapping[str, NodeAddresses],
+        incarnation: str | None,
     ) -> Space | None:
         try:
             sid = validate_space_id(name)
@@ -359,13 +370,13 @@ class KubeSidecar:
         )
         if not placed and (here is None or here.assignment is None):
             return None
-        doc = assignment_from_status(status, spec, addresses)
+        doc = assignment_from_status(status, spec, addresses, incarnation=incarnation)
         if doc is None:
             # No placement yet, or a member's Lease is missing: retried, and the operator pushes.
             self._incomplete = self._incomplete or (placed and bool(status.get("primary")))
             return here
         try:
-            changed, sp = self.node.assign(sid, Assignment.from_json(doc))
+            changed, sp = await self.node.accept(sid, Assignment.from_json(doc))
         except (AssignmentError, StaleAssignment) as err:
             log.debug("space %s: MemorySpace status not applied: %s", sid, err)
             return here
