@@ -112,3 +112,30 @@ async def test_a_node_that_missed_the_deletion_gives_way_to_the_new_space(env: E
     assert (view["incarnation"], view["epoch"], view["last_sequence"]) == ("life-2", 1, 0)
     old = env.cluster[away].data_dir / ".retired" / "orders" / "life-1"
     assert (old / "wal").is_dir()  # the old incarnation's files, kept
+
+
+@pytest.mark.parametrize("env", ["sidecars"], indirect=True)
+async def test_a_node_back_after_the_deletion_retires_the_orphaned_space(env: Env) -> None:
+    """Sidecars that read the API themselves: a node down while its space was deleted finds,
+    at its next read of the MemorySpaces, that the object is gone, and retires the space."""
+    env.operator("operator", "--standalone")
+    await env.kube.create_space("orders", {"replicas": 2}, uid="life-1")
+    st = await env.healthy("orders")
+    away = st["replicas"][0]
+    assert await env.write(st["primary"], "orders", 1) == 1
+    await env.cluster.wait_replicated("orders", st["primary"], timeout=10)
+    await env.cluster[away].stop()
+    await env.kube.delete_space("orders")
+    await _gone(env, "orders")
+    assert env.cluster[away].space_dir("orders").is_dir()  # missed the retire round
+
+    await env.cluster.start(away)
+    await wait_for(
+        lambda: _hosted_not(env, away), timeout=15, what=f"{away} to retire the orphaned space"
+    )
+    old = env.cluster[away].data_dir / ".retired" / "orders" / "life-1"
+    assert (old / "wal").is_dir()
+
+
+async def _hosted_not(e: Env, node: str) -> bool:
+    return not await _hosted(e, node, "orders")

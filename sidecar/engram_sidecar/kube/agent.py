@@ -40,7 +40,7 @@ from engram_contract.assignment import (
     assignment_from_status,
     valid_incarnation,
 )
-from engram_contract.ids import METRICS_PREFIX, validate_space_id
+from engram_contract.ids import METRICS_PREFIX, SpaceId, validate_space_id
 from engram_contract.kubernetes import (
     API_GROUP,
     API_VERSION,
@@ -318,7 +318,10 @@ class KubeSidecar:
     async def sync(self, grant_at: float | None) -> bool:
         """Apply the placements MemorySpace status gives this node; grant write leases (from
         `grant_at`, the monotonic send time of the renewal that earned them) to the spaces whose
-        status names this node primary at its epoch."""
+        status names this node primary at its epoch. Retires the spaces whose MemorySpace is gone
+        (`_retire_orphans`)."""
+        # Taken before the read: only a space hosted before it can be judged by its answer.
+        before = {sid: inc for sid, sp in self.node.spaces.items() if (inc := incarnation_of(sp))}
         try:
             leases = await self.client.list(self._leases, label_selector=f"{LABEL_NODE_LEASE}=true")
             spaces = await self.client.list(self._spaces)
@@ -349,7 +352,34 @@ class KubeSidecar:
                 vouched[sp.id] = sp.assignment_epoch()
         if grant_at is not None and vouched:
             self.node.grant_leases(Grant(sent_by_us=grant_at), vouched)
+        await self._retire_orphans(before, spaces)
         return True
+
+    async def _retire_orphans(
+        self, before: Mapping[SpaceId, str], objects: list[dict[str, Any]]
+    ) -> None:
+        """A space hosted here for a MemorySpace (name and uid) that no longer exists was
+        deleted while this node was away from its operator's retire round: retire it, keeping
+        its files (the object, and its deletionPolicy, are gone). Only spaces hosted before the
+        read was sent: the read is consistent, so their object, if it still existed, is in it;
+        a space assigned after it was sent may be newer than the answer."""
+        alive = {
+            (str(meta.get("name", "")), meta.get("uid"))
+            for meta in ((o.get("metadata") or {}) for o in objects)
+        }
+        for sid, inc in before.items():
+            sp = self.node.spaces.get(sid)
+            if sp is None or incarnation_of(sp) != inc or (sid, inc) in alive:
+                continue
+            log.warning(
+                "space %s: its MemorySpace (uid %s) is gone; retiring it here (files kept)",
+                sid,
+                inc,
+            )
+            try:
+                await self.node.retire(sid, incarnation=inc, delete=False)
+            except (StaleAssignment, OSError) as err:
+                self._problem(f"retiring space {sid}", err)
 
     async def _apply(
         self,
