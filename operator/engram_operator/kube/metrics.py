@@ -39,6 +39,15 @@ class OperatorMetrics:
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.status_writes = Counter(
+            METRICS_PREFIX + "operator_status_writes_total",
+            "MemorySpace status patches by this operator, by outcome: written, or conflict (the"
+            " object changed since the version the patch carried; read again, decided again).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("written", "conflict"):
+            self.status_writes.labels(outcome)
         self.active_spaces = Gauge(
             METRICS_PREFIX + "operator_active_spaces",
             "Spaces this operator instance reconciles now (0 on a paused peer).",
