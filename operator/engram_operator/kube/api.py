@@ -178,7 +178,7 @@ class KubeApi:
         try:
             async with self._session_now().get(
                 self.server + path,
-                params={**params, "watch": "1"},
+                params={**params, "watch": "true"},
                 headers=headers,
                 timeout=timeout,
             ) as resp:
