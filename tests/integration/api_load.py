@@ -32,6 +32,7 @@ from typing import Any
 
 import kmock
 from aiohttp import web
+from tests.integration.cluster import IntegrationError
 from tests.integration.kube_harness import (
     NAMESPACE,
     Kube,
@@ -174,6 +175,21 @@ async def renew_leases(kube: Kube, nodes: list[StandInNode]) -> None:
                 )
 
 
+async def create(kube: Kube, name: str, replicas: int) -> None:
+    """Create a space; an emulator slowed by a thousand objects may time out and still have
+    created it (409 on the retry: done)."""
+    for attempt in range(5):
+        try:
+            await kube.create_space(name, {"replicas": replicas})
+            return
+        except (TimeoutError, IntegrationError) as err:
+            if "409" in str(err) or "AlreadyExists" in str(err):
+                return
+            if attempt == 4:
+                raise
+            await asyncio.sleep(1.0)
+
+
 def kind_of(method: str, path: str, query: Mapping[str, str]) -> str:
     """A request as counted: method, resource (and subresource), watch or list."""
     parts = path.strip("/").split("/")
@@ -243,7 +259,7 @@ async def measure(
         try:
             t0 = time.monotonic()
             for i in range(spaces):
-                await kube.create_space(f"space-{i:04d}", {"replicas": min(2, nodes - 1)})
+                await create(kube, f"space-{i:04d}", min(2, nodes - 1))
 
             def healthy() -> bool:
                 return all(

@@ -35,6 +35,7 @@ from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND, PLURAL
 from engram_operator.kube.api import KubeApi, KubeApiError, ObjectRef, connection_info
 from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
+from engram_operator.kube.health import OperatorHealth
 from engram_operator.kube.metrics import OperatorMetrics, serve
 from engram_operator.kube.nodes import NodeMonitor, parse_selector
 from engram_operator.kube.retire import deletion_policy, retire_everywhere
@@ -113,12 +114,34 @@ class Operator:
             lease_seconds=DEFAULT_SETTINGS.write_lease,
         )
         self.metrics_runner: web.AppRunner | None = None
+        # The object kopf hands each space's daemon, kept current by kopf's watch (the audit).
+        self.bodies: dict[str, kopf.Body] = {}
         self.nodes = NodeMonitor(
             api=self.api,
             sidecars=self.sidecars,
             namespace=opts.namespace,
             selector=parse_selector(opts.node_selector),
         )
+        peering = None if opts.standalone or not opts.peering else opts.peering
+        self.health = OperatorHealth(
+            api=self.api,
+            metrics=self.metrics,
+            namespace=opts.namespace,
+            identity=self.identity,
+            priority=kopf_settings.peering.priority,
+            peering=peering,
+            spaces_path=f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{opts.namespace}/{PLURAL}",
+            delivered=self.delivered,
+            monitor_refreshed=lambda: self.nodes.refreshed_at,
+        )
+
+    def delivered(self) -> dict[str, str | None]:
+        """Each reconciled object's resourceVersion as kopf's watch last delivered it."""
+        out: dict[str, str | None] = {}
+        for name, body in self.bodies.items():
+            version = (body.get("metadata") or {}).get("resourceVersion")
+            out[name] = version if isinstance(version, str) else None
+        return out
 
     async def close_metrics(self) -> None:
         runner, self.metrics_runner = self.metrics_runner, None
@@ -164,6 +187,7 @@ class Operator:
             # Before kopf waits for leftover tasks: a scraper's keep-alive connection would
             # otherwise hold the exit up for kopf's 5 s.
             await self.close_metrics()
+            await self.health.stop()
             await self.api.close()
             await self.sidecars.close()
 
@@ -173,6 +197,15 @@ class Operator:
         self, name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped
     ) -> None:
         """The daemon of one space: a tick per node refresh until kopf stops it."""
+        self.bodies[name] = body
+        try:
+            await self._run_space(name, namespace, body, stopped)
+        finally:
+            self.bodies.pop(name, None)
+
+    async def _run_space(
+        self, name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped
+    ) -> None:
         try:
             space = validate_space_id(name)
         except ValueError as err:  # contract's InvalidSpaceId is a ValueError
@@ -266,7 +299,14 @@ async def run(opts: OperatorOptions) -> int:
     kopf_settings = settings(opts)
     op = Operator(opts, kopf_settings)
     if opts.metrics_port:
-        op.metrics_runner = await serve(op.metrics, host=opts.metrics_host, port=opts.metrics_port)
+        op.metrics_runner = await serve(
+            op.metrics,
+            host=opts.metrics_host,
+            port=opts.metrics_port,
+            alive=op.health.alive,
+            ready=op.health.ready,
+        )
+    op.health.start()
     peering = None if opts.standalone or not opts.peering else opts.peering
     if peering is None and not opts.standalone:
         log.warning("no --peering: running standalone; run a single replica of this operator")

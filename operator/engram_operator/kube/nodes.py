@@ -177,6 +177,7 @@ class NodeMonitor:
             api=api, namespace=namespace, selector=self._selector(), clock=clock
         )
         self.lists = 0  # Lease LISTs made by refreshes (the watch counts its own)
+        self.refreshed_at: float | None = None  # the last refresh's end, while the loop runs
         self._ticked = asyncio.Event()
         self._store_error = ""
         # (node, space) -> our clock when we last sent that node a write-lease grant for that
@@ -194,6 +195,7 @@ class NodeMonitor:
         if self._task is None or self._task.done():
             self._forget()
             self.watch.start()
+            self.refreshed_at = self.clock()
             self._task = asyncio.create_task(self._run(), name="engram node monitor")
 
     def _forget(self) -> None:
@@ -215,6 +217,7 @@ class NodeMonitor:
             return
         task, self._task = self._task, None
         task.cancel()
+        self.refreshed_at = None
         await self.watch.stop()
         for t in [task, *self._inflight.values()]:
             t.cancel()
@@ -240,6 +243,7 @@ class NodeMonitor:
                 await self.refresh()
             except Exception:  # the loop must outlive one bad refresh
                 log.exception("node refresh failed")
+            self.refreshed_at = self.clock()
             event, self._ticked = self._ticked, asyncio.Event()
             event.set()
             await asyncio.sleep(max(0.0, self.timing.check_interval - (self.clock() - started)))
