@@ -139,3 +139,60 @@ async def test_a_node_back_after_the_deletion_retires_the_orphaned_space(env: En
 
 async def _hosted_not(e: Env, node: str) -> bool:
     return not await _hosted(e, node, "orders")
+
+
+async def _probe(e: Env, op: base.OperatorProcess, path: str) -> int:
+    url = f"http://127.0.0.1:{op.metrics_port}{path}"
+    async with e.kube.session.get(url) as r:
+        return r.status
+
+
+async def test_a_missing_peering_object_is_loud_and_not_ready(env: Env) -> None:
+    op = env.operator("operator", "--peering", base.PEERING)
+    await env.kube.create_space("orders", {"replicas": 2})
+    await wait_for(
+        lambda: "KopfPeering engram/engram-operator is missing" in op.log_text(),
+        timeout=15,
+        what="an ERROR about the missing KopfPeering",
+    )
+    assert " ERROR " in next(line for line in op.log_text().splitlines() if "is missing" in line)
+    assert await op.metric("engram_replication_operator_peering_missing") == 1
+    assert await op.metric("engram_replication_operator_leader") == 0
+    assert await _probe(env, op, "/readyz") == 503
+    assert await _probe(env, op, "/healthz") == 200  # a restart would not create the object
+    assert not env.kube.status("orders")  # paused: nothing reconciled
+
+    await env.kube.create_peering(base.PEERING)
+
+    async def ready() -> bool:
+        return await _probe(env, op, "/readyz") == 200
+
+    await wait_for(ready, timeout=20, what="/readyz once the KopfPeering exists")
+    await env.healthy("orders")
+    assert await op.metric("engram_replication_operator_peering_missing") == 0
+
+    async def leads() -> bool:
+        return await op.metric("engram_replication_operator_leader") == 1
+
+    await wait_for(leads, timeout=15, what="operator_leader 1")
+
+
+async def test_the_leader_metric_names_the_one_active_replica(env: Env) -> None:
+    await env.kube.create_peering(base.PEERING)
+    first = env.operator("first", "--peering", base.PEERING)
+    await env.kube.create_space("orders", {"replicas": 2})
+    await env.healthy("orders")
+    second = env.operator("second", "--peering", base.PEERING)
+
+    async def settled() -> tuple[float, float] | None:
+        got = (
+            await first.metric("engram_replication_operator_leader", -1),
+            await second.metric("engram_replication_operator_leader", -1),
+        )
+        return got if got == (1, 0) else None
+
+    await wait_for(settled, timeout=20, what="first active (1), second standing by (0)")
+    assert await second.metric(base.ACTIVE) == 0
+    for op in (first, second):
+        assert await _probe(env, op, "/readyz") == 200
+        assert await _probe(env, op, "/healthz") == 200
