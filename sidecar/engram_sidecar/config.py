@@ -108,6 +108,9 @@ class SidecarConfig:
     kube_token_file: Path | None = None
     kube_ca_file: Path | None = None
     kube_timeout: float = 1.0
+    # The pod's uid (the downward API's metadata.uid): the node Lease is owned by the pod, so it
+    # goes with it. Empty: read from the pod itself (GET pods/<node>), if allowed.
+    kube_pod_uid: str = ""
     status_report_interval: float = 2.0
     # Shutdown (SIGTERM): ask the control plane to switch every space led here to a replica,
     # and wait up to this long for it before exiting (0: exit at once). Keep it below the pod's

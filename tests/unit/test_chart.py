@@ -62,6 +62,7 @@ CHART_SET = {
     "advertise_http_address",
     "secret_file",
     "kube_namespace",
+    "kube_pod_uid",  # the downward API's metadata.uid
 }
 
 
@@ -314,6 +315,7 @@ def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
     env = {
         "ENGRAM_NODE": "engram-0",
         "ENGRAM_KUBE_NAMESPACE": "engram-system",
+        "ENGRAM_KUBE_POD_UID": "6f1c0f9e-2b7a-4c43-9d59-3c0b7e0d1a11",
         "ENGRAM_DATA_DIR": str(tmp_path / "data"),
         "ENGRAM_HTTP_HOST": "0.0.0.0",
         "ENGRAM_HTTP_PORT": str(sc["httpPort"]),

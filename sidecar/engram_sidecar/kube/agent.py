@@ -202,6 +202,7 @@ class KubeSidecar:
         self._events_after: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._trouble: set[str] = set()  # what is failing now: log transitions, not every try
+        self._owner: str | None = None  # the pod's uid, once known ("": none)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -278,7 +279,35 @@ class KubeSidecar:
         if pending and now - self._synced_at >= RESYNC_SECONDS:
             await self.sync(sent)
 
+    async def owner(self) -> str:
+        """The uid of this node's pod (kube_pod_uid, else read once from the pod, named as the
+        node); "" when there is none to read (not in a pod, or not allowed: no owner, and the
+        Lease stays after the pod is gone)."""
+        if self._owner is None:
+            uid = self.settings.pod_uid
+            if not uid:
+                path = f"/api/v1/namespaces/{self.settings.namespace}/pods/{self.node.name}"
+                try:
+                    doc = await self.client.request("GET", path)
+                except KubeApiError as err:
+                    if err.status == 0:
+                        return ""  # no answer: ask again at the next renewal
+                    log.info(
+                        "node %s: its Lease has no owner (cannot read pod %s: %s); set"
+                        " kube_pod_uid so that it goes with the pod",
+                        self.node.name,
+                        self.node.name,
+                        err,
+                    )
+                    doc = {}
+                meta = doc.get("metadata") if isinstance(doc, dict) else None
+                found = (meta or {}).get("uid") if isinstance(meta, dict) else None
+                uid = found if isinstance(found, str) else ""
+            self._owner = uid
+        return self._owner
+
     async def renew(self, sent_ns: int) -> bool:
+        owner = await self.owner()
         body = lease_object(
             self.node.name,
             self.settings.namespace,
@@ -286,6 +315,7 @@ class KubeSidecar:
             replication=self.replication_address,
             renew_ns=sent_ns,
             draining=self.node.draining,
+            owner_uid=owner,
         )
         outcome = "ok"
         try:

@@ -47,6 +47,7 @@ class KubeSettings:
     token_file: Path | None
     ca_file: Path | None
     timeout: float
+    pod_uid: str = ""  # kube_pod_uid: the node Lease's owner (read from the pod when empty)
 
 
 def resolve(
@@ -84,7 +85,9 @@ def resolve(
     namespace = cfg.kube_namespace
     if not namespace and (sa_dir / "namespace").is_file():
         namespace = (sa_dir / "namespace").read_text().strip()
-    return KubeSettings(url, namespace or "default", token, ca, cfg.kube_timeout)
+    return KubeSettings(
+        url, namespace or "default", token, ca, cfg.kube_timeout, cfg.kube_pod_uid.strip()
+    )
 
 
 class KubeApiError(Exception):
@@ -197,7 +200,11 @@ def lease_object(
     renew_ns: int,
     acquire: bool = False,
     draining: bool = False,
+    owner_uid: str = "",
 ) -> dict[str, Any]:
+    """The node Lease. With `owner_uid`, owned by the node's pod (named as the node): the
+    garbage collector deletes it with the pod, so a scaled-down node leaves no Lease behind.
+    Not `blockOwnerDeletion`, which would need the pods/finalizers permission."""
     spec: dict[str, Any] = {
         "holderIdentity": node,
         "leaseDurationSeconds": LEASE_DURATION_SECONDS,
@@ -205,10 +212,16 @@ def lease_object(
     }
     if acquire:
         spec["acquireTime"] = spec["renewTime"]
+    owner = (
+        {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": node, "uid": owner_uid}]}
+        if owner_uid
+        else {}
+    )
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {
+            **owner,
             "name": lease_name(node),
             "namespace": namespace,
             "labels": {LABEL_NODE_LEASE: "true"},
