@@ -282,7 +282,7 @@ async def test_kube_lease_is_owned_by_the_pod(h: Harness, source: str) -> None:
     uid = "uid-set" if source == "setting" else ""
     kube = KubeSidecar(
         node,
-        KubeSettings(h.url, NS, None, None, 1.0, pod_uid=uid),
+        KubeSettings(h.url, NS, None, None, 1.0, pod_uid=uid, read_pod=not uid),
         http_address="127.0.0.1:1",
         replication_address="127.0.0.1:2",
     )
@@ -575,7 +575,9 @@ def test_kube_settings_in_cluster_use_the_service_account(tmp_path: Path) -> Non
         (sa / name).write_text(text)
     env = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}
     got = resolve(_cfg(tmp_path), env=env, sa_dir=sa)
-    assert got == KubeSettings("https://[fd00::1]:6443", "prod", sa / "token", sa / "ca.crt", 1.0)
+    assert got == KubeSettings(
+        "https://[fd00::1]:6443", "prod", sa / "token", sa / "ca.crt", 1.0, read_pod=True
+    )
     explicit = _cfg(tmp_path, kube_namespace="other", kube_timeout="0.5")
     got = resolve(explicit, env={"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, sa_dir=sa)
     assert got is not None

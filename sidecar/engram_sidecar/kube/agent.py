@@ -280,12 +280,12 @@ class KubeSidecar:
             await self.sync(sent)
 
     async def owner(self) -> str:
-        """The uid of this node's pod (kube_pod_uid, else read once from the pod, named as the
-        node); "" when there is none to read (not in a pod, or not allowed: no owner, and the
-        Lease stays after the pod is gone)."""
+        """The uid of this node's pod (kube_pod_uid, else, in a pod, read once from the pod,
+        named as the node); "" when there is none (not in a pod, or not allowed: no owner, and
+        the Lease stays after the pod is gone)."""
         if self._owner is None:
             uid = self.settings.pod_uid
-            if not uid:
+            if not uid and self.settings.read_pod:
                 path = f"/api/v1/namespaces/{self.settings.namespace}/pods/{self.node.name}"
                 try:
                     doc = await self.client.request("GET", path)

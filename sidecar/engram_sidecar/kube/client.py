@@ -47,7 +47,8 @@ class KubeSettings:
     token_file: Path | None
     ca_file: Path | None
     timeout: float
-    pod_uid: str = ""  # kube_pod_uid: the node Lease's owner (read from the pod when empty)
+    pod_uid: str = ""  # kube_pod_uid: the node Lease's owner
+    read_pod: bool = False  # in a pod without kube_pod_uid: read the uid from the pod itself
 
 
 def resolve(
@@ -85,8 +86,9 @@ def resolve(
     namespace = cfg.kube_namespace
     if not namespace and (sa_dir / "namespace").is_file():
         namespace = (sa_dir / "namespace").read_text().strip()
+    uid = cfg.kube_pod_uid.strip()
     return KubeSettings(
-        url, namespace or "default", token, ca, cfg.kube_timeout, cfg.kube_pod_uid.strip()
+        url, namespace or "default", token, ca, cfg.kube_timeout, uid, in_cluster and not uid
     )
 
 
