@@ -104,6 +104,10 @@ class Assignment:
     ack_policy: AckPolicy = "async"
     compression: bool = False
     tuning: Tuning = NO_TUNING
+    # Which life of the space this is: the MemorySpace's metadata.uid on Kubernetes (None in
+    # local mode, and from older control planes). A node that holds another incarnation of the
+    # same name retires it before taking this one (docs/design-notes.md, "Incarnations").
+    incarnation: str | None = None
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -130,6 +134,7 @@ class Assignment:
             "ackPolicy": self.ack_policy,
             "compression": self.compression,
             **self.tuning.to_json(),
+            **({"incarnation": self.incarnation} if self.incarnation else {}),
         }
 
     @classmethod
@@ -145,6 +150,7 @@ class Assignment:
             "batch",
             "lag",
             "catchupThreshold",
+            "incarnation",
         }
         if unknown:
             raise AssignmentError(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -165,7 +171,18 @@ class Assignment:
         comp = doc.get("compression", False)
         if not isinstance(comp, bool):
             raise AssignmentError("compression must be true or false")
-        return cls(epoch, primary, replicas, policy, comp, Tuning.from_json(doc))
+        incarnation = doc.get("incarnation")
+        if incarnation is not None and not valid_incarnation(incarnation):
+            raise AssignmentError(INCARNATION_RULE)
+        return cls(epoch, primary, replicas, policy, comp, Tuning.from_json(doc), incarnation)
+
+
+INCARNATION_RULE = "incarnation must be 1 to 128 characters from [A-Za-z0-9-]"
+
+
+def valid_incarnation(value: object) -> bool:
+    """A MemorySpace uid (or any id of that shape): it also names a directory on the nodes."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9-]{1,128}", value) is not None
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +257,11 @@ def assignment_from_status(
     status: Mapping[str, object],
     spec: Mapping[str, object],
     addresses: Mapping[str, NodeAddresses],
+    *,
+    incarnation: str | None = None,
 ) -> dict[str, Any] | None:
-    """The assignment document that a MemorySpace's status and spec describe.
+    """The assignment document that a MemorySpace's status and spec describe (`incarnation`:
+    its metadata.uid).
 
     None when the status holds no placement yet or a member's address is unknown. The operator
     pushes this document; a restarted sidecar rebuilds it from the API the same way.
@@ -260,6 +280,7 @@ def assignment_from_status(
         ack_policy=policy if policy in ACK_POLICIES else "async",
         compression=compression not in (None, False, "none"),
         tuning=tuning_from_spec(spec),
+        incarnation=incarnation,
     )
 
 
@@ -312,10 +333,11 @@ def assignment_document(
     ack_policy: AckPolicy = "async",
     compression: bool = False,
     tuning: Tuning = NO_TUNING,
+    incarnation: str | None = None,
 ) -> dict[str, Any]:
     """The JSON document for `members` (the primary first) at `epoch`: the one way to build it."""
     if not members:
         raise AssignmentError("an assignment needs a primary")
     return Assignment(
-        epoch, members[0], tuple(members[1:]), ack_policy, compression, tuning
+        epoch, members[0], tuple(members[1:]), ack_policy, compression, tuning, incarnation
     ).to_json()

@@ -187,21 +187,52 @@ class SidecarClient:
         return answer if isinstance(answer, dict) else {}
 
     async def fence(
-        self, http: str, space: SpaceId, epoch: int, *, timeout: float = CONTROL_TIMEOUT
+        self,
+        http: str,
+        space: SpaceId,
+        epoch: int,
+        *,
+        timeout: float = CONTROL_TIMEOUT,
+        incarnation: str | None = None,
     ) -> dict[str, Any]:
         """Fence a member at `epoch`: it takes the epoch durably and refuses older ones; a
         primary stops acknowledging. Answers its last durable entry (`last_epoch`,
-        `last_sequence`) as of then."""
+        `last_sequence`) as of then. With `incarnation`, a node holding another incarnation of
+        the space refuses (409 `other_incarnation`): its log is not this space's."""
+        body: dict[str, Any] = {"epoch": epoch}
+        if incarnation:
+            body["incarnation"] = incarnation
         answer = await self._call(
             "POST",
             http,
             f"/v1/spaces/{space}/fence",
-            body={"epoch": epoch},
+            body=body,
             timeout=timeout,
         )
         if not isinstance(answer, dict):
             raise SidecarError(f"POST fence on {http}: not an object", status=200, body=answer)
         return answer
+
+    async def retire(
+        self,
+        http: str,
+        space: SpaceId,
+        *,
+        incarnation: str | None,
+        delete: bool,
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> dict[str, Any]:
+        """`POST /v1/spaces/{space}/retire`: the MemorySpace is gone. The node stops the space
+        (no more writes, no streams), then moves its files aside (or deletes them with
+        `delete`), and refuses that incarnation from then on. Idempotent; a node that does not
+        host the space answers `hosted: false`."""
+        body: dict[str, Any] = {"delete": delete}
+        if incarnation:
+            body["incarnation"] = incarnation
+        answer = await self._call(
+            "POST", http, f"/v1/spaces/{space}/retire", body=body, timeout=timeout
+        )
+        return answer if isinstance(answer, dict) else {}
 
     async def space_view(self, http: str, space: SpaceId) -> dict[str, Any]:
         answer = await self._call("GET", http, f"/v1/spaces/{space}", timeout=1.0)

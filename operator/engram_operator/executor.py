@@ -177,6 +177,10 @@ class Executor:
         self.sidecars = sidecars
         self.narrator = narrator
         self.clock = clock
+        # The life of the space (its MemorySpace uid; None in local mode): carried in every
+        # assignment and fence, so a node still holding an earlier space of the same name is
+        # neither taken for a member of this one nor elected with its log.
+        self.incarnation: str | None = None
 
     async def run(
         self, decision: Decision, spec: SpaceSpec, now: float, obs: Observation | None
@@ -235,7 +239,11 @@ class Executor:
                 return FenceAnswer(node=node, ok=False, error="no address known")
             try:
                 answer = await self.sidecars.fence(
-                    where["http"], self.space, plan.epoch, timeout=timeout
+                    where["http"],
+                    self.space,
+                    plan.epoch,
+                    timeout=timeout,
+                    incarnation=self.incarnation,
                 )
                 return FenceAnswer(
                     node=node,
@@ -277,6 +285,7 @@ class Executor:
             ack_policy=spec.ack_policy,
             compression=spec.compression,
             tuning=spec.tuning,
+            incarnation=self.incarnation,
         )
         # An assignment that makes a node primary grants its write lease: stamped, and
         # remembered as sent before it is (the failover's lease wait starts from it).
@@ -316,7 +325,9 @@ class Executor:
         try:
             for step in plan.steps:
                 if isinstance(step, Fence):
-                    answer = await self.sidecars.fence(self._http(step.node), space, step.epoch)
+                    answer = await self.sidecars.fence(
+                        self._http(step.node), space, step.epoch, incarnation=self.incarnation
+                    )
                     try:
                         final = int(answer.get("last_sequence") or 0)
                     except (TypeError, ValueError, OverflowError) as err:

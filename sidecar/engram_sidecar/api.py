@@ -17,7 +17,13 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from engram_contract.assignment import MAX_EPOCH, Assignment, AssignmentError
+from engram_contract.assignment import (
+    INCARNATION_RULE,
+    MAX_EPOCH,
+    Assignment,
+    AssignmentError,
+    valid_incarnation,
+)
 from engram_contract.formats import records as records_format
 from engram_contract.formats.entry import (
     ENTRY_TYPE_NAMES,
@@ -33,7 +39,7 @@ from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
 from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
 from engram_sidecar.grants import Grant
 from engram_sidecar.log.wal import SpaceLog
-from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.node import Node, OtherIncarnation, StaleAssignment, incarnation_of
 from engram_sidecar.replication.matching import epoch_at
 from engram_sidecar.space.hosted import Space
 from engram_sidecar.space.membership import NotWritable
@@ -374,7 +380,7 @@ async def put_assignment(request: web.Request) -> web.Response:
     try:
         doc = await read_json(request)
         a = Assignment.from_json(doc)
-        changed, sp = node.assign(name, a, grant=_pushed_grant(request))
+        changed, sp = await node.accept(name, a, grant=_pushed_grant(request))
     except (ValueError, AssignmentError, InvalidSpaceId) as err:
         return _error(400, "bad_request", str(err))
     except StaleAssignment as err:
@@ -471,8 +477,17 @@ async def post_fence(request: web.Request) -> web.Response:
         epoch = doc["epoch"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= MAX_EPOCH:
             raise ValueError("epoch must be an integer 1..2^63-1")
+        incarnation = doc.get("incarnation")
+        if incarnation is not None and not valid_incarnation(incarnation):
+            raise ValueError(INCARNATION_RULE)
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         return _error(400, "bad_request", f"fence body: {err}")
+    held = incarnation_of(sp)
+    if incarnation is not None and held is not None and held != incarnation:
+        # This node's log is another life of the space: it must not be elected for this one.
+        return _error(
+            409, "other_incarnation", f"space {sp.id} here is incarnation {held}, not {incarnation}"
+        )
     if epoch < sp.accepted_epoch:
         return _error(409, "stale_epoch", f"epoch {epoch} is below {sp.accepted_epoch}")
     try:
@@ -494,6 +509,36 @@ async def post_fence(request: web.Request) -> web.Response:
             "role": sp.role,
         }
     )
+
+
+async def post_retire(request: web.Request) -> web.Response:
+    """The space's MemorySpace was deleted: stop it here for good, keep or delete its files.
+
+    Body: {"incarnation": uid (optional), "delete": bool}. Idempotent; answers whether the
+    space was hosted here and whether its files were kept (`Node.retire`)."""
+    node = request.app[NODE_KEY]
+    if not _authorized(request):
+        return _error(401, "unauthorized", "POST retire needs Authorization: Bearer <token>")
+    name = request.match_info["space"]
+    try:
+        validate_space_id(name)
+        doc = await read_json(request)
+        if not isinstance(doc, dict):
+            raise ValueError("the body must be a JSON object")
+        incarnation, delete = doc.get("incarnation"), doc.get("delete", False)
+        if incarnation is not None and not valid_incarnation(incarnation):
+            raise ValueError(INCARNATION_RULE)
+        if not isinstance(delete, bool):
+            raise ValueError("delete must be true or false")
+    except (ValueError, InvalidSpaceId, RecursionError) as err:
+        return _error(400, "bad_request", f"retire body: {err}")
+    try:
+        answer = await node.retire(name, incarnation=incarnation, delete=delete)
+    except OtherIncarnation as err:
+        return _error(409, "other_incarnation", str(err))
+    except OSError as err:
+        return _error(507, "storage_error", f"cannot retire space {name}: {err}")
+    return web.json_response(answer)
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -529,6 +574,7 @@ def make_app(node: Node) -> web.Application:
     app.router.add_get("/v1/status", get_status)
     app.router.add_post("/v1/lease", post_lease)
     app.router.add_post("/v1/spaces/{space}/fence", post_fence)
+    app.router.add_post("/v1/spaces/{space}/retire", post_retire)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(node.metrics.registry))

@@ -120,6 +120,9 @@ class SidecarConfig:
     # This node's failure domain, written on its Lease; each one set wins over the Node's label.
     zone: str = ""
     rack: str = ""
+    # The pod's uid (the downward API's metadata.uid): the node Lease is owned by the pod, so it
+    # goes with it. Empty: read from the pod itself (GET pods/<node>), if allowed.
+    kube_pod_uid: str = ""
     status_report_interval: float = 2.0
     # Shutdown (SIGTERM): ask the control plane to switch every space led here to a replica,
     # and wait up to this long for it before exiting (0: exit at once). Keep it below the pod's

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -40,12 +42,26 @@ from engram_sidecar.space.membership import NotWritable
 from engram_sidecar.tail.service import TailService
 
 log = logging.getLogger(__name__)
+# Retired incarnations of spaces: `<data>/RETIRED_DIR/<space>/<incarnation>/`, holding the
+# space's files (deletionPolicy Retain) or nothing (Delete). Its presence refuses that
+# incarnation for good. Not a valid space id, so never taken for a space's directory.
+RETIRED_DIR = ".retired"
 # A control plane that stopped heartbeating this long ago will not move our spaces any more.
 DRAIN_HANDLER_SILENCE = 10.0
 
 
 class StaleAssignment(Exception):
     pass
+
+
+class OtherIncarnation(StaleAssignment):
+    """The request is for another incarnation of a space than the one hosted here."""
+
+
+def incarnation_of(sp: Space) -> str | None:
+    """The incarnation (MemorySpace uid) a hosted space belongs to, None when never told."""
+    a = sp.assignment
+    return a.incarnation if a is not None else None
 
 
 class Node:
@@ -266,6 +282,16 @@ class Node:
         """
         sid = validate_space_id(space)
         sp = self.spaces.get(sid)
+        if a.incarnation is not None and (sp is None or incarnation_of(sp) != a.incarnation):
+            if self.retired(sid, a.incarnation):
+                raise StaleAssignment(
+                    f"incarnation {a.incarnation} of space {sid} was retired on this node"
+                )
+            if sp is not None and incarnation_of(sp) is not None:
+                raise OtherIncarnation(
+                    f"space {sid} here is incarnation {incarnation_of(sp)}, not {a.incarnation}"
+                    " (retire it first)"
+                )
         if sp is not None and a.epoch < sp.accepted_epoch:
             raise StaleAssignment(
                 f"assignment epoch {a.epoch} is older than epoch {sp.accepted_epoch} "
@@ -290,6 +316,80 @@ class Node:
             # start-up does not: a restarted primary waits for a heartbeat.
             self.grant_leases(grant, {sid: a.epoch})
         return True, sp
+
+    async def accept(
+        self, space: str, a: Assignment, *, grant: Grant | None = None
+    ) -> tuple[bool, Space]:
+        """`assign`, after retiring another incarnation of the space held here: a MemorySpace
+        re-created under the same name is a new space (another uid), and the old one's object
+        is gone, or the control plane could not be assigning the new one. Its files are kept
+        (moved aside): deleting data is only ever done on request (`retire`)."""
+        sid = validate_space_id(space)
+        sp = self.spaces.get(sid)
+        old = incarnation_of(sp) if sp is not None else None
+        inc = a.incarnation
+        if inc is not None and old not in (None, inc) and not self.retired(sid, inc):
+            log.warning(
+                "space %s: incarnation %s replaces %s; retiring the old one (files kept)",
+                sid,
+                inc,
+                old,
+            )
+            await self.retire(sid, incarnation=old, delete=False)
+        return self.assign(sid, a, grant=grant)
+
+    def _retired_path(self, sid: SpaceId, incarnation: str) -> Path:
+        return self.cfg.data_dir / RETIRED_DIR / sid / incarnation
+
+    def retired(self, sid: SpaceId, incarnation: str) -> bool:
+        return self._retired_path(sid, incarnation).exists()
+
+    async def retire(self, space: str, *, incarnation: str | None, delete: bool) -> dict[str, Any]:
+        """The space's MemorySpace is gone: stop it here for good. Fenced first (no write is
+        acknowledged after this begins), its streams and writer stopped, then its directory
+        moved to RETIRED_DIR (or deleted with `delete`), which also refuses `incarnation` from
+        now on. Idempotent. Raises OtherIncarnation when this node holds another incarnation
+        (that one is not being deleted)."""
+        sid = validate_space_id(space)
+        sp = self.spaces.get(sid)
+        held = incarnation_of(sp) if sp is not None else None
+        if incarnation is not None and held is not None and held != incarnation:
+            raise OtherIncarnation(
+                f"space {sid} here is incarnation {held}, not {incarnation}; not retired"
+            )
+        hosted = sp is not None
+        if sp is not None:
+            sp.fence("retired: its MemorySpace was deleted")
+            for link in self.peers.links.values():
+                link.remove(sp)
+            del self.spaces[sid]
+            self._by_wire.pop(sp.wire_id, None)
+            await sp.writer.stop()
+            old = sp.assignment
+            self.metrics.forget_space(sid, [r.node for r in old.replicas] if old else [])
+        self.store.forget(sid)
+        source = self.cfg.data_dir / sid
+        name = incarnation or held or f"unknown-{time.time_ns()}"
+        target = self._retired_path(sid, name)
+        kept = False
+        if target.exists():
+            pass  # retired before (a repeated request): nothing more to do
+        elif source.exists() and not delete:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+            kept = True
+        else:
+            if source.exists():
+                await asyncio.to_thread(shutil.rmtree, source)
+            target.mkdir(parents=True, exist_ok=True)
+        if hosted:
+            log.warning(
+                "space %s: retired (incarnation %s); files %s",
+                sid,
+                name,
+                f"kept in {target}" if kept else "deleted",
+            )
+        return {"space": sid, "hosted": hosted, "incarnation": name, "kept": kept}
 
     def _adopt(self, sp: Space, a: Assignment) -> None:
         old = sp.assignment

@@ -35,6 +35,8 @@ def space_view(
         # control plane re-sends the assignment when they differ from the spec.
         "tuning": a.tuning.to_json() if a else None,
         "primary": a.primary.node if a else None,
+        # The MemorySpace uid this node holds the space for (None: never told, local mode).
+        "incarnation": a.incarnation if a else None,
         "fenced": sp.fenced_reason,
         "dropped_entries": sp.dropped_entries,
         "truncations": list(sp.truncations),

@@ -123,7 +123,9 @@ class Kube:
         base = f"/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}"
         return base if name is None else f"{base}/{name}"
 
-    async def create_space(self, name: str, spec: Mapping[str, Any]) -> None:
+    async def create_space(
+        self, name: str, spec: Mapping[str, Any], *, uid: str | None = None
+    ) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "MemorySpace",
@@ -132,13 +134,17 @@ class Kube:
             "metadata": {
                 "name": name,
                 "namespace": NAMESPACE,
-                "uid": f"uid-{name}",
+                "uid": uid or f"uid-{name}",
                 "generation": 1,
                 "resourceVersion": "1",
             },
             "spec": dict(spec),
         }
         await self.call("POST", self._spaces_path(), body)
+
+    async def delete_space(self, name: str) -> None:
+        """`kubectl delete msp NAME --wait=false`: marked for deletion while finalizers remain."""
+        await self.call("DELETE", self._spaces_path(name))
 
     async def patch_spec(self, name: str, spec: Mapping[str, Any]) -> None:
         generation = int(self.space(name).get("metadata", {}).get("generation", 1)) + 1

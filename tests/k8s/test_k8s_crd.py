@@ -141,9 +141,13 @@ def test_crd_is_structural_established_and_explained(crds: ControlPlane) -> None
     while not explained():
         assert time.monotonic() < deadline, "kubectl explain msp: no field descriptions"
         time.sleep(0.5)
-    # The categories work: `kubectl get engram` and `kubectl get all` include MemorySpaces.
+    # The categories work: `kubectl get engram` lists MemorySpaces, `kubectl get all` doesn't
+    # (so `kubectl delete all --all` spares them and their data).
     assert (
         "memoryspaces" in crds.kubectl("api-resources", "--categories=engram", "-o", "name").stdout
+    )
+    assert (
+        "memoryspaces" not in crds.kubectl("api-resources", "--categories=all", "-o", "name").stdout
     )
 
 

@@ -63,6 +63,7 @@ CHART_SET = {
     "secret_file",
     "kube_namespace",
     "kube_node_name",  # from spec.nodeName, with nodes.topology.nodeLabels (the default)
+    "kube_pod_uid",  # the downward API's metadata.uid
 }
 # Set by the chart, and also offered in nodes.sidecar.config (then checked against other values).
 DERIVED = {"drain_timeout"}  # from terminationGracePeriodSeconds unless set, always below it
@@ -320,6 +321,7 @@ def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
     env = {
         "ENGRAM_NODE": "engram-0",
         "ENGRAM_KUBE_NAMESPACE": "engram-system",
+        "ENGRAM_KUBE_POD_UID": "6f1c0f9e-2b7a-4c43-9d59-3c0b7e0d1a11",
         "ENGRAM_DATA_DIR": str(tmp_path / "data"),
         "ENGRAM_HTTP_HOST": "0.0.0.0",
         "ENGRAM_HTTP_PORT": str(sc["httpPort"]),

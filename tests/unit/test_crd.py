@@ -23,6 +23,7 @@ import yaml
 
 from engram_contract import ids, kubernetes
 from engram_operator import model, status
+from engram_operator.kube import retire
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "deploy" / "crds" / "memoryspaces.engram.io.yaml"
@@ -338,7 +339,7 @@ def test_crd_short_name_and_categories() -> None:
     names = _crd()["spec"]["names"]
     assert names["shortNames"] == ["msp"]
     assert "engram" in names["categories"]
-    assert "all" in names["categories"]
+    assert "all" not in names["categories"]  # `kubectl delete all --all` spares them
 
 
 def test_crd_serves_one_stored_version_with_status_subresource() -> None:
@@ -423,6 +424,7 @@ def test_crd_spec_defaults_are_the_design_seed_constants() -> None:
         "catchupThreshold": 10000,
         "failover": {"automatic": True},
         "paused": False,
+        "deletionPolicy": "Retain",
     }
     assert stored["spec"]["lag"]["warningSeconds"] == status.LAG_WARNING_SECONDS
 
@@ -435,6 +437,7 @@ def _enum(path: str) -> set[str]:
 
 def test_crd_enums_match_the_code() -> None:
     assert _enum(".spec.ackPolicy") == set(typing.get_args(model.AckPolicy))
+    assert _enum(".spec.deletionPolicy") == set(retire.DELETION_POLICIES)
     assert _enum(".status.phase") == set(typing.get_args(status.Phase))
     member = _schema()["properties"]["status"]["properties"]["members"]["items"]["properties"]
     states = {a for part in typing.get_args(status.RowState) for a in typing.get_args(part)}

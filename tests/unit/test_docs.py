@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from engram_contract.formats.entry import HEADER
 from engram_operator.cli import _parser
+from engram_operator.kube.metrics import OperatorMetrics
 from engram_sidecar import api
 from engram_sidecar.config import SidecarConfig, load_config, setting_names
 from engram_sidecar.kube.agent import KubeMetrics
@@ -57,10 +58,11 @@ def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Exposed name -> (type, label names) for every metric Metrics registers."""
     m = Metrics(CollectorRegistry())
     kube = KubeMetrics(m.registry)  # what the Kubernetes tasks add (engram_sidecar.kube)
-    wrappers = [*vars(m).values(), *vars(kube).values()]
+    op = OperatorMetrics()  # the operator's own registry (engram_operator.kube.metrics)
+    wrappers = [*vars(m).values(), *vars(kube).values(), *vars(op).values()]
     labels = {w._name: tuple(w._labelnames) for w in wrappers if isinstance(w, MetricWrapperBase)}
     out = {}
-    for family in m.registry.collect():
+    for family in [*m.registry.collect(), *op.registry.collect()]:
         exposed = family.name + "_total" if family.type == "counter" else family.name
         out[exposed] = (family.type, labels[family.name])
     return out

@@ -78,7 +78,13 @@ class FakeSidecars:
         return [(n, d["epoch"], d["primary"]["node"]) for k, n, d in self.calls if k == "assign"]
 
     async def fence(
-        self, http: str, space: SpaceId, epoch: int, *, timeout: float = 2.0
+        self,
+        http: str,
+        space: SpaceId,
+        epoch: int,
+        *,
+        timeout: float = 2.0,
+        incarnation: str | None = None,
     ) -> dict[str, Any]:
         node = self.node_of[http]
         self.calls.append(("fence", node, epoch))

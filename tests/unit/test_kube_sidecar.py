@@ -251,7 +251,7 @@ async def test_kube_lease_create_race_ends_in_a_patch(h: Harness) -> None:
 
     h.k8s << vanish_once
     node = await h.node("n0")
-    settings = KubeSettings(h.url, NS, None, None, 1.0)
+    settings = KubeSettings(h.url, NS, None, None, 1.0, pod_uid="uid-of-pod-n0")
     kube = KubeSidecar(
         node, settings, http_address="127.0.0.1:1", replication_address="127.0.0.1:2"
     )
@@ -266,6 +266,41 @@ async def test_kube_lease_create_race_ends_in_a_patch(h: Harness) -> None:
     assert lease["metadata"]["annotations"][ANNOTATION_HTTP] == "127.0.0.1:1"
     assert metric(node, "engram_replication_lease_renewals_total", outcome="ok") == 1
     assert metric(node, "engram_replication_lease_renewals_total", outcome="created") == 0
+
+
+@pytest.mark.parametrize("source", ["setting", "pod", "none"])
+async def test_kube_lease_is_owned_by_the_pod(h: Harness, source: str) -> None:
+    """The node Lease names its pod as owner (the garbage collector deletes it with the pod):
+    the uid from kube_pod_uid (the downward API), else read from the pod, else no owner."""
+    if source == "pod":
+        h.k8s.objects[kmock.resource("v1/pods"), NS, "n0"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "n0", "namespace": NS, "uid": "uid-read"},
+        }
+    node = await h.node("n0")
+    uid = "uid-set" if source == "setting" else ""
+    kube = KubeSidecar(
+        node,
+        KubeSettings(h.url, NS, None, None, 1.0, pod_uid=uid, read_pod=not uid),
+        http_address="127.0.0.1:1",
+        replication_address="127.0.0.1:2",
+    )
+    try:
+        assert await kube.renew(time.time_ns())
+        assert await kube.renew(time.time_ns())
+    finally:
+        await kube.client.close()
+    lease = await h.get(LEASES, "engram-node-n0")
+    assert lease is not None
+    owners = lease["metadata"].get("ownerReferences") or []
+    want = {"setting": "uid-set", "pod": "uid-read", "none": None}[source]
+    if want is None:
+        assert owners == []
+    else:
+        assert owners == [{"apiVersion": "v1", "kind": "Pod", "name": "n0", "uid": want}]
+    pod_reads = [r for r in list(h.k8s) if "/pods/" in r.url.path]
+    assert len(pod_reads) == (0 if source == "setting" else 1)  # read once, not per renewal
 
 
 def test_kube_lease_object_is_a_valid_kubernetes_lease() -> None:
@@ -540,7 +575,9 @@ def test_kube_settings_in_cluster_use_the_service_account(tmp_path: Path) -> Non
         (sa / name).write_text(text)
     env = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}
     got = resolve(_cfg(tmp_path), env=env, sa_dir=sa)
-    assert got == KubeSettings("https://[fd00::1]:6443", "prod", sa / "token", sa / "ca.crt", 1.0)
+    assert got == KubeSettings(
+        "https://[fd00::1]:6443", "prod", sa / "token", sa / "ca.crt", 1.0, read_pod=True
+    )
     explicit = _cfg(tmp_path, kube_namespace="other", kube_timeout="0.5")
     got = resolve(explicit, env={"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, sa_dir=sa)
     assert got is not None

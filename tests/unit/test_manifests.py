@@ -193,6 +193,7 @@ def test_rbac_operator_grants_exactly_what_it_needs() -> None:
         *((group, plural, v) for v in ("get", "list", "watch", "patch")),
         (group, f"{plural}/status", "patch"),
         ("coordination.k8s.io", "leases", "list"),
+        ("coordination.k8s.io", "leases", "watch"),
         *(("kopf.dev", "kopfpeerings", v) for v in ("list", "watch", "patch")),
         ("", "events", "create"),
     }

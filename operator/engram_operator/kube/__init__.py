@@ -7,6 +7,9 @@ Talks to Kubernetes and to the sidecars (I/O):
   Events out);
 * `store`: the executor's store, the MemorySpace's status, with guarded epoch-changing writes;
 * `nodes`: the nodes (Lease reads, probes, heartbeats with write-lease grants, member reports);
+* `leasewatch`: the watch of the node Leases and its cache;
+* `retire`: deleting a MemorySpace (the finalizer's retire round on every node);
+* `health`: liveness, readiness, the leader and peering metrics;
 * `api`: the thin Kubernetes API client;
 * `metrics`: the operator's Prometheus metrics.
 

@@ -15,7 +15,7 @@ import datetime
 import json
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -75,6 +75,10 @@ def connection_info(
             "no Kubernetes credentials: pass --kubeconfig or --api-url, or run in a pod"
         )
     return info
+
+
+def leases_path(namespace: str) -> str:
+    return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
 
 def now_iso() -> str:
@@ -156,19 +160,70 @@ class KubeApi:
                 raise KubeApiError(f"{method} {path}: answer is not JSON", status=status) from err
         raise AssertionError("unreachable")
 
+    async def watch(
+        self,
+        path: str,
+        params: Mapping[str, str],
+        *,
+        connect_timeout: float | None = None,
+        idle_timeout: float,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`GET path?watch=1…`: yields each watch event ({"type", "object"}) as it arrives.
+        Ends when the server closes the stream; raises KubeApiError on an HTTP error, a broken
+        stream, or no byte for `idle_timeout` seconds (a stuck watch)."""
+        headers = dict(self._info.as_http_headers())
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout or self._timeout, sock_read=idle_timeout
+        )
+        try:
+            async with self._session_now().get(
+                self.server + path,
+                params={**params, "watch": "true"},
+                headers=headers,
+                timeout=timeout,
+            ) as resp:
+                if resp.status >= 400:
+                    text = await resp.text()
+                    if resp.status == 401:
+                        self._info = self._credentials()  # rotated token: the next try uses it
+                    raise KubeApiError(
+                        f"WATCH {path}: HTTP {resp.status}: {text[:300]}", status=resp.status
+                    )
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError as err:
+                        raise KubeApiError(f"WATCH {path}: not JSON: {line[:100]!r}") from err
+                    if isinstance(event, dict):
+                        yield event
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise KubeApiError(f"WATCH {path}: {err!r}") from err
+
     # ---- the calls the operator makes ------------------------------------------------------
 
     async def list_leases(
         self, namespace: str, label_selector: str, *, timeout: float | None = None
     ) -> list[dict[str, Any]]:
+        items, _ = await self.list_leases_versioned(namespace, label_selector, timeout=timeout)
+        return items
+
+    async def list_leases_versioned(
+        self, namespace: str, label_selector: str, *, timeout: float | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The node Leases, and the list's resourceVersion (where a watch may start)."""
         doc = await self.request(
             "GET",
-            f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
+            leases_path(namespace),
             params={"labelSelector": label_selector},
             timeout=timeout,
         )
         items = doc.get("items") if isinstance(doc, dict) else None
-        return [i for i in items or [] if isinstance(i, dict)]
+        meta = (doc.get("metadata") or {}) if isinstance(doc, dict) else {}
+        version = meta.get("resourceVersion")
+        found = [i for i in items or [] if isinstance(i, dict)]
+        return found, version if isinstance(version, str) and version else None
 
     def _space_path(self, namespace: str, name: str) -> str:
         return f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}"

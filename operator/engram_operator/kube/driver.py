@@ -19,8 +19,9 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any
 
+from engram_contract.assignment import valid_incarnation
 from engram_contract.client import SidecarClient, SidecarError
 from engram_contract.ids import NodeName, SpaceId
 from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND
@@ -31,16 +32,12 @@ from engram_operator.kube.api import EVENT_MESSAGE_LIMIT, KubeApi, KubeApiError,
 from engram_operator.kube.convert import event_message, parse_spec
 from engram_operator.kube.metrics import OperatorMetrics
 from engram_operator.kube.nodes import NodeMonitor
-from engram_operator.kube.status_patch import fingerprint, status_update
+from engram_operator.kube.status_patch import fingerprint, holds, newest_version, status_update
 from engram_operator.kube.store import SpaceState, StatusStore
 from engram_operator.model import MemberReport, Placement, SpaceSpec
 from engram_operator.verdict import Verdict
 
 log = logging.getLogger("engram_operator.kube")
-
-# Status is patched at once when anything but numbers changed; a change of numbers only (lease
-# ages, lag in the message) waits this long, so a steady space costs one write per 5 s at most.
-STATUS_REFRESH: Final = 5.0
 
 
 class SpaceDriver:
@@ -93,6 +90,7 @@ class SpaceDriver:
         uid = (body.get("metadata") or {}).get("uid")
         if isinstance(uid, str):
             self.ref = dataclasses.replace(self.ref, uid=uid)
+            self.executor.incarnation = uid if valid_incarnation(uid) else None
         self.store.adopt(body)
 
     # ---- one tick -------------------------------------------------------------------------
@@ -123,7 +121,7 @@ class SpaceDriver:
         now = self.clock()
         self.store.observed_at = self.nodes.store.last_read_ok_at or now
         verdicts = self.nodes.verdicts(now)
-        reports = self.nodes.reports(self.space)
+        reports = self.nodes.reports(self.space, self.executor.incarnation)
         if spec is None:
             sentence = f"holding space {self.space}: {parsed.problem}"
             decision = rc.Decision(actions=(rc.Wait(reason=sentence),), sentence=sentence)
@@ -261,9 +259,31 @@ class SpaceDriver:
         if update.under_replicated:
             self._announce("UnderReplicated", "Warning", update.under_replicated)
         text = fingerprint(update.patch)
-        if text == st.last_patch_gist and now - st.last_patch_at < STATUS_REFRESH:
+        if text == st.last_patch_gist:
+            return  # nothing but numbers in prose changed: not worth a write
+        if not st.last_patch_gist and text == fingerprint(holds(body, update.patch)):
+            # The object already says this (an operator restart, a peer's takeover).
+            st.conditions = update.conditions
+            st.last_patch_gist, st.last_patch_at = text, now
             return
-        await self.api.patch_space_status(self.namespace, self.space, update.patch)
+        version = newest_version(st.resource_version, _version(body))
+        try:
+            doc = await self.api.patch_space_status(
+                self.namespace, self.space, update.patch, resource_version=version
+            )
+        except KubeApiError as err:
+            if not err.conflict:
+                raise
+            # Someone wrote since the version we hold (a sidecar's member report, or another
+            # operator replica): read it again and decide again on it next tick, rather than
+            # write over what we haven't seen (an older epoch, say).
+            self.metrics.status_writes.labels("conflict").inc()
+            fresh = await self.api.get_space(self.namespace, self.space)
+            st.resource_version = _version(fresh)
+            self.store.follow(fresh)
+            return
+        self.metrics.status_writes.labels("written").inc()
+        st.resource_version = _version(doc) or st.resource_version
         st.conditions = update.conditions
         st.last_patch_gist, st.last_patch_at = text, now
 
@@ -283,3 +303,8 @@ class SpaceDriver:
                 await self.api.post_event(self.ref, type_=type_, reason=reason, message=message)
             except KubeApiError as err:
                 log.warning("space %s: cannot post %s event: %s", self.space, reason, err)
+
+
+def _version(body: Mapping[str, Any]) -> str | None:
+    version = (body.get("metadata") or {}).get("resourceVersion")
+    return version if isinstance(version, str) and version else None

@@ -16,6 +16,7 @@ replica stands by instead of taking over, and `--dev` (priority 666) outranks th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -27,14 +28,18 @@ from typing import Any, Final, cast
 import kopf
 from aiohttp import web
 
+from engram_contract.assignment import valid_incarnation
 from engram_contract.client import SidecarClient
 from engram_contract.ids import SpaceId, validate_space_id
-from engram_contract.kubernetes import API_GROUP, API_VERSION, PLURAL
+from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND, PLURAL
 from engram_contract.tokens import KeyFile
-from engram_operator.kube.api import KubeApi, connection_info
+from engram_operator.kube.api import KubeApi, KubeApiError, ObjectRef, connection_info
+from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
+from engram_operator.kube.health import OperatorHealth
 from engram_operator.kube.metrics import OperatorMetrics, serve
 from engram_operator.kube.nodes import NodeMonitor, parse_selector
+from engram_operator.kube.retire import deletion_policy, retire_everywhere
 from engram_operator.placement import describe
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING
@@ -112,12 +117,34 @@ class Operator:
             lease_seconds=DEFAULT_SETTINGS.write_lease,
         )
         self.metrics_runner: web.AppRunner | None = None
+        # The object kopf hands each space's daemon, kept current by kopf's watch (the audit).
+        self.bodies: dict[str, kopf.Body] = {}
         self.nodes = NodeMonitor(
             api=self.api,
             sidecars=self.sidecars,
             namespace=opts.namespace,
             selector=parse_selector(opts.node_selector),
         )
+        peering = None if opts.standalone or not opts.peering else opts.peering
+        self.health = OperatorHealth(
+            api=self.api,
+            metrics=self.metrics,
+            namespace=opts.namespace,
+            identity=self.identity,
+            priority=kopf_settings.peering.priority,
+            peering=peering,
+            spaces_path=f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{opts.namespace}/{PLURAL}",
+            delivered=self.delivered,
+            monitor_refreshed=lambda: self.nodes.refreshed_at,
+        )
+
+    def delivered(self) -> dict[str, str | None]:
+        """Each reconciled object's resourceVersion as kopf's watch last delivered it."""
+        out: dict[str, str | None] = {}
+        for name, body in self.bodies.items():
+            version = (body.get("metadata") or {}).get("resourceVersion")
+            out[name] = version if isinstance(version, str) else None
+        return out
 
     async def close_metrics(self) -> None:
         runner, self.metrics_runner = self.metrics_runner, None
@@ -154,11 +181,16 @@ class Operator:
         ) -> None:
             await self.run_space(name, namespace or self.opts.namespace, body, stopped)
 
+        @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, id="retire", registry=registry)
+        async def retire_space(name: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+            await self.retire_space(name, namespace or self.opts.namespace, body)
+
         @kopf.on.cleanup(registry=registry)
         async def close(**_: Any) -> None:
             # Before kopf waits for leftover tasks: a scraper's keep-alive connection would
             # otherwise hold the exit up for kopf's 5 s.
             await self.close_metrics()
+            await self.health.stop()
             await self.api.close()
             await self.sidecars.close()
 
@@ -168,6 +200,15 @@ class Operator:
         self, name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped
     ) -> None:
         """The daemon of one space: a tick per node refresh until kopf stops it."""
+        self.bodies[name] = body
+        try:
+            await self._run_space(name, namespace, body, stopped)
+        finally:
+            self.bodies.pop(name, None)
+
+    async def _run_space(
+        self, name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped
+    ) -> None:
         try:
             space = validate_space_id(name)
         except ValueError as err:  # contract's InvalidSpaceId is a ValueError
@@ -188,11 +229,11 @@ class Operator:
         placed = driver.state.placement
         log.info("space %s: reconciling (%s)", space, describe(placed) if placed else "not placed")
         try:
-            while not stopped:
+            while not stopped and not deleting(body):
                 # Right after a node refresh: the first tick never decides on an empty view.
                 await self.nodes.next_tick(timeout=2 * DEFAULT_TIMING.check_interval)
-                if stopped:
-                    break
+                if stopped or deleting(body):
+                    break  # deleted: the retire handler takes it from here
                 try:
                     await driver.tick(body)
                 except Exception:  # one bad tick must not end the daemon (no crash loop)
@@ -203,13 +244,72 @@ class Operator:
             await self.nodes.detach(space)
             log.info("space %s: stopped reconciling (%s)", space, stopped.reason or "cancelled")
 
+    async def retire_space(self, name: str, namespace: str, body: kopf.Body) -> None:
+        """The finalizer's work (kube/retire.py): retire the space on every node, then let
+        kopf remove the finalizer. Raises kopf.TemporaryError while a live node can't be
+        reached: kopf retries, and the object stays until it is done."""
+        try:
+            space = validate_space_id(name)
+        except ValueError:
+            return  # never reconciled: nothing on any node
+        status = body.get("status") or {}
+        placement = placement_from_status(status)
+        policy = deletion_policy(body.get("spec") or {})
+        uid = (body.get("metadata") or {}).get("uid")
+        incarnation = uid if isinstance(uid, str) and valid_incarnation(uid) else None
+        ref = ObjectRef(
+            kind=KIND,
+            api_version=f"{API_GROUP}/{API_VERSION}",
+            namespace=namespace,
+            name=name,
+            uid=uid if isinstance(uid, str) else None,
+        )
+        try:
+            records, alive = await self.nodes.read_nodes()
+        except KubeApiError as err:
+            raise kopf.TemporaryError(f"cannot read the node Leases: {err}", delay=2) from err
+        outcome = await retire_everywhere(
+            sidecars=self.sidecars,
+            space=space,
+            incarnation=incarnation,
+            policy=policy,
+            records=records,
+            alive=alive,
+            primary=placement.primary if placement else None,
+            members=placement.members if placement else (),
+        )
+        sentence = outcome.sentence(space, policy)
+        if not outcome.done:
+            log.warning("%s", sentence)
+            self.metrics.reconcile_errors.inc()
+            with contextlib.suppress(KubeApiError):
+                await self.api.post_event(
+                    ref, type_="Warning", reason="RetireBlocked", message=sentence
+                )
+            raise kopf.TemporaryError(sentence, delay=2)
+        log.info("%s", sentence)
+        with contextlib.suppress(KubeApiError):
+            await self.api.post_event(ref, type_="Normal", reason="Retired", message=sentence)
+
+
+def deleting(body: kopf.Body) -> bool:
+    """Is the object marked for deletion (the retire handler's turn)?"""
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
 
 async def run(opts: OperatorOptions) -> int:
     """Run the operator until SIGINT/SIGTERM (kopf handles the signals)."""
     kopf_settings = settings(opts)
     op = Operator(opts, kopf_settings)
     if opts.metrics_port:
-        op.metrics_runner = await serve(op.metrics, host=opts.metrics_host, port=opts.metrics_port)
+        op.metrics_runner = await serve(
+            op.metrics,
+            host=opts.metrics_host,
+            port=opts.metrics_port,
+            alive=op.health.alive,
+            ready=op.health.ready,
+        )
+    op.health.start()
     peering = None if opts.standalone or not opts.peering else opts.peering
     if peering is None and not opts.standalone:
         log.warning("no --peering: running standalone; run a single replica of this operator")

@@ -6,6 +6,8 @@ counts, this module only holds the counters. The registry is injected so tests g
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -39,6 +41,33 @@ class OperatorMetrics:
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.status_writes = Counter(
+            METRICS_PREFIX + "operator_status_writes_total",
+            "MemorySpace status patches by this operator, by outcome: written, or conflict (the"
+            " object changed since the version the patch carried; read again, decided again).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("written", "conflict"):
+            self.status_writes.labels(outcome)
+        self.leader = Gauge(
+            METRICS_PREFIX + "operator_leader",
+            "1 on the operator replica that is active (standalone, or no live peer outranks it"
+            " in the KopfPeering object), 0 on a standby.",
+            registry=self.registry,
+        )
+        self.peering_missing = Gauge(
+            METRICS_PREFIX + "operator_peering_missing",
+            "1 while the KopfPeering object named by --peering is missing: kopf pauses this"
+            " operator and nothing is reconciled.",
+            registry=self.registry,
+        )
+        self.watch_behind = Gauge(
+            METRICS_PREFIX + "operator_watch_behind_objects",
+            "MemorySpaces the last watch audit listed newer than the operator's copy (a stuck"
+            " watch when it stays above 0).",
+            registry=self.registry,
+        )
         self.active_spaces = Gauge(
             METRICS_PREFIX + "operator_active_spaces",
             "Spaces this operator instance reconciles now (0 on a paused peer).",
@@ -46,10 +75,30 @@ class OperatorMetrics:
         )
 
 
-async def serve(metrics: OperatorMetrics, *, host: str, port: int) -> web.AppRunner:
-    """Serve `GET /metrics` on host:port until the returned runner is cleaned up."""
+async def serve(
+    metrics: OperatorMetrics,
+    *,
+    host: str,
+    port: int,
+    alive: Callable[[], str | None] = lambda: None,
+    ready: Callable[[], str | None] = lambda: None,
+) -> web.AppRunner:
+    """Serve `GET /metrics`, `/healthz` and `/readyz` on host:port until the returned runner is
+    cleaned up. `alive` and `ready` answer None when all is well, else the reason (503)."""
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+
+    def probe(check: Callable[[], str | None]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(_: web.Request) -> web.Response:
+            why = check()
+            if why is not None:
+                return web.json_response({"ok": False, "reason": why}, status=503)
+            return web.json_response({"ok": True})
+
+        return handle
+
+    app.router.add_get("/healthz", probe(alive))
+    app.router.add_get("/readyz", probe(ready))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -3,7 +3,9 @@
 Owns the facts `verdict.judge` and `reconcile` need about nodes, gathered once per operator
 process (not once per space), every `Timing.check_interval`:
 
-* **Leases.** One LIST of the node Leases (label `engram.io/node-lease=true`) per interval. A
+* **Leases.** A watch of the node Leases (label `engram.io/node-lease=true`, `leasewatch`)
+  keeps a cache; each interval reads it, and only while a node looks anything but alive (no
+  renewal seen for QUIET), or the watch lags, LISTs them as well (`_cache_will_do`). A
   renewal counts from the moment *this process sees* `spec.renewTime` change, on its own
   monotonic clock. The first sighting (at start-up, or on taking over from a peer) counts as a
   renewal too, unless `renewTime` is clearly stale by the wall clock (older than the lease plus
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ from engram_contract.kubernetes import (
     NodeAddresses,
 )
 from engram_operator.kube.api import KubeApi, KubeApiError
+from engram_operator.kube.leasewatch import LeaseWatch
 from engram_operator.model import MemberReport, NodeInfo, Placement, member_reports
 from engram_operator.verdict import (
     DEFAULT_TIMING,
@@ -67,6 +71,9 @@ log = logging.getLogger("engram_operator.kube")
 # renewal seen, or a probe answered), so that an operator that just started doesn't place every
 # new space on whichever node it happened to judge first.
 SETTLE_GRACE: Final = 10.0
+# The Lease watch's cache stands in for a LIST only while every node renewed within this (two
+# renewals) and the watch delivered an event within it: see `NodeMonitor._cache_will_do`.
+QUIET: Final = 1.0
 # A Lease first seen with a renewTime older than its duration plus this is treated as never
 # renewed (judged by a probe at once). Clocks on a cluster agree within milliseconds (NTP); 5 s
 # only keeps a badly skewed node from being failed over right after an operator restart.
@@ -172,6 +179,11 @@ class NodeMonitor:
         self._inflight: dict[tuple[str, NodeName], asyncio.Task[None]] = {}
         self._noted: dict[tuple[NodeName, SpaceId], tuple[float, dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self.watch = LeaseWatch(
+            api=api, namespace=namespace, selector=self._selector(), clock=clock
+        )
+        self.lists = 0  # Lease LISTs made by refreshes (the watch counts its own)
+        self.refreshed_at: float | None = None  # the last refresh's end, while the loop runs
         self._ticked = asyncio.Event()
         self._store_error = ""
         # (node, space) -> our clock when we last sent that node a write-lease grant for that
@@ -188,6 +200,8 @@ class NodeMonitor:
         self.placements[space] = placement
         if self._task is None or self._task.done():
             self._forget()
+            self.watch.start()
+            self.refreshed_at = self.clock()
             self._task = asyncio.create_task(self._run(), name="engram node monitor")
 
     def _forget(self) -> None:
@@ -209,6 +223,8 @@ class NodeMonitor:
             return
         task, self._task = self._task, None
         task.cancel()
+        self.refreshed_at = None
+        await self.watch.stop()
         for t in [task, *self._inflight.values()]:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -233,6 +249,7 @@ class NodeMonitor:
                 await self.refresh()
             except Exception:  # the loop must outlive one bad refresh
                 log.exception("node refresh failed")
+            self.refreshed_at = self.clock()
             event, self._ticked = self._ticked, asyncio.Event()
             event.set()
             await asyncio.sleep(max(0.0, self.timing.check_interval - (self.clock() - started)))
@@ -240,41 +257,35 @@ class NodeMonitor:
     # ---- one refresh ----------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Read the Leases, then start the probes and heartbeats they call for. A read slower
-        than `store_stale_after` is given up: by then the verdicts would hold anyway."""
+        """Read the Leases (the watch's cache, or a LIST: `_cache_will_do`), then start the
+        probes and heartbeats they call for. A read slower than `store_stale_after` is given
+        up: by then the verdicts would hold anyway."""
         sent = self.clock()
-        selector = ",".join(
-            f"{k}={v}" for k, v in {LABEL_NODE_LEASE: "true", **self.selector}.items()
-        )
-        try:
-            items = await self.api.list_leases(
-                self.namespace, selector, timeout=self.timing.store_stale_after
-            )
-        except KubeApiError as err:
-            self.store = StoreHealth(last_read_ok_at=self.store.last_read_ok_at, last_error_at=sent)
-            if str(err) != self._store_error:
-                log.warning("cannot read node leases: %s", err)
-            self._store_error = str(err)
-            return
-        if self._store_error:
-            log.info("node leases readable again")
-            self._store_error = ""
-        self.store = StoreHealth(last_read_ok_at=sent, last_error_at=self.store.last_error_at)
-        for item in items:
-            record = parse_lease(item, self.selector)
-            if record is None:
-                continue
-            name = record.name
-            if name not in self._seen:
-                if _fresh(record.renew_time, self.timing.lease_duration + FIRST_SIGHT_SLACK):
-                    self.renewed_at[name] = sent
-                log.info(
-                    "node %s found: http %s, replication %s", name, record.http, record.address
+        if self._cache_will_do(sent):
+            at = self.watch.last_event_at
+            assert at is not None  # _cache_will_do checked it
+            seen = [(c.item, c.seen_at) for c in self.watch.items.values()]
+            self._take(seen, first_sight_at=at)
+            self.store = StoreHealth(last_read_ok_at=at, last_error_at=self.store.last_error_at)
+        else:
+            try:
+                items = await self.api.list_leases(
+                    self.namespace, self._selector(), timeout=self.timing.store_stale_after
                 )
-            elif record.renew_time != self._seen[name]:
-                self.renewed_at[name] = sent
-            self._seen[name] = record.renew_time
-            self.records[name] = record
+            except KubeApiError as err:
+                self.store = StoreHealth(
+                    last_read_ok_at=self.store.last_read_ok_at, last_error_at=sent
+                )
+                if str(err) != self._store_error:
+                    log.warning("cannot read node leases: %s", err)
+                self._store_error = str(err)
+                return
+            self.lists += 1
+            if self._store_error:
+                log.info("node leases readable again")
+                self._store_error = ""
+            self.store = StoreHealth(last_read_ok_at=sent, last_error_at=self.store.last_error_at)
+            self._take([(item, sent) for item in items], first_sight_at=sent)
         now = self.clock()
         for name, verdict in self.verdicts(now).items():
             self._note_state(verdict)
@@ -282,6 +293,49 @@ class NodeMonitor:
                 self._spawn("probe", name, self._probe(name))
             if name in self.records:
                 self._spawn("heartbeat", name, self._heartbeat(name))
+
+    def _cache_will_do(self, now: float) -> bool:
+        """May this refresh read the watch's cache instead of listing the Leases?
+
+        Only while every node looks alive from it: the watch is current, and every known node
+        renewed its Lease within QUIET. Then the verdicts are all Alive, judged as of the last
+        event received, and no watch delay can hide anything they depend on. As soon as one
+        node goes quiet (or its Lease is gone, or the watch lags), every refresh LISTs again,
+        as before: a verdict that can fail a node over is judged only on a consistent read sent
+        after its Lease expired (verdict.py), never on a watch that may lag."""
+        if not self.watch.current(now, QUIET):
+            return False
+        known = self.known()
+        if not known or any(n not in self.watch_names() for n in known):
+            return False
+        return all(now - self.renewed_at.get(n, -math.inf) <= QUIET for n in known)
+
+    def watch_names(self) -> set[NodeName]:
+        out: set[NodeName] = set()
+        for c in self.watch.items.values():
+            record = parse_lease(c.item, self.selector)
+            if record is not None:
+                out.add(record.name)
+        return out
+
+    def _take(self, seen: list[tuple[Mapping[str, Any], float]], *, first_sight_at: float) -> None:
+        """Note the Leases read: a changed renewTime is a renewal at the time it was received
+        (`seen`: each Lease with that time)."""
+        for item, at in seen:
+            record = parse_lease(item, self.selector)
+            if record is None:
+                continue
+            name = record.name
+            if name not in self._seen:
+                if _fresh(record.renew_time, self.timing.lease_duration + FIRST_SIGHT_SLACK):
+                    self.renewed_at[name] = max(at, first_sight_at) if at else first_sight_at
+                log.info(
+                    "node %s found: http %s, replication %s", name, record.http, record.address
+                )
+            elif record.renew_time != self._seen[name]:
+                self.renewed_at[name] = max(at, self.renewed_at.get(name, at))
+            self._seen[name] = record.renew_time
+            self.records[name] = record
 
     def _note_state(self, verdict: Verdict) -> None:
         before = self._states.get(verdict.node)
@@ -371,6 +425,24 @@ class NodeMonitor:
         doc = self.status.setdefault(node, {})
         doc["spaces"] = {**(doc.get("spaces") or {}), space: dict(view)}
 
+    async def read_nodes(self) -> tuple[dict[NodeName, NodeRecord], dict[NodeName, bool]]:
+        """One consistent read of the node Leases, outside the loop (a deletion's retire round):
+        every node record, and whether each Lease was renewed lately by the wall clock (within
+        its duration plus FIRST_SIGHT_SLACK: a node that may be alive is waited for)."""
+        items = await self.api.list_leases(
+            self.namespace, self._selector(), timeout=self.timing.store_stale_after * 2
+        )
+        records: dict[NodeName, NodeRecord] = {}
+        for item in items:
+            record = parse_lease(item, self.selector)
+            if record is not None:
+                records[record.name] = record
+        within = self.timing.lease_duration + FIRST_SIGHT_SLACK
+        return records, {n: _fresh(r.renew_time, within) for n, r in records.items()}
+
+    def _selector(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in {LABEL_NODE_LEASE: "true", **self.selector}.items())
+
     # ---- what the space daemons read --------------------------------------------------------
 
     def known(self) -> list[NodeName]:
@@ -423,6 +495,18 @@ class NodeMonitor:
         who = ", ".join(sorted(waiting)) or "the node leases"
         return f"waiting for {who} to be judged before placing"
 
-    def reports(self, space: SpaceId) -> dict[NodeName, MemberReport]:
-        """Each node's last report of `space`, with lag and state as its primary sees them."""
-        return member_reports(self.status, space)
+    def reports(
+        self, space: SpaceId, incarnation: str | None = None
+    ) -> dict[NodeName, MemberReport]:
+        """Each node's last report of `space`, with lag and state as its primary sees them. With
+        `incarnation`, a node reporting another incarnation of the space is left out: its log
+        belongs to an earlier space of that name (it is re-sent the assignment, and retires it)."""
+        status: Mapping[NodeName, Mapping[str, Any]] = self.status
+        if incarnation is not None:
+            status = {
+                n: doc
+                for n, doc in status.items()
+                if ((doc.get("spaces") or {}).get(space) or {}).get("incarnation")
+                in (None, incarnation)
+            }
+        return member_reports(status, space)

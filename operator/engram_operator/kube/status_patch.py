@@ -185,3 +185,23 @@ def fingerprint(patch: Mapping[str, object]) -> str:
         return value
 
     return json.dumps(mask(patch), sort_keys=True)
+
+
+def holds(body: Mapping[str, object], patch: Mapping[str, object]) -> dict[str, object]:
+    """What the object's status holds now for each field of `patch` (None where it has none), to
+    compare with `patch` by `fingerprint`."""
+    status = body.get("status")
+    current = status if isinstance(status, Mapping) else {}
+    return {k: current.get(k) for k in patch}
+
+
+def newest_version(*versions: str | None) -> str | None:
+    """The newest of some resourceVersions of one object. They are opaque strings to clients,
+    but the API server's are etcd revisions, integers that only grow: compare as integers when
+    all are, else trust the first."""
+    known = [v for v in versions if v]
+    if not known:
+        return None
+    if all(v.isdigit() for v in known):
+        return max(known, key=int)
+    return known[0]

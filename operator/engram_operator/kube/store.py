@@ -65,6 +65,9 @@ class SpaceState:
     last_sentence: str = ""
     last_patch_gist: str = ""
     last_patch_at: float = -math.inf
+    # The newest resourceVersion we know from our own writes and reads (kopf's copy of the
+    # object may lag behind our last write): every status write carries the newer of the two.
+    resource_version: str | None = None
 
 
 class StatusStore:
@@ -173,7 +176,7 @@ class StatusStore:
             version = (fresh.get("metadata") or {}).get("resourceVersion")
             self._check_deadline(promotion is not None)
             try:
-                await self.api.patch_space_status(
+                written = await self.api.patch_space_status(
                     self.namespace, self.space, patch, resource_version=version, timeout=bound
                 )
             except KubeApiError as err:
@@ -181,6 +184,7 @@ class StatusStore:
                     continue  # the sidecar's members patch moved the version; read again
                 raise
             st = self.state
+            st.resource_version = _version(written) or st.resource_version
             st.placement = placement
             st.placed_at = placed_at
             if promotion is not None:
@@ -211,7 +215,7 @@ class StatusStore:
             version = (fresh.get("metadata") or {}).get("resourceVersion")
             self._check_deadline(True)
             try:
-                await self.api.patch_space_status(
+                written = await self.api.patch_space_status(
                     self.namespace,
                     self.space,
                     {"phase": "FailingOver", "lastPromotion": dict(plan.record.to_dict())},
@@ -223,6 +227,7 @@ class StatusStore:
                     continue  # the sidecar's members patch moved the version; read again
                 raise
             self.state.pending_epoch = plan.epoch
+            self.state.resource_version = _version(written) or self.state.resource_version
             return
 
     def _check_deadline(self, promotion: bool) -> None:
@@ -232,3 +237,8 @@ class StatusStore:
                 f"space {self.space}: promotion not recorded within {PROMOTION_DEADLINE:g} s"
                 f" of the lease read it was based on ({late:.1f} s); deciding again"
             )
+
+
+def _version(doc: Mapping[str, Any]) -> str | None:
+    version = (doc.get("metadata") or {}).get("resourceVersion")
+    return version if isinstance(version, str) and version else None

@@ -40,8 +40,9 @@ from engram_contract.assignment import (
     assignment_from_status,
     bracketed,
     join_hostport,
+    valid_incarnation,
 )
-from engram_contract.ids import METRICS_PREFIX, validate_space_id
+from engram_contract.ids import METRICS_PREFIX, SpaceId, validate_space_id
 from engram_contract.kubernetes import (
     API_GROUP,
     API_VERSION,
@@ -65,7 +66,7 @@ from engram_sidecar.kube.client import (
     lease_object,
     micro_time,
 )
-from engram_sidecar.node import Node, StaleAssignment
+from engram_sidecar.node import Node, StaleAssignment, incarnation_of
 from engram_sidecar.space.hosted import Space
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ class KubeSidecar:
         # Failure-domain labels for the Lease: the settings now, the Node's labels once read.
         self.domain = failure_domain({}, zone=cfg.zone, rack=cfg.rack)
         self._node_read = not cfg.kube_node_name or bool(cfg.zone and cfg.rack)
+        self._owner: str | None = None  # the pod's uid, once known ("": none)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -315,7 +317,35 @@ class KubeSidecar:
             ", ".join(f"{k}={v}" for k, v in sorted(self.domain.items())) or "no zone or rack",
         )
 
+    async def owner(self) -> str:
+        """The uid of this node's pod (kube_pod_uid, else, in a pod, read once from the pod,
+        named as the node); "" when there is none (not in a pod, or not allowed: no owner, and
+        the Lease stays after the pod is gone)."""
+        if self._owner is None:
+            uid = self.settings.pod_uid
+            if not uid and self.settings.read_pod:
+                path = f"/api/v1/namespaces/{self.settings.namespace}/pods/{self.node.name}"
+                try:
+                    doc = await self.client.request("GET", path)
+                except KubeApiError as err:
+                    if err.status == 0:
+                        return ""  # no answer: ask again at the next renewal
+                    log.info(
+                        "node %s: its Lease has no owner (cannot read pod %s: %s); set"
+                        " kube_pod_uid so that it goes with the pod",
+                        self.node.name,
+                        self.node.name,
+                        err,
+                    )
+                    doc = {}
+                meta = doc.get("metadata") if isinstance(doc, dict) else None
+                found = (meta or {}).get("uid") if isinstance(meta, dict) else None
+                uid = found if isinstance(found, str) else ""
+            self._owner = uid
+        return self._owner
+
     async def renew(self, sent_ns: int) -> bool:
+        owner = await self.owner()
         body = lease_object(
             self.node.name,
             self.settings.namespace,
@@ -324,6 +354,7 @@ class KubeSidecar:
             renew_ns=sent_ns,
             draining=self.node.draining,
             domain=self.domain,
+            owner_uid=owner,
         )
         outcome = "ok"
         try:
@@ -356,7 +387,10 @@ class KubeSidecar:
     async def sync(self, grant_at: float | None) -> bool:
         """Apply the placements MemorySpace status gives this node; grant write leases (from
         `grant_at`, the monotonic send time of the renewal that earned them) to the spaces whose
-        status names this node primary at its epoch."""
+        status names this node primary at its epoch. Retires the spaces whose MemorySpace is gone
+        (`_retire_orphans`)."""
+        # Taken before the read: only a space hosted before it can be judged by its answer.
+        before = {sid: inc for sid, sp in self.node.spaces.items() if (inc := incarnation_of(sp))}
         try:
             leases = await self.client.list(self._leases, label_selector=f"{LABEL_NODE_LEASE}=true")
             spaces = await self.client.list(self._spaces)
@@ -371,10 +405,15 @@ class KubeSidecar:
         self._incomplete = False
         for obj in spaces:
             status, spec = obj.get("status") or {}, obj.get("spec") or {}
-            name = (obj.get("metadata") or {}).get("name", "")
-            sp = self._apply(name, status, spec, addresses)
+            meta = obj.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                continue  # being retired by the operator (its finalizer): no role to take up
+            uid = meta.get("uid")
+            life = uid if isinstance(uid, str) and valid_incarnation(uid) else None
+            sp = await self._apply(meta.get("name", ""), status, spec, addresses, life)
             if (
                 sp is not None
+                and incarnation_of(sp) in (None, life)
                 and sp.role == "primary"
                 and status.get("primary") == self.node.name
                 and status.get("epoch") == sp.assignment_epoch()
@@ -382,14 +421,42 @@ class KubeSidecar:
                 vouched[sp.id] = sp.assignment_epoch()
         if grant_at is not None and vouched:
             self.node.grant_leases(Grant(sent_by_us=grant_at), vouched)
+        await self._retire_orphans(before, spaces)
         return True
 
-    def _apply(
+    async def _retire_orphans(
+        self, before: Mapping[SpaceId, str], objects: list[dict[str, Any]]
+    ) -> None:
+        """A space hosted here for a MemorySpace (name and uid) that no longer exists was
+        deleted while this node was away from its operator's retire round: retire it, keeping
+        its files (the object, and its deletionPolicy, are gone). Only spaces hosted before the
+        read was sent: the read is consistent, so their object, if it still existed, is in it;
+        a space assigned after it was sent may be newer than the answer."""
+        alive = {
+            (str(meta.get("name", "")), meta.get("uid"))
+            for meta in ((o.get("metadata") or {}) for o in objects)
+        }
+        for sid, inc in before.items():
+            sp = self.node.spaces.get(sid)
+            if sp is None or incarnation_of(sp) != inc or (sid, inc) in alive:
+                continue
+            log.warning(
+                "space %s: its MemorySpace (uid %s) is gone; retiring it here (files kept)",
+                sid,
+                inc,
+            )
+            try:
+                await self.node.retire(sid, incarnation=inc, delete=False)
+            except (StaleAssignment, OSError) as err:
+                self._problem(f"retiring space {sid}", err)
+
+    async def _apply(
         self,
         name: str,
         status: Mapping[str, Any],
         spec: Mapping[str, Any],
         addresses: Mapping[str, NodeAddresses],
+        incarnation: str | None,
     ) -> Space | None:
         try:
             sid = validate_space_id(name)
@@ -402,13 +469,13 @@ class KubeSidecar:
         )
         if not placed and (here is None or here.assignment is None):
             return None
-        doc = assignment_from_status(status, spec, addresses)
+        doc = assignment_from_status(status, spec, addresses, incarnation=incarnation)
         if doc is None:
             # No placement yet, or a member's Lease is missing: retried, and the operator pushes.
             self._incomplete = self._incomplete or (placed and bool(status.get("primary")))
             return here
         try:
-            changed, sp = self.node.assign(sid, Assignment.from_json(doc))
+            changed, sp = await self.node.accept(sid, Assignment.from_json(doc))
         except (AssignmentError, StaleAssignment) as err:
             log.debug("space %s: MemorySpace status not applied: %s", sid, err)
             return here

@@ -49,6 +49,8 @@ class KubeSettings:
     token_file: Path | None
     ca_file: Path | None
     timeout: float
+    pod_uid: str = ""  # kube_pod_uid: the node Lease's owner
+    read_pod: bool = False  # in a pod without kube_pod_uid: read the uid from the pod itself
 
 
 def resolve(
@@ -86,7 +88,10 @@ def resolve(
     namespace = cfg.kube_namespace
     if not namespace and (sa_dir / "namespace").is_file():
         namespace = (sa_dir / "namespace").read_text().strip()
-    return KubeSettings(url, namespace or "default", token, ca, cfg.kube_timeout)
+    uid = cfg.kube_pod_uid.strip()
+    return KubeSettings(
+        url, namespace or "default", token, ca, cfg.kube_timeout, uid, in_cluster and not uid
+    )
 
 
 class KubeApiError(Exception):
@@ -200,9 +205,13 @@ def lease_object(
     acquire: bool = False,
     draining: bool = False,
     domain: Mapping[str, str] | None = None,
+    owner_uid: str = "",
 ) -> dict[str, Any]:
     """The node Lease, or the merge patch that renews it. `domain`: the failure-domain labels
-    (LABEL_ZONE, LABEL_RACK) known for this node, published for placement."""
+    (LABEL_ZONE, LABEL_RACK) known for this node, published for placement. With `owner_uid`,
+    owned by the node's pod (named as the node): the garbage collector deletes it with the
+    pod, so a scaled-down node leaves no Lease behind. Not `blockOwnerDeletion`, which would
+    need the pods/finalizers permission."""
     spec: dict[str, Any] = {
         "holderIdentity": node,
         "leaseDurationSeconds": LEASE_DURATION_SECONDS,
@@ -210,10 +219,16 @@ def lease_object(
     }
     if acquire:
         spec["acquireTime"] = spec["renewTime"]
+    owner = (
+        {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": node, "uid": owner_uid}]}
+        if owner_uid
+        else {}
+    )
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {
+            **owner,
             "name": lease_name(node),
             "namespace": namespace,
             "labels": {LABEL_NODE_LEASE: "true", **(domain or {})},
