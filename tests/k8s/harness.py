@@ -196,6 +196,10 @@ class Release:
             "kube_token_file": str(self.node_sa.token_file),
             "kube_ca_file": str(self.cp.ca),
             "status_report_interval": "0.5",
+            # A catch-up is recorded (and its ReplicaCaughtUp Event posted) only for a gap of more
+            # than one batch; these tests' gaps are a few hundred entries, so batches of 100 (the
+            # default before it became 1000) keep their catch-ups visible.
+            "batch_max_entries": "100",
         }
 
     async def start_nodes(self, count: int = 3, *, zones: Sequence[str] | None = None) -> list[str]:

@@ -150,7 +150,11 @@ async def test_operator_api_requests_per_second(
         if out:
             _append(Path(out), json.dumps(result))
         if not os.environ.get("ENGRAM_API_LOAD"):
-            assert total == 0, rates  # steady state: no Lease list, no status write
+            # Steady state: no Lease list, no status write. The one request left is the watch
+            # audit's MemorySpace LIST, every 30 s by design, which a window may or may not hold.
+            audit = counts.get("list memoryspaces", 0)
+            assert audit <= WINDOW // 30 + 1, rates
+            assert sum(counts.values()) - audit == 0, rates
     finally:
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
