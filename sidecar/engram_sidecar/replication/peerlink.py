@@ -17,7 +17,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from engram_contract.assignment import split_hostport
 from engram_contract.formats.frame import HEADER_SIZE as FRAME_HEADER_SIZE
@@ -226,10 +227,10 @@ class PeerLink:
             prog = s.space.replicas.get(self.peer)
             if prog is not None:
                 prog.disconnected_since = None
-        reader_task = asyncio.create_task(self._read_loop(reader, decoder, early))
-        # Its error is read by the send loop; if shutdown cancels that first, this reads it, so
-        # the loop's shutdown never reports it as unhandled.
-        reader_task.add_done_callback(_retrieve)
+        # The reader returns why it stopped rather than raising it: asyncio.run's shutdown
+        # reports every task that ends in an exception, retrieved or not, and a peer that
+        # closes while the node shuts down is no error.
+        reader_task = asyncio.create_task(_stopped_by(self._read_loop(reader, decoder, early)))
         try:
             await self._send_loop(writer, reader_task)
         finally:
@@ -237,10 +238,14 @@ class PeerLink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
 
-    async def _send_loop(self, writer: asyncio.StreamWriter, reader: asyncio.Task[None]) -> None:
+    async def _send_loop(
+        self, writer: asyncio.StreamWriter, reader: asyncio.Task[Exception | None]
+    ) -> None:
         while True:
             if reader.done():
-                reader.result()  # re-raise why the connection ended
+                err = reader.result()
+                if err is not None:
+                    raise err  # why the connection ended
                 raise PeerClosed("reader stopped")
             self._wake.clear()
             now = self.clock()
@@ -284,6 +289,9 @@ class PeerLink:
             self._wake.set()
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
+async def _stopped_by(work: Coroutine[Any, Any, None]) -> Exception | None:
+    try:
+        await work
+    except Exception as err:  # handed to the send loop, which raises it
+        return err
+    return None
