@@ -31,6 +31,10 @@ from engram_sidecar.replication import catchup, matching
 from engram_sidecar.space.hosted import Space
 from engram_sidecar.space.replicas import CatchUpPath, CatchUpProgress
 
+# A reconnect resending more than this many entries is a catch-up (metric, record, Event),
+# whatever the batch size: fixed at the old default batch so bigger batches hide none.
+CATCHUP_RECORD_MIN_GAP = 100
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["probe", "live", "snapshot"]
@@ -263,7 +267,7 @@ class Stream:
         self.next_send = nxt
         self.inflight = 0
         gap = sp.log.last_sequence - (nxt - 1)
-        if gap > sp.ring.batch_max_entries:
+        if gap > CATCHUP_RECORD_MIN_GAP:
             self._progress("incremental", choice.reason, 0)
             self.metrics.catchups.labels(sp.id, "incremental").inc()
 
