@@ -23,6 +23,7 @@ SCENARIOS: tuple[str, ...] = (
     "promotion",
     "redis",
     "cpu",
+    "tailmode",
 )
 
 

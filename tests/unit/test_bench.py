@@ -520,3 +520,36 @@ def test_partial_results_replace_only_their_sections_and_goals(tmp_path: Path) -
     # A quick run still leaves the page alone, whatever it ran.
     write_results([cpu], docs=docs, json_path=out, quick=True, partial=True)
     assert docs.read_text() == md
+
+
+def test_tailmode_section_is_a_scenario_and_renders_each_run() -> None:
+    from engram_bench.runner import SCENARIOS
+    from engram_bench.tailmode import section
+
+    assert "tailmode" in SCENARIOS
+    runs = [
+        {
+            "name": "10K-per-s",
+            "entries": 10_000,
+            "writer_entries_per_s": 10_010.0,
+            "shipped_entries_per_s": 9_990.0,
+            "latency_p50_ms": 10.0,
+            "latency_p99_ms": 27.4,
+            "latency_max_ms": 35.6,
+        },
+        {
+            "name": "max",
+            "entries": 200_000,
+            "writer_entries_per_s": 600_000.0,
+            "shipped_entries_per_s": None,
+            "latency_p50_ms": None,
+            "latency_p99_ms": None,
+            "latency_max_ms": None,
+        },
+    ]
+    s = section(runs, 10.0)
+    assert s.key == "tailmode"
+    assert s.rows[0][2:5] == ["10,010/s", "9,990/s", "10.00 ms"]
+    # A run that never got an ack shows a dash, not a made-up zero.
+    assert s.rows[1][3:] == ["-", "-", "-", "-"]
+    assert s.data["runs"] == runs
