@@ -38,6 +38,7 @@ from engram_contract.tokens import KeyFile
 from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
 from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
 from engram_sidecar.grants import Grant
+from engram_sidecar.log.offload import prepare_read
 from engram_sidecar.log.wal import SpaceLog
 from engram_sidecar.node import Node, OtherIncarnation, StaleAssignment, incarnation_of
 from engram_sidecar.replication.matching import epoch_at
@@ -286,6 +287,8 @@ async def get_entries(request: web.Request) -> web.Response:
     if start < log.first_sequence and log.last_sequence >= log.first_sequence:
         return _error(410, "gone", f"entries before {log.first_sequence} are no longer kept")
     start = max(start, log.first_sequence)
+    # An old segment is indexed in a worker thread, not by the read on the loop.
+    await prepare_read(log, start, request.app[NODE_KEY].offload)
     try:
         items, next_seq = _read_page(_entries_from(log, start, limit), max_bytes, start)
     except SequenceError:

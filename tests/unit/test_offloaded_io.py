@@ -1,0 +1,200 @@
+"""Snapshot installs and sealed-segment scans run off the event loop (issue 13, "No stalls").
+
+Each test records which thread did the blocking file work (fsyncs, the snapshot swap, the
+segment scans) and which callables went through the node's injected `Offload`, and fails if the
+event loop's own thread did any of it. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from engram_contract.assignment import Assignment, Member
+from engram_contract.ids import NodeName, SpaceId
+from engram_sidecar.config import SidecarConfig
+from engram_sidecar.log import segment, snapshot, wal
+from engram_sidecar.log.offload import prepare_read
+from engram_sidecar.log.wal import SpaceLog
+from engram_sidecar.node import Node
+
+T = TypeVar("T")
+
+
+class Recorder:
+    """An `Offload` that runs the work in a thread, as the default does, and names it."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    async def __call__(self, fn: Callable[[], T]) -> T:
+        self.ran.append(getattr(fn, "__name__", repr(fn)))
+        return await asyncio.to_thread(fn)
+
+
+def _threads_of(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Wrap `module.name` to record the thread of each call."""
+    seen: list[int] = []
+    real = getattr(module, name)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return seen
+
+
+def _member(n: str) -> Member:
+    i = int(n[1])
+    return Member(NodeName(n), f"127.0.0.1:{1000 + i}", f"127.0.0.1:{2000 + i}")
+
+
+async def test_snapshot_install_swaps_files_and_opens_the_new_log_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x" * 32)
+    cfg = SidecarConfig(
+        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret
+    )
+    rec = Recorder()
+    node = Node(cfg, offload=rec)
+    await node.start()
+    try:
+        a = Assignment(1, _member("n1"), (_member("n0"),), "async")
+        _, sp = node.assign("space-s", a)
+        sp.log.append([(1, b"old")] * 10, epoch=1)  # the live log the snapshot replaces
+        primary = SpaceLog(tmp_path / "p", space=SpaceId("space-s"), segment_bytes=4096)
+        primary.append([(1, b"p" * 50)] * 300, epoch=1)
+        b = snapshot.SnapshotBuilder(
+            sp.path,
+            space=sp.id,
+            first=1,
+            last=300,
+            epoch=1,
+            history=primary.history,
+            segment_bytes=4096,
+        )
+        seq = 1
+        while seq <= 300:
+            r = primary.read(seq, max_entries=300)
+            b.append(r.data)
+            seq = r.last_sequence + 1
+        b.finish()
+        loop_thread = threading.get_ident()
+        fsyncs = _threads_of(monkeypatch, os, "fsync")
+        swaps = _threads_of(monkeypatch, snapshot, "install")
+        scans = _threads_of(monkeypatch, wal, "scan")
+        old = sp.log
+
+        await node.install_snapshot(sp)
+
+        assert swaps and fsyncs and scans, "the install did no file work at all?"
+        assert loop_thread not in swaps, "the snapshot swap ran on the event loop"
+        assert loop_thread not in fsyncs, "an fsync of the install ran on the event loop"
+        assert loop_thread not in scans, "the new log's recovery scan ran on the event loop"
+        assert rec.ran == ["swap"]
+        assert sp.log is not old and node.store.get(sp.id) is sp.log
+        assert (sp.log.first_sequence, sp.log.last_sequence) == (1, 300)
+        assert not sp.installing_snapshot
+        sp.log.append([(1, b"next")], epoch=1)  # the new log is the one written to
+        assert sp.log.last_sequence == 301
+    finally:
+        await node.stop()
+
+
+async def test_snapshot_install_finishes_even_if_the_connection_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x" * 32)
+    cfg = SidecarConfig(
+        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret
+    )
+    gate = threading.Event()
+
+    async def held(fn: Callable[[], T]) -> T:
+        def run() -> T:
+            gate.wait(10.0)
+            return fn()
+
+        return await asyncio.to_thread(run)
+
+    node = Node(cfg, offload=held)
+    await node.start()
+    try:
+        a = Assignment(1, _member("n1"), (_member("n0"),), "async")
+        _, sp = node.assign("space-s", a)
+        b = snapshot.SnapshotBuilder(
+            sp.path, space=sp.id, first=1, last=0, epoch=1, history=[], segment_bytes=4096
+        )
+        b.finish()
+        asking = asyncio.create_task(node.install_snapshot(sp))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert sp.installing_snapshot  # the old log is closed, the new one not yet open
+        assert sp.log.delete_before(1 << 40) == 0  # retention leaves a closed log's files alone
+        asking.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        for _ in range(200):
+            if not sp.installing_snapshot:
+                break
+            await asyncio.sleep(0.01)
+        assert not sp.installing_snapshot
+        assert node.store.get(sp.id) is sp.log
+        sp.log.append([(1, b"x")], epoch=1)
+    finally:
+        gate.set()
+        await node.stop()
+
+
+async def test_a_sealed_segment_is_opened_and_indexed_off_the_loop_before_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    log = SpaceLog(d, space=SpaceId("s"), segment_bytes=4096)
+    log.append([(1, b"p" * 50)] * 300, epoch=1)
+    log.close()
+    log = SpaceLog(d, space=SpaceId("s"), segment_bytes=4096)  # sealed segments: no index yet
+    sealed = log.segments[:-1]
+    assert len(sealed) >= 2 and all(s.index is None for s in sealed)
+    loop_thread = threading.get_ident()
+    scans = _threads_of(monkeypatch, segment, "scan")
+    scans_w = _threads_of(monkeypatch, wal, "scan")
+    rec = Recorder()
+    for seg in sealed:
+        mid = seg.first_sequence + 5
+        assert log.index_job(mid) is not None
+        assert await prepare_read(log, mid, rec)
+        assert log.index_job(mid) is None  # indexed, and its fd open
+        r = log.read(mid, max_entries=3)
+        assert (r.first_sequence, r.count) == (mid, 3)
+    assert rec.ran == ["run"] * len(sealed)
+    assert scans + scans_w, "no scan ran at all?"
+    assert loop_thread not in scans + scans_w, "a sealed segment was scanned on the event loop"
+    log.close()
+
+
+async def test_an_index_scanned_across_a_truncation_is_not_adopted(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    log = SpaceLog(d, space=SpaceId("s"), segment_bytes=4096)
+    log.append([(1, b"p" * 50)] * 300, epoch=1)
+    log.close()
+    log = SpaceLog(d, space=SpaceId("s"), segment_bytes=4096)
+    job = log.index_job(1)
+    assert job is not None
+    fd, index = await asyncio.to_thread(job.run)
+    log.truncate_after(20)  # cuts the very segment the job scanned
+    log.adopt_index(job, fd, index)
+    assert log.segments[0].index is None  # the stale index was dropped, its fd closed
+    assert log.read(1, max_entries=100).last_sequence == 20
+    log.close()
