@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from engram_contract.assignment import Assignment, Member
 from engram_contract.ids import NodeName, SpaceId
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.log import segment, snapshot, wal
+from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.offload import prepare_read
 from engram_sidecar.log.wal import SpaceLog
+from engram_sidecar.metrics import Metrics
 from engram_sidecar.node import Node
+from engram_sidecar.replication.catchup import TokenBucket
+from engram_sidecar.replication.stream import Stream
+from engram_sidecar.space.hosted import Space
 
 T = TypeVar("T")
 
@@ -197,4 +203,54 @@ async def test_an_index_scanned_across_a_truncation_is_not_adopted(tmp_path: Pat
     log.adopt_index(job, fd, index)
     assert log.segments[0].index is None  # the stale index was dropped, its fd closed
     assert log.read(1, max_entries=100).last_sequence == 20
+    log.close()
+
+
+async def test_a_snapshot_stream_stops_at_an_unindexed_segment_until_the_link_indexes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    d = tmp_path / "s"
+    first = SpaceLog(d, space=SpaceId("s"), segment_bytes=4096)
+    first.append([(1, b"p" * 50)] * 300, epoch=1)
+    first.close()
+    log = SpaceLog(d, space=SpaceId("s"), segment_bytes=4096)
+    sp = Space(
+        space=SpaceId("s"),
+        node=NodeName("n0"),
+        wal=log,
+        commit=GroupCommit(log, policy="none"),
+        batch_max_entries=100,
+        batch_max_delay=0.01,
+    )
+    sp.membership.accepted_epoch = 1
+    sp.apply_assignment(Assignment(1, _member("n0"), (_member("n1"),), "async"))
+    assert sp.role == "primary"
+    s = Stream(
+        sp,
+        NodeName("n1"),
+        metrics=Metrics(CollectorRegistry()),
+        bucket=TokenBucket(rate=1e12, burst=1e12),
+        threshold=10,
+        heartbeat_interval=60.0,
+        window=4,
+    )
+    sent: list[bytes] = []
+    s._begin_snapshot(sent.append, "test", 0.0)
+    s.snap_started = True  # the replica answered SNAPSHOT_BEGIN
+    loop_thread = threading.get_ident()
+    on_read = _threads_of(monkeypatch, segment, "scan")  # a read's own scan (seek_offset)
+    offloaded = _threads_of(monkeypatch, wal, "scan")  # IndexJob.run's
+    begun = len(sent)
+    assert s.read_ahead() == 1
+    assert s.fill(sent.append, 0.0) == 0.0  # a retry right away, once indexed
+    assert len(sent) == begun, "a chunk was read from an unindexed segment on the loop"
+    prepared = 0
+    while (seq := s.read_ahead()) is not None and prepared < 10:
+        assert await prepare_read(sp.log, seq)
+        prepared += 1
+        s.fill(sent.append, 0.0)
+    assert prepared >= 1 and len(sent) > begun
+    assert not on_read, "a read scanned its segment itself"
+    assert offloaded and loop_thread not in offloaded, "a segment scan ran on the event loop"
     log.close()
