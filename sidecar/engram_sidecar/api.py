@@ -56,9 +56,10 @@ _TYPE_BY_NUMBER: dict[int, str] = {int(v): k for k, v in ENTRY_TYPE_NAMES.items(
 MAX_JSON_DEPTH: Final = 128
 MAX_SEQUENCE: Final = MAX_EPOCH  # sequences are u64 on disk and wire; int64 for every consumer
 _READ_CHUNK: Final = 1 << 20  # WAL bytes read per step of GET …/entries
-# Entries a write parses between turns of the event loop: ~1-3 ms of json.loads on this
-# class of machine, so a lease renewal never waits behind a whole 10,000-entry request.
-PARSE_SLICE: Final = 256
+# Entries a write parses between turns of the event loop: well under 1 ms of json.loads, so a
+# lease renewal never waits behind a whole 10,000-entry request. 256 measured worse (a heartbeat
+# waited ~3x longer under 8 concurrent writers) and 64 cost no throughput (docs/design-notes.md).
+PARSE_SLICE: Final = 64
 
 
 class JsonError(ValueError):
