@@ -18,7 +18,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from engram_contract.assignment import Assignment, Member
-from engram_contract.ids import NodeName, SpaceId
+from engram_contract.formats.batch import encode_snapshot_chunk
+from engram_contract.formats.frame import FrameDecoder
+from engram_contract.formats.messages import (
+    SnapshotAck,
+    SnapshotBegin,
+    SnapshotEnd,
+    decode_message,
+)
+from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.log import segment, snapshot, wal
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -254,3 +262,67 @@ async def test_a_snapshot_stream_stops_at_an_unindexed_segment_until_the_link_in
     assert not on_read, "a read scanned its segment itself"
     assert offloaded and loop_thread not in offloaded, "a segment scan ran on the event loop"
     log.close()
+
+
+async def test_a_replica_builds_finishes_and_installs_a_snapshot_through_its_offload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SNAPSHOT_BEGIN, chunks and SNAPSHOT_END as the replica's receiver decodes them: creating
+    the snapshot's files, its fsyncs, its completion and its install all go through the node's
+    offload, never the loop's thread."""
+    secret = tmp_path / "secret"
+    secret.write_text("x" * 32)
+    cfg = SidecarConfig(
+        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret
+    )
+    rec = Recorder()
+    node = Node(cfg, offload=rec)
+    await node.start()
+    try:
+        _, sp = node.assign("space-s", Assignment(1, _member("n1"), (_member("n0"),), "async"))
+        sp.log.append([(1, b"old")] * 5, epoch=1)
+        primary = SpaceLog(tmp_path / "p", space=SpaceId("space-s"), segment_bytes=4096)
+        primary.append([(1, b"p" * 50)] * 200, epoch=1)
+        frames = [
+            SnapshotBegin(
+                sp.wire_id,
+                Epoch(1),
+                Sequence(1),
+                Sequence(200),
+                tuple(primary.history),
+                primary.size_bytes,
+                4096,
+            ).encode()
+        ]
+        seq = 1
+        while seq <= 200:
+            r = primary.read(seq, max_entries=200)
+            frames.append(
+                encode_snapshot_chunk(
+                    space=sp.wire_id,
+                    epoch=1,
+                    prev_epoch=0 if seq == 1 else 1,
+                    first_seq=r.first_sequence,
+                    last_seq=r.last_sequence,
+                    count=r.count,
+                    entries=r.data,
+                )
+            )
+            seq = r.last_sequence + 1
+        frames.append(SnapshotEnd(sp.wire_id, Epoch(1), Sequence(1), Sequence(200)).encode())
+        loop_thread = threading.get_ident()
+        fsyncs = _threads_of(monkeypatch, os, "fsync")
+        decoder = FrameDecoder()
+        answers = []
+        for raw in frames:
+            for frame in decoder.feed(raw):
+                msg = decode_message(frame)
+                answers.append(await node.receiver._snapshot(sp, frame, msg))
+        last = decode_message(FrameDecoder().feed(answers[-1])[0])
+        assert isinstance(last, SnapshotAck) and last.installed and last.sequence == 200
+        assert (sp.log.first_sequence, sp.log.last_sequence) == (1, 200)
+        assert fsyncs and loop_thread not in fsyncs, "a snapshot fsync ran on the event loop"
+        assert rec.ran[0] == "begin" and rec.ran[-2:] == ["finish", "swap"]
+        assert rec.ran.count("durable") == len(frames) - 2
+    finally:
+        await node.stop()

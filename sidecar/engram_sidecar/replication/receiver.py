@@ -46,7 +46,7 @@ from engram_sidecar.errors import (
 )
 from engram_sidecar.log.epochs import fork_point
 from engram_sidecar.log.offload import Offload, to_thread
-from engram_sidecar.log.snapshot import SnapshotBuilder, discard
+from engram_sidecar.log.snapshot import SnapshotBuilder
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.replication import matching
 from engram_sidecar.replication.admission import Admission, Refused
@@ -375,18 +375,13 @@ class Receiver:
                 return self._snap_ack(space, space.log.last_sequence, installed=True)
         except (WalError, OSError) as err:
             log.error("space %s: snapshot failed, starting over: %s", space.id, err)
-            dropped, space.snapshot_builder = space.snapshot_builder, None
-            path = space.path
-
-            def drop() -> None:
-                # A partial snapshot goes; a complete one (marked) stays for recovery to install.
-                if dropped is not None:
-                    dropped.abandon()
-                else:
-                    discard(path)
-
-            with contextlib.suppress(WalError, OSError):
-                await self.offload(drop)
+            # `b` too: SNAPSHOT_END unhooks its builder before finishing it. Abandoning closes
+            # its log and deletes a partial snapshot; a complete (marked) one stays for
+            # recovery to install.
+            dropped, space.snapshot_builder = space.snapshot_builder or b, None
+            if dropped is not None:
+                with contextlib.suppress(WalError, OSError):
+                    await self.offload(dropped.abandon)
             return self._nack(NackReason.INTERNAL, frame, f"snapshot failed: {err}"[:200])
         return b""
 
