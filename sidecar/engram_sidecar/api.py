@@ -349,8 +349,11 @@ async def get_entries(request: web.Request) -> web.Response:
     if start < log.first_sequence and log.last_sequence >= log.first_sequence:
         return _error(410, "gone", f"entries before {log.first_sequence} are no longer kept")
     start = max(start, log.first_sequence)
-    # An old segment is indexed in a worker thread, not by the read on the loop.
-    await prepare_read(log, start, request.app[NODE_KEY].offload)
+    # Old segments the page may read are indexed in a worker thread, not by the read on the loop.
+    offload = request.app[NODE_KEY].offload
+    for seg in log.segments:
+        if seg.first_sequence < start + limit and seg.last_sequence >= start:
+            await prepare_read(log, max(start, seg.first_sequence), offload)
     try:
         items, next_seq = _read_page(_entries_from(log, start, limit), max_bytes, start)
     except SequenceError:

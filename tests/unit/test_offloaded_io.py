@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from engram_contract.assignment import Assignment, Member
@@ -27,6 +28,7 @@ from engram_contract.formats.messages import (
     decode_message,
 )
 from engram_contract.ids import Epoch, NodeName, Sequence, SpaceId
+from engram_sidecar import api
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.log import segment, snapshot, wal
 from engram_sidecar.log.groupcommit import GroupCommit
@@ -325,4 +327,40 @@ async def test_a_replica_builds_finishes_and_installs_a_snapshot_through_its_off
         assert rec.ran[0] == "begin" and rec.ran[-2:] == ["finish", "swap"]
         assert rec.ran.count("durable") == len(frames) - 2
     finally:
+        await node.stop()
+
+
+async def test_reading_entries_over_http_indexes_old_segments_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x" * 32)
+    cfg = SidecarConfig(
+        node="n0",
+        data_dir=tmp_path / "data",
+        replication_port=0,
+        secret_file=secret,
+        segment_bytes=4096,
+    )
+    a = Assignment(1, _member("n1"), (_member("n0"),), "async")
+    first = Node(cfg)
+    _, sp = first.assign("space-s", a)
+    sp.log.append([(1, b'{"p":"' + b"x" * 40 + b'"}')] * 300, epoch=1)
+    first.store.close()
+    rec = Recorder()
+    node = Node(cfg, offload=rec)  # reopened: its sealed segments have no index yet
+    node.assign("space-s", a)
+    loop_thread = threading.get_ident()
+    on_read = _threads_of(monkeypatch, segment, "scan")
+    client: TestClient[Any, Any] = TestClient(TestServer(api.make_app(node), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        r = await client.get("/v1/spaces/space-s/entries", params={"from": "1", "limit": "300"})
+        body = await r.json()
+        assert r.status == 200, body
+        assert [e["sequence"] for e in body["entries"]][:3] == [1, 2, 3]
+        assert rec.ran and set(rec.ran) == {"run"}
+        assert loop_thread not in on_read, "a page of entries scanned a segment on the loop"
+    finally:
+        await client.close()
         await node.stop()
