@@ -6,12 +6,13 @@ write is either wholly acknowledged or refused: never a silent partial success.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -38,6 +39,7 @@ from engram_contract.tokens import KeyFile
 from engram_sidecar.config import BATCH_BODY_RESERVE, batch_body_bytes
 from engram_sidecar.errors import EngramError, InvalidSpaceId, SequenceError, WalError
 from engram_sidecar.grants import Grant
+from engram_sidecar.log.offload import prepare_read
 from engram_sidecar.log.wal import SpaceLog
 from engram_sidecar.node import Node, OtherIncarnation, StaleAssignment, incarnation_of
 from engram_sidecar.replication.matching import epoch_at
@@ -45,6 +47,8 @@ from engram_sidecar.space.hosted import Space
 from engram_sidecar.space.membership import NotWritable
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
+# How a write's parse gives the loop a turn between slices; injectable to observe it.
+PAUSE_KEY: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("pause")
 TOKEN_KEY: web.AppKey[KeyFile] = web.AppKey("token", KeyFile)
 _TYPE_BY_NUMBER: dict[int, str] = {int(v): k for k, v in ENTRY_TYPE_NAMES.items()}
 # Deeper than any real payload, and far enough under the interpreter's recursion limit that a
@@ -52,6 +56,10 @@ _TYPE_BY_NUMBER: dict[int, str] = {int(v): k for k, v in ENTRY_TYPE_NAMES.items(
 MAX_JSON_DEPTH: Final = 128
 MAX_SEQUENCE: Final = MAX_EPOCH  # sequences are u64 on disk and wire; int64 for every consumer
 _READ_CHUNK: Final = 1 << 20  # WAL bytes read per step of GET …/entries
+# Entries a write parses between turns of the event loop: well under 1 ms of json.loads, so a
+# lease renewal never waits behind a whole 10,000-entry request. 256 measured worse (a heartbeat
+# waited ~3x longer under 8 concurrent writers) and 64 cost no throughput (docs/design-notes.md).
+PARSE_SLICE: Final = 64
 
 
 class JsonError(ValueError):
@@ -118,6 +126,37 @@ def _space(request: web.Request) -> Space | web.Response:
     return sp
 
 
+async def pass_the_loop() -> None:
+    """One turn of the event loop to whatever else is ready (the default `PAUSE_KEY`)."""
+    await asyncio.sleep(0)
+
+
+async def parse_entries_in_slices(
+    raw: bytes,
+    content_type: str,
+    default_type: str | None,
+    max_entries: int,
+    *,
+    pause: Callable[[], Awaitable[None]] = pass_the_loop,
+    max_payload: int = MAX_PAYLOAD,
+) -> list[tuple[int, bytes]]:
+    """`_parse_entries`, awaiting `pause` after every PARSE_SLICE entries.
+
+    Parsing is per-entry Python work (a json.loads per NDJSON line): 10,000 entries hold the
+    loop for tens of milliseconds, and a few such requests at once held it for up to a second,
+    long enough to lapse a write lease whose renewal waited behind them (issue 13). In slices,
+    a control request waits for at most one slice of each write in progress.
+    """
+    steps = _parse_steps(raw, content_type, default_type, max_entries, max_payload=max_payload)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            out: list[tuple[int, bytes]] = done.value
+            return out
+        await pause()
+
+
 def _parse_entries(
     raw: bytes,
     content_type: str,
@@ -127,12 +166,33 @@ def _parse_entries(
     max_payload: int = MAX_PAYLOAD,
 ) -> list[tuple[int, bytes]]:
     """Entries of a write request as (type, payload bytes). Raises ValueError with the reason."""
+    steps = _parse_steps(raw, content_type, default_type, max_entries, max_payload=max_payload)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            out: list[tuple[int, bytes]] = done.value
+            return out
+
+
+def _parse_steps(
+    raw: bytes,
+    content_type: str,
+    default_type: str | None,
+    max_entries: int,
+    *,
+    max_payload: int = MAX_PAYLOAD,
+) -> Generator[None, None, list[tuple[int, bytes]]]:
+    """The parse, as a generator that stops after each PARSE_SLICE entries (its callers decide
+    what happens in between) and returns the entries."""
     if content_type == "application/x-ndjson":
         etype = _entry_type(default_type or "episode", "type query parameter")
-        out = []
+        out: list[tuple[int, bytes]] = []
         for i, line in enumerate(raw.splitlines()):
             if not line.strip():
                 continue
+            if len(out) % PARSE_SLICE == PARSE_SLICE - 1:
+                yield
             try:
                 load_json(line)
             except ValueError as err:
@@ -150,6 +210,8 @@ def _parse_entries(
             raise ValueError('body must be {"entries": [{"type": ..., "payload": ...}, ...]}')
         out = []
         for i, e in enumerate(doc["entries"]):
+            if i % PARSE_SLICE == PARSE_SLICE - 1:
+                yield
             if not isinstance(e, dict) or "payload" not in e:
                 raise ValueError(f"entries[{i}] must be an object with a payload")
             extra = set(e) - {"type", "payload", "payload_b64"}
@@ -236,11 +298,12 @@ async def post_entries(request: web.Request) -> web.Response:
             return _error(400, err.code, str(err), record=err.record, offset=err.offset)
     else:
         try:
-            records = _parse_entries(
+            records = await parse_entries_in_slices(
                 bytes(buf),
                 request.content_type,
                 request.query.get("type"),
                 node.cfg.max_entries_per_request,
+                pause=request.app[PAUSE_KEY],
             )
         except ValueError as err:
             return _error(400, "bad_request", str(err))
@@ -286,6 +349,11 @@ async def get_entries(request: web.Request) -> web.Response:
     if start < log.first_sequence and log.last_sequence >= log.first_sequence:
         return _error(410, "gone", f"entries before {log.first_sequence} are no longer kept")
     start = max(start, log.first_sequence)
+    # Old segments the page may read are indexed in a worker thread, not by the read on the loop.
+    offload = request.app[NODE_KEY].offload
+    for seg in log.segments:
+        if seg.first_sequence < start + limit and seg.last_sequence >= start:
+            await prepare_read(log, max(start, seg.first_sequence), offload)
     try:
         items, next_seq = _read_page(_entries_from(log, start, limit), max_bytes, start)
     except SequenceError:
@@ -562,9 +630,12 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "node": node.name})
 
 
-def make_app(node: Node) -> web.Application:
+def make_app(
+    node: Node, *, pause: Callable[[], Awaitable[None]] = pass_the_loop
+) -> web.Application:
     app = web.Application(client_max_size=node.cfg.max_request_bytes + 1024)
     app[NODE_KEY] = node
+    app[PAUSE_KEY] = pause
     app[TOKEN_KEY] = node.cfg.admin_tokens()
     app.router.add_post("/v1/spaces/{space}/entries", post_entries)
     app.router.add_get("/v1/spaces/{space}/entries", get_entries)

@@ -61,7 +61,7 @@ TEST_WALL_CLOCK_OFFSET, TEST_WALL_CLOCK_ERROR = apply_test_wall_clock_offset(os.
 
 from aiohttp import web  # noqa: E402 - after the clock hook, on purpose
 
-from engram_sidecar import eventloop  # noqa: E402
+from engram_sidecar import eventloop, heap  # noqa: E402
 from engram_sidecar.api import make_app  # noqa: E402
 from engram_sidecar.config import SidecarConfig, load_config  # noqa: E402
 from engram_sidecar.errors import ConfigError, EngramError  # noqa: E402
@@ -123,6 +123,8 @@ async def serve(cfg: SidecarConfig, *, ready: asyncio.Event | None = None) -> No
         http, repl = advertised_addresses(node, runner.addresses[0][1])
         kube = KubeSidecar(node, kube_settings, http_address=http, replication_address=repl)
         await kube.start()
+    frozen = heap.freeze_startup_heap()  # full collections skip the startup heap from here
+    log.debug("node %s: froze %d startup objects out of full collections", cfg.node, frozen)
     if ready is not None:
         ready.set()
     try:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.errors import WalError
 from engram_sidecar.log import retention
+from engram_sidecar.log.offload import prepare_read
 from engram_sidecar.metrics import STATE_VALUES, Metrics
 from engram_sidecar.replication.peers import PeerPool
 from engram_sidecar.space.hosted import Space
@@ -86,10 +87,21 @@ class Monitor:
     async def _run(self) -> None:
         while True:
             try:
+                await self._prepare_reads()
                 self.tick()
             except Exception:
                 log.exception("lag monitor tick failed")
             await asyncio.sleep(self.cfg.lag_monitor_interval)
+
+    async def _prepare_reads(self) -> None:
+        """A lagging replica's lag by age may read its oldest missing entry from an old segment:
+        index that segment off the loop first, so the tick never scans it on the loop."""
+        for sp in list(self.spaces()):
+            if sp.role != "primary":
+                continue
+            for r in list(sp.replicas.values()):
+                if r.acked < sp.log.last_sequence:
+                    await prepare_read(sp.log, r.acked + 1)
 
     def apply_retention(self, sp: Space) -> None:
         """Delete sealed segments no member needs, within a floor and a ceiling (issue 6)."""

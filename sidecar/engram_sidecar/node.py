@@ -30,7 +30,9 @@ from engram_sidecar.grants import MAX_GRANT_DELAY_NS, Grant, GrantClock
 from engram_sidecar.log import assignment_store as assignment_file
 from engram_sidecar.log import snapshot
 from engram_sidecar.log.groupcommit import GroupCommit
+from engram_sidecar.log.offload import Offload, to_thread
 from engram_sidecar.log.wal import FsyncPolicy, SpaceLog, WalStore
+from engram_sidecar.looplag import LoopLagProbe
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.monitor import Monitor
 from engram_sidecar.replication.catchup import TokenBucket
@@ -71,10 +73,13 @@ class Node:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        offload: Offload = to_thread,
     ) -> None:
         self.cfg = cfg
         self.name = NodeName(cfg.node)
         self.clock = clock
+        # Where blocking file work goes (snapshot installs, segment scans): never the loop.
+        self.offload = offload
         self.metrics = Metrics(registry or CollectorRegistry())
         self.secret = cfg.secret()
         self.store = WalStore(
@@ -91,6 +96,7 @@ class Node:
             metrics=self.metrics,
             lookup=self._by_wire.get,
             install_snapshot=self.install_snapshot,
+            offload=offload,
         )
         # One catch-up budget for the whole node, shared by every catching-up stream.
         bucket = TokenBucket(
@@ -110,6 +116,7 @@ class Node:
             cfg=cfg, metrics=self.metrics, spaces=self.spaces.values, peers=self.peers, clock=clock
         )
         self.grant_clock = GrantClock(MAX_GRANT_DELAY_NS)
+        self.loop_lag = LoopLagProbe(self.metrics.event_loop_lag.observe)
         # Tail mode (docs/engram.md): ship Engram's own WAL as primary, mirror it as replica.
         self.tail: TailService | None = None
         if cfg.engram_data_root is not None:
@@ -125,7 +132,7 @@ class Node:
         self.draining = False
         # When a control plane that acts on drains last said so (a heartbeat's handles_drain).
         self._drain_handler_at: float | None = None
-        self._retired: set[asyncio.Task[None]] = set()
+        self._installs: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -144,13 +151,17 @@ class Node:
             self.cfg.replication_host, self.cfg.replication_port
         )
         self.monitor.start()
+        self.loop_lag.start()
 
     async def stop(self) -> None:
+        await self.loop_lag.stop()
         await self.monitor.stop()
         if self.tail is not None:
             await self.tail.stop()
         await self.peers.stop()
         await self.receiver.stop()
+        if self._installs:  # a snapshot install outlives its cancelled connection: let it end
+            await asyncio.wait(self._installs, timeout=10.0)
         for sp in self.spaces.values():
             await sp.writer.stop()
         self.store.close()
@@ -462,19 +473,46 @@ class Node:
         self.metrics.write_latency.labels(sp.id).observe(time.perf_counter() - t0)
         return first, last, epoch
 
-    def install_snapshot(self, sp: Space) -> None:
-        """Swap a finished snapshot in for `sp`'s log and reopen it (replica side)."""
-        self.store.forget(sp.id)
-        snapshot.install(sp.path)
-        wal = self.store.open(sp.id)
-        old_commit = sp.replace_log(wal, self._commit(wal))
-        self._retired.add(asyncio.get_running_loop().create_task(old_commit.stop()))
-        log.info(
-            "space %s: installed a snapshot; log now %d..%d",
-            sp.id,
-            wal.first_sequence,
-            wal.last_sequence,
-        )
+    async def install_snapshot(self, sp: Space) -> None:
+        """Swap a finished snapshot in for `sp`'s log and reopen it (replica side).
+
+        The file work runs in a worker thread (`offload`), in the order `snapshot.install`
+        makes crash-safe: the old log's owed fsyncs and fd closes, the swap (renames and
+        fsyncs), deleting the old log, then opening the new one (its recovery scan and fsyncs).
+        The loop only closes the old log as it sees it first and adopts the new one after, so
+        nothing reads or writes a log whose files are being replaced. Runs to the end even if
+        the connection that asked is cancelled: a half-done swap would leave the space with
+        no log until a restart.
+        """
+        task = asyncio.get_running_loop().create_task(self._install(sp))
+        self._installs.add(task)
+        task.add_done_callback(self._installs.discard)
+        await asyncio.shield(task)
+
+    async def _install(self, sp: Space) -> None:
+        sp.installing_snapshot = True
+        try:
+            old_commit = sp.writer.commit
+            await old_commit.stop()  # no interval fsync of the old log from here on
+            finish_old = self.store.detach(sp.id)
+            path, sid = sp.path, sp.id
+
+            def swap() -> SpaceLog:
+                finish_old()
+                snapshot.install(path)
+                return self.store.build(sid)
+
+            wal = await self.offload(swap)
+            self.store.adopt(wal)
+            sp.replace_log(wal, self._commit(wal))
+            log.info(
+                "space %s: installed a snapshot; log now %d..%d",
+                sp.id,
+                wal.first_sequence,
+                wal.last_sequence,
+            )
+        finally:
+            sp.installing_snapshot = False
 
     # ---- views ----------------------------------------------------------------------------
 

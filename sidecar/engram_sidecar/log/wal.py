@@ -135,6 +135,33 @@ def run_ticket(
 
 
 @dataclass(frozen=True, slots=True)
+class IndexJob:
+    """A sealed segment to open and index in a worker thread (`run`), then hand back to the log
+    on the loop (`SpaceLog.adopt_index`). Sealed segments never change, so a scan of one needs
+    nothing from the loop; a truncation or a close meanwhile (`generation`) voids it."""
+
+    segment: Segment
+    generation: int
+
+    @property
+    def path(self) -> Path:
+        return self.segment.path
+
+    def run(self) -> tuple[int, list[tuple[int, int]]]:
+        """Open the segment and scan it for its index. Returns (read fd, index); raises
+        OSError or WalCorruption (the fd then closed)."""
+        fd = os.open(self.segment.path, os.O_RDONLY)
+        try:
+            res = scan(self.segment.path, self.segment.first_sequence, verify_payloads=False)
+            if res.error is not None:
+                raise WalCorruption(str(self.segment.path), res.error[0], res.error[1])
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, res.index
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryReport:
     truncated_bytes: int
     truncated_reason: str | None
@@ -678,6 +705,34 @@ class SpaceLog:
                 lo = i
         return self._segments[lo]
 
+    def index_job(self, sequence: int) -> IndexJob | None:
+        """The scan a read from `sequence` would run on the loop first, to run elsewhere: its
+        sealed segment has no index yet (segments found at open get one on first read). None
+        when the read needs no scan. The active segment is left to `read`: it grows while a
+        thread would scan it, and needs a scan only after a truncation."""
+        if self._fd < 0 or not self.first_sequence <= sequence <= self.last_sequence:
+            return None
+        seg = self._segment_for(sequence)
+        if seg.index is not None or seg is self._active:
+            return None
+        return IndexJob(seg, self.generation)
+
+    def adopt_index(self, job: IndexJob, fd: int, index: list[tuple[int, int]]) -> None:
+        """Take a finished `IndexJob`'s read fd and index; closes the fd if the log moved on
+        (a truncation, a close, retention deleting the segment) or has its own already."""
+        seg = job.segment
+        usable = (
+            job.generation == self.generation
+            and self._fd >= 0
+            and any(s is seg for s in self._segments)
+        )
+        if usable and seg.index is None:
+            seg.index = index
+        if usable and seg.path not in self._rfds:
+            self._rfds[seg.path] = fd
+        else:
+            os.close(fd)
+
     def _rfd(self, seg: Segment) -> int:
         fd = self._rfds.get(seg.path)
         if fd is None:
@@ -818,6 +873,8 @@ class SpaceLog:
     def delete_before(self, sequence: int) -> int:
         """Delete sealed segments holding only entries below `sequence`. Returns bytes freed."""
         self._next_read = None
+        if self._fd < 0:
+            return 0  # closed (a snapshot may be replacing these files): owns nothing to delete
         freed = 0
         doomed = [s for s in self._segments[:-1] if s.last_sequence < sequence]
         if doomed and self.owes_rotation_sync:
@@ -843,26 +900,54 @@ class SpaceLog:
             os.close(fd)
 
     def close(self) -> None:
+        self.detach()()
+
+    def detach(self) -> Callable[[], None]:
+        """Close the log as the loop sees it, now, with no I/O; returns the rest of closing
+        (the fsyncs owed, then closing every fd) to run in a worker thread before the log's
+        files are replaced (a snapshot install). From here on appends and reads raise
+        WalClosed, retention deletes nothing, and an fsync still running marks nothing."""
         self.generation += 1  # an fsync still running can't mark a closed (or replaced) log
-        if self._failed is None and self.owes_rotation_sync:
-            try:
-                self._pay_rotation_syncs()
-            except StorageError:
-                log.exception("space %s: fsync of sealed segments at close failed", self.space)
-        for fd, _ in self._sealed_unsynced:
-            os.close(fd)
-        self._sealed_unsynced = []
-        if self._fd >= 0:
-            if self._failed is None:
-                try:
-                    os.fsync(self._fd)
-                except OSError:
-                    log.exception("space %s: fsync at close failed", self.space)
-            os.close(self._fd)
-            self._fd = -1
-        for fd in self._rfds.values():
-            os.close(fd)
+        ok = self._failed is None
+        sealed, self._sealed_unsynced = self._sealed_unsynced, []
+        wal_dir = self.wal_dir if self._dir_unsynced else None
+        self._dir_unsynced = False
+        fd, self._fd = self._fd, -1
+        active = self._active.path
+        rfds = list(self._rfds.values())
         self._rfds.clear()
+        space = self.space
+
+        def finish() -> None:
+            synced = ok
+            try:
+                for sfd, path in sealed if synced else ():
+                    try:
+                        os.fsync(sfd)
+                    except OSError:
+                        log.exception("space %s: fsync of sealed %s at close failed", space, path)
+                        synced = False
+                        break
+                if synced and wal_dir is not None:
+                    try:
+                        fsync_dir(wal_dir)
+                    except OSError:
+                        log.exception("space %s: fsync of %s at close failed", space, wal_dir)
+                        synced = False
+            finally:
+                for sfd, _ in sealed:
+                    os.close(sfd)
+            if fd >= 0:
+                if synced:
+                    try:
+                        os.fsync(fd)
+                    except OSError:
+                        log.exception("space %s: fsync of %s at close failed", space, active)
+                os.close(fd)
+            for rfd in rfds:
+                os.close(rfd)
+
+        return finish
 
 
 class WalStore:
@@ -895,24 +980,41 @@ class WalStore:
         sid = validate_space_id(space)
         found = self._logs.get(sid)
         if found is None:
-            cb = self._on_torn_tail
-            found = SpaceLog(
-                self.data_dir / sid,
-                space=sid,
-                segment_bytes=self.segment_bytes,
-                on_torn_tail=(lambda n: cb(sid, n)) if cb is not None else None,
-            )
-            self._logs[sid] = found
+            found = self._logs[sid] = self.build(sid)
         return found
+
+    def build(self, space: SpaceId) -> SpaceLog:
+        """Open a space's log without keeping it here (`adopt` does): the blocking part of
+        `open` (recovery scan, fsyncs), which a worker thread may run."""
+        cb = self._on_torn_tail
+        return SpaceLog(
+            self.data_dir / space,
+            space=space,
+            segment_bytes=self.segment_bytes,
+            on_torn_tail=(lambda n: cb(space, n)) if cb is not None else None,
+        )
+
+    def adopt(self, wal: SpaceLog) -> None:
+        """Keep a log `build` opened as its space's log (closing one kept before)."""
+        old = self._logs.get(wal.space)
+        if old is not None and old is not wal:
+            old.close()
+        self._logs[wal.space] = wal
 
     def get(self, space: SpaceId) -> SpaceLog | None:
         return self._logs.get(space)
 
     def forget(self, space: SpaceId) -> None:
-        """Close a space's log so its files can be replaced (snapshot install); reopen later."""
+        """Close a space's log so its files can be replaced; reopen later."""
         found = self._logs.pop(space, None)
         if found is not None:
             found.close()
+
+    def detach(self, space: SpaceId) -> Callable[[], None]:
+        """`forget`, with the closing's file work returned to run in a worker thread
+        (`SpaceLog.detach`); a no-op function when the space has no open log."""
+        found = self._logs.pop(space, None)
+        return found.detach() if found is not None else lambda: None
 
     def close(self) -> None:
         for lg in self._logs.values():

@@ -27,6 +27,7 @@ from engram_contract.formats.messages import Ack, Nack, SnapshotAck, decode_mess
 from engram_contract.ids import NodeName
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.errors import ChecksumMismatch, EngramError, WireError
+from engram_sidecar.log.offload import prepare_read
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.replication.breaker import Backoff, CircuitBreaker
 from engram_sidecar.replication.catchup import TokenBucket
@@ -251,6 +252,9 @@ class PeerLink:
             now = self.clock()
             wait = self.cfg.heartbeat_interval
             for s in list(self.streams.values()):
+                seq = s.read_ahead()
+                if seq is not None and not await prepare_read(s.space.log, seq):
+                    s.read_anyway(seq)
                 retry = s.fill(functools.partial(send, writer), now)
                 if retry is not None:
                     wait = min(wait, max(retry, 0.001))

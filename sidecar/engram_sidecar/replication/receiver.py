@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from engram_contract.formats.batch import Batch, BatchMismatch
 from engram_contract.formats.entry import CheckedRun, RunProblem, check_run
@@ -45,6 +45,7 @@ from engram_sidecar.errors import (
     WireError,
 )
 from engram_sidecar.log.epochs import fork_point
+from engram_sidecar.log.offload import Offload, to_thread
 from engram_sidecar.log.snapshot import SnapshotBuilder
 from engram_sidecar.metrics import Metrics
 from engram_sidecar.replication import matching
@@ -76,9 +77,12 @@ class Receiver:
         secret: bytes,
         metrics: Metrics,
         lookup: Callable[[bytes], Space | None],
-        install_snapshot: Callable[[Space], None] = lambda sp: None,
+        install_snapshot: Callable[[Space], Awaitable[None]] | None = None,
+        offload: Offload = to_thread,
     ) -> None:
         self.install_snapshot = install_snapshot
+        # Snapshot files are made, finished and dropped in a worker thread, never on the loop.
+        self.offload = offload
         self.cfg = cfg
         self.node = node
         self.secret = secret
@@ -219,6 +223,9 @@ class Receiver:
         space = self.lookup(frame.space)
         if space is None or space.assignment is None:
             return self._nack(NackReason.UNKNOWN_SPACE, frame, "space not assigned to this node")
+        if space.installing_snapshot:
+            # Another connection's SNAPSHOT_END is swapping the log's files: its log is closed.
+            return self._nack(NackReason.INTERNAL, frame, "installing a snapshot; try again")
         refusal = self._admit(peer, frame, space)
         if refusal:
             return refusal
@@ -306,17 +313,23 @@ class Receiver:
                         msg.last_seq,
                     )
                     return self._snap_ack(space, b.log.last_sequence, installed=False)
+                space.snapshot_builder, space.snapshot_key = None, None
                 if b is not None:
-                    b.abandon()
-                space.snapshot_builder = b = SnapshotBuilder(
-                    space.path,
-                    space=space.id,
-                    first=int(msg.first_seq),
-                    last=int(msg.last_seq),
-                    epoch=int(msg.epoch),
-                    history=list(msg.epochs),
-                    segment_bytes=msg.segment_bytes,
-                )
+                    await self.offload(b.abandon)
+                path, sid = space.path, space.id
+
+                def begin() -> SnapshotBuilder:
+                    return SnapshotBuilder(
+                        path,
+                        space=sid,
+                        first=int(msg.first_seq),
+                        last=int(msg.last_seq),
+                        epoch=int(msg.epoch),
+                        history=list(msg.epochs),
+                        segment_bytes=msg.segment_bytes,
+                    )
+
+                space.snapshot_builder = b = await self.offload(begin)
                 space.snapshot_key = key
                 log.info(
                     "space %s: receiving a snapshot of %d..%d (%d bytes)",
@@ -337,19 +350,20 @@ class Receiver:
                 if msg.last_seq > have:  # a resent chunk may overlap what is held
                     data, rest = _skip_entries(msg, _checked(msg), have + 1 - int(msg.first_seq))
                     b.append(data, rest)
-                    await asyncio.to_thread(b.durable)
+                    await self.offload(b.durable)
                     if space.snapshot_builder is not b:
                         return b""  # replaced meanwhile by a newer SNAPSHOT_BEGIN
                 return self._snap_ack(space, b.log.last_sequence, installed=False)
             if isinstance(msg, SnapshotEnd):
-                b.finish()
                 space.snapshot_builder = None
+                await self.offload(b.finish)
                 # What of this log the snapshot discards that the primary never had: a deposed
                 # primary's divergent tail, replaced wholesale instead of cut by log matching.
                 # Counted like a cut, so the failover's measured loss includes it.
                 begun = space.snapshot_key
                 old_history, old_last = list(space.log.history), space.log.last_sequence
-                self.install_snapshot(space)
+                if self.install_snapshot is not None:
+                    await self.install_snapshot(space)
                 if begun is not None and old_last > 0:
                     fork = fork_point(
                         local=old_history,
@@ -361,9 +375,13 @@ class Receiver:
                 return self._snap_ack(space, space.log.last_sequence, installed=True)
         except (WalError, OSError) as err:
             log.error("space %s: snapshot failed, starting over: %s", space.id, err)
-            if space.snapshot_builder is not None:
-                space.snapshot_builder.abandon()
-                space.snapshot_builder = None
+            # `b` too: SNAPSHOT_END unhooks its builder before finishing it. Abandoning closes
+            # its log and deletes a partial snapshot; a complete (marked) one stays for
+            # recovery to install.
+            dropped, space.snapshot_builder = space.snapshot_builder or b, None
+            if dropped is not None:
+                with contextlib.suppress(WalError, OSError):
+                    await self.offload(dropped.abandon)
             return self._nack(NackReason.INTERNAL, frame, f"snapshot failed: {err}"[:200])
         return b""
 

@@ -78,6 +78,9 @@ class Stream:
         self.snap_started = False  # the replica answered SNAPSHOT_BEGIN: chunks may flow
         self.snap_reason: str | None = None  # set when a snapshot is due but not begun
         self.refusals = 0  # INTERNAL refusals in a row (backoff), reset by the next ack
+        # A sequence whose segment could not be indexed off the loop: read it anyway (on the
+        # loop), so the read reports what is wrong instead of the stream waiting forever.
+        self._read_anyway: int | None = None
 
     @property
     def acked(self) -> int:
@@ -95,6 +98,27 @@ class Stream:
 
     # ---- sending --------------------------------------------------------------------------
 
+    def read_ahead(self) -> int | None:
+        """The sequence the next fill reads from the log, when its sealed segment must first be
+        indexed: the link runs that off the loop (`offload.prepare_read`) before filling, and
+        the fill stops short of it until then. None when nothing waits on an index."""
+        if self.space.role != "primary":
+            return None
+        if self.mode == "snapshot" and self.snap_started and self.snap_next <= self.snap_last:
+            seq = self.snap_next
+        elif self.mode == "live" and self.next_send <= self.space.sealed_upto:
+            seq = self.next_send
+        else:
+            return None
+        if seq == self._read_anyway or self.space.log.index_job(seq) is None:
+            return None
+        return seq
+
+    def read_anyway(self, sequence: int) -> None:
+        """Indexing `sequence`'s segment off the loop failed: the next fill reads it regardless
+        (the read meets the same problem and reports it)."""
+        self._read_anyway = sequence
+
     def fill(self, write: Callable[[bytes], None], now: float) -> float | None:
         """Write what this stream may send now. Returns seconds until a throttled retry."""
         sp = self.space
@@ -107,6 +131,8 @@ class Stream:
             if self.snap_reason is not None:
                 self._begin_snapshot(write, self.snap_reason, now)
             retry = self._fill_snapshot(write, now)
+        if self.read_ahead() is not None:
+            retry = 0.0  # stopped at an unindexed segment: the link indexes it, then fills on
         if (
             self.inflight == 0
             and not self.snap_out
@@ -129,6 +155,8 @@ class Stream:
     def _fill_live(self, write: Callable[[bytes], None], now: float) -> None:
         sp = self.space
         while self.inflight < self.window:
+            if self.read_ahead() is not None:
+                return
             try:
                 got = sp.ring.batch_at(self.next_send)
             except SequenceError:
@@ -188,6 +216,8 @@ class Stream:
         if not self.snap_started:
             return None  # its answer to SNAPSHOT_BEGIN says where to start (it may resume)
         while len(self.snap_out) < CHUNKS_IN_FLIGHT and self.snap_next <= self.snap_last:
+            if self.read_ahead() is not None:
+                return None
             r = sp.log.read(
                 self.snap_next, max_entries=100_000, max_bytes=CHUNK_BYTES, upto=self.snap_last
             )

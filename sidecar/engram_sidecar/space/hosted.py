@@ -72,6 +72,9 @@ class Space:
         self.primary_heard_at: float | None = None
         self.primary_last_ts_ns = 0
         self.snapshot_builder: SnapshotBuilder | None = None  # replica: a snapshot arriving
+        # Replica: a finished snapshot is replacing the log's files (in a worker thread); the
+        # old log is closed and the new one not yet open, so frames wait their turn (NACK).
+        self.installing_snapshot = False
         # (epoch, first sequence, history) of the snapshot being built: a BEGIN with the same
         # key resumes it instead of starting over.
         self.snapshot_key: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
