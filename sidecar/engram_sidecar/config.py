@@ -117,6 +117,9 @@ class SidecarConfig:
     # topology.kubernetes.io/zone and engram.io/rack are copied onto the node Lease, where
     # placement reads them to spread a space's members; reading them needs `get` on nodes.
     kube_node_name: str = ""
+    # The release this node belongs to (the chart: its release name), written on the node Lease
+    # as engram.io/release: only that release's operator places spaces here.
+    kube_release: str = ""
     # This node's failure domain, written on its Lease; each one set wins over the Node's label.
     zone: str = ""
     rack: str = ""
@@ -262,7 +265,7 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("kube_timeout", f"use more than 0 and at most {most}")
     if cfg.status_report_interval < LEASE_RENEW_SECONDS:
         raise bad("status_report_interval", f"use at least {LEASE_RENEW_SECONDS}")
-    for name in ("zone", "rack"):
+    for name in ("zone", "rack", "kube_release"):
         if getattr(cfg, name) and not _LABEL_VALUE.fullmatch(getattr(cfg, name)):
             raise bad(name, "a label value: up to 63 of [A-Za-z0-9._-], alphanumeric at both ends")
     if cfg.kube_node_name and not _NODE_NAME.fullmatch(cfg.kube_node_name):

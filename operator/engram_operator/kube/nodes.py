@@ -48,6 +48,7 @@ from engram_contract.kubernetes import (
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
     LABEL_RACK,
+    LABEL_RELEASE,
     LABEL_ZONE,
     LEASE_PREFIX,
     NodeAddresses,
@@ -108,14 +109,20 @@ def parse_selector(text: str) -> dict[str, str]:
     return out
 
 
-def parse_lease(item: Mapping[str, Any], selector: Mapping[str, str]) -> NodeRecord | None:
-    """The node a Lease describes, or None when it is not a usable node Lease."""
+def parse_lease(
+    item: Mapping[str, Any], selector: Mapping[str, str], release: str = ""
+) -> NodeRecord | None:
+    """The node a Lease describes, or None when it is not a usable node Lease. With `release`,
+    a Lease labelled for another release is not ours; an unlabelled one (a sidecar from before
+    the label, or run outside the chart) still is, so an upgrade never hides a node."""
     meta = item.get("metadata") or {}
     name = str(meta.get("name", ""))
     labels = meta.get("labels") or {}
     if not name.startswith(LEASE_PREFIX) or labels.get(LABEL_NODE_LEASE) != "true":
         return None
     if any(labels.get(k) != v for k, v in selector.items()):
+        return None
+    if release and labels.get(LABEL_RELEASE, release) != release:
         return None
     annotations = meta.get("annotations") or {}
     http, address = annotations.get(ANNOTATION_HTTP), annotations.get(ANNOTATION_REPLICATION)
@@ -158,6 +165,7 @@ class NodeMonitor:
         sidecars: SidecarClient,
         namespace: str,
         selector: Mapping[str, str],
+        release: str = "",
         timing: Timing = DEFAULT_TIMING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -165,6 +173,7 @@ class NodeMonitor:
         self.sidecars = sidecars
         self.namespace = namespace
         self.selector = dict(selector)
+        self.release = release
         self.timing = timing
         self.clock = clock
         self.records: dict[NodeName, NodeRecord] = {}
@@ -313,7 +322,7 @@ class NodeMonitor:
     def watch_names(self) -> set[NodeName]:
         out: set[NodeName] = set()
         for c in self.watch.items.values():
-            record = parse_lease(c.item, self.selector)
+            record = parse_lease(c.item, self.selector, self.release)
             if record is not None:
                 out.add(record.name)
         return out
@@ -322,7 +331,7 @@ class NodeMonitor:
         """Note the Leases read: a changed renewTime is a renewal at the time it was received
         (`seen`: each Lease with that time)."""
         for item, at in seen:
-            record = parse_lease(item, self.selector)
+            record = parse_lease(item, self.selector, self.release)
             if record is None:
                 continue
             name = record.name
@@ -434,7 +443,7 @@ class NodeMonitor:
         )
         records: dict[NodeName, NodeRecord] = {}
         for item in items:
-            record = parse_lease(item, self.selector)
+            record = parse_lease(item, self.selector, self.release)
             if record is not None:
                 records[record.name] = record
         within = self.timing.lease_duration + FIRST_SIGHT_SLACK
