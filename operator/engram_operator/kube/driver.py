@@ -34,6 +34,7 @@ from engram_operator.kube.metrics import OperatorMetrics
 from engram_operator.kube.nodes import NodeMonitor
 from engram_operator.kube.status_patch import fingerprint, holds, newest_version, status_update
 from engram_operator.kube.store import SpaceState, StatusStore
+from engram_operator.losses import measure_losses
 from engram_operator.model import MemberReport, Placement, SpaceSpec
 from engram_operator.verdict import Verdict
 
@@ -128,6 +129,7 @@ class SpaceDriver:
         else:
             decision, obs = self._decide(spec, verdicts, reports, now)
             decision = await self.executor.run(decision, spec, now, obs)
+        await self._measure_loss(body)
         await self._write_status(
             spec or SpaceSpec(),
             body,
@@ -286,6 +288,52 @@ class SpaceDriver:
         st.resource_version = _version(doc) or st.resource_version
         st.conditions = update.conditions
         st.last_patch_gist, st.last_patch_at = text, now
+
+    async def _measure_loss(self, body: Mapping[str, Any]) -> None:
+        """Complete status.lastPromotion with `entriesLost` once the old primary has rejoined
+        (engram_operator.losses, as local mode does). Written on its own, guarded by the version
+        of the object it was measured on: a newer promotion recorded since is never credited
+        with this one's loss."""
+        record = (body.get("status") or {}).get("lastPromotion")
+        if not isinstance(record, dict) or record.get("entriesLost") is not None:
+            return
+        epoch = record.get("newEpoch")
+        if not isinstance(epoch, int) or epoch == self.state.loss_measured_epoch:
+            return
+        if self.state.last_promotion_epoch != epoch:
+            return  # status shows an older promotion than ours: kopf's copy is behind
+        views = {
+            str(node): dict((doc.get("spaces") or {}).get(self.space) or {})
+            for node, doc in self.nodes.status.items()
+        }
+        measured = dict(record)
+        if not measure_losses([measured], views):
+            return
+        lost = int(measured["entriesLost"])
+        try:
+            doc = await self.api.patch_space_status(
+                self.namespace,
+                self.space,
+                {"lastPromotion": {"entriesLost": lost}},
+                resource_version=_version(body),
+            )
+        except KubeApiError as err:
+            if err.conflict:
+                return  # measured on an older copy: measure again on the next one kopf hands us
+            raise
+        self.state.loss_measured_epoch = epoch
+        self.state.resource_version = _version(doc) or self.state.resource_version
+        old = record.get("oldPrimary")
+        message = (
+            f"the failover of space {self.space} at epoch {epoch} lost {lost} entries: its old"
+            f" primary {old} rejoined and cut them (under ackPolicy async, acknowledged writes"
+            f" among them; estimated at decision time: {record.get('entriesPossiblyLost')})"
+            if lost
+            else f"the failover of space {self.space} at epoch {epoch} lost nothing: its old"
+            f" primary {old} rejoined with a log identical to the new primary's"
+        )
+        log.info("%s", message)
+        self.event("Warning" if lost else "Normal", "FailoverLossMeasured", message)
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.pending_events.append((type_, reason, message))
