@@ -17,7 +17,6 @@ from engram_bench.report import Section, machine_description
 from engram_bench.sidecars import bench_dir
 from engram_bench.summary import goals_section
 
-
 # A section of docs/benchmarks.md that no scenario of `engram-replication bench` produces (the
 # Kubernetes API load, measured by tests/k8s/test_k8s_api_load.py) carries this comment right
 # under its title; a full run keeps it, after the sections it generated.

@@ -81,6 +81,10 @@ class SpaceDriver:
         )
         self.announced: dict[str, str] = {}
         self.pending_events: list[tuple[str, str, str]] = []
+        # Did the last tick end steady, with status written as decided? (kube/cadence.py: only
+        # then may the next ticks be skipped while nothing changes.)
+        self.settled = False
+        self._status_current = False
 
     @property
     def state(self) -> SpaceState:
@@ -99,6 +103,7 @@ class SpaceDriver:
     async def tick(self, body: Mapping[str, Any]) -> str:
         """One reconcile tick; returns its sentence. API and sidecar errors end the tick only."""
         started = time.perf_counter()
+        self.settled = False
         try:
             sentence = await self._tick(copy.deepcopy(dict(body)))
         except Superseded as why:
@@ -140,7 +145,9 @@ class SpaceDriver:
             problem=parsed.problem,
         )
         await self._post_events()
-        return self._say(decision.sentence)
+        said = self._say(decision.sentence)
+        self.settled = self._status_current and said.startswith(f"space {self.space} is steady")
+        return said
 
     def _decide(
         self,
@@ -240,6 +247,7 @@ class SpaceDriver:
         problem: str | None,
     ) -> None:
         st = self.state
+        self._status_current = False
         update = status_update(
             space=self.space,
             spec=spec,
@@ -262,11 +270,13 @@ class SpaceDriver:
             self._announce("UnderReplicated", "Warning", update.under_replicated)
         text = fingerprint(update.patch)
         if text == st.last_patch_gist:
+            self._status_current = True
             return  # nothing but numbers in prose changed: not worth a write
         if not st.last_patch_gist and text == fingerprint(holds(body, update.patch)):
             # The object already says this (an operator restart, a peer's takeover).
             st.conditions = update.conditions
             st.last_patch_gist, st.last_patch_at = text, now
+            self._status_current = True
             return
         version = newest_version(st.resource_version, _version(body))
         try:
@@ -288,6 +298,7 @@ class SpaceDriver:
         st.resource_version = _version(doc) or st.resource_version
         st.conditions = update.conditions
         st.last_patch_gist, st.last_patch_at = text, now
+        self._status_current = True
 
     async def _measure_loss(self, body: Mapping[str, Any]) -> None:
         """Complete status.lastPromotion with `entriesLost` once the old primary has rejoined

@@ -47,6 +47,7 @@ from engram_operator.kube.api import (
     ObjectRef,
     connection_info,
 )
+from engram_operator.kube.cadence import Inputs, LastTick, space_views, tick_due
 from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
 from engram_operator.kube.health import OperatorHealth
@@ -60,6 +61,9 @@ from engram_operator.verdict import DEFAULT_TIMING
 log = logging.getLogger("engram_operator.kube")
 
 DEV_PRIORITY: Final = 666  # kopf's own `--dev` priority
+# Space ticks that run at once. Most take milliseconds; a switchover's handover may take seconds,
+# so there is room for many of those beside the rest.
+TICK_SLOTS: Final = 32
 # A stopped daemon ends its current tick and exits: within half a second, unless the tick is a
 # switchover's handover, which may need its catch-up bound (5 s) to finish or give the space back.
 # Only past this does kopf cancel it.
@@ -144,6 +148,7 @@ class Operator:
             lease_seconds=DEFAULT_SETTINGS.write_lease,
         )
         self.metrics_runner: web.AppRunner | None = None
+        self.tick_slots = asyncio.Semaphore(TICK_SLOTS)
         # The object kopf hands each space's daemon, kept current by kopf's watch (the audit).
         self.bodies: dict[str, kopf.Body] = {}
         self.nodes = NodeMonitor(
@@ -307,6 +312,7 @@ class Operator:
         log.info("space %s: reconciling (%s)", space, describe(placed) if placed else "not placed")
         try:
             legacy = bool(self.opts.release)  # the finalizer before releases: drop it once
+            last: LastTick | None = None
             while not stopped and not deleting(body):
                 if legacy:
                     legacy = await self.drop_legacy_finalizer(name, namespace, body)
@@ -314,11 +320,25 @@ class Operator:
                 await self.nodes.next_tick(timeout=2 * DEFAULT_TIMING.check_interval)
                 if stopped or deleting(body):
                     break  # deleted: the retire handler takes it from here
-                try:
-                    await driver.tick(body)
-                except Exception:  # one bad tick must not end the daemon (no crash loop)
-                    self.metrics.reconcile_errors.inc()
-                    log.exception("space %s: tick failed", space)
+                inputs = Inputs(
+                    version=(body.get("metadata") or {}).get("resourceVersion"),
+                    nodes=self.nodes.marks(),
+                    views=space_views(self.nodes.status, space),
+                )
+                at = time.monotonic()
+                if not tick_due(last, inputs, at=at):
+                    self.metrics.ticks.labels("skipped").inc()
+                    continue
+                # Bounded: at start every space has writes to make at once, and requests queued
+                # behind hundreds of others would run out their timeouts before being sent.
+                async with self.tick_slots:
+                    try:
+                        await driver.tick(body)
+                    except Exception:  # one bad tick must not end the daemon (no crash loop)
+                        self.metrics.reconcile_errors.inc()
+                        log.exception("space %s: tick failed", space)
+                self.metrics.ticks.labels("run").inc()
+                last = LastTick(inputs=inputs, at=at, steady=driver.settled)
         finally:
             self.metrics.active_spaces.dec()
             await self.nodes.detach(space)

@@ -478,6 +478,14 @@ class NodeMonitor:
             for n in self.known()
         }
 
+    def marks(self) -> tuple[tuple[str, str, bool], ...]:
+        """(node, verdict state at the last refresh, draining) of every known node: what a
+        steady space's tick is skipped on while it stays the same (kube/cadence.py)."""
+        return tuple(
+            (n, self._states.get(n, ""), bool((r := self.records.get(n)) and r.draining))
+            for n in self.known()
+        )
+
     def infos(self) -> tuple[NodeInfo, ...]:
         return tuple(
             NodeInfo(name=r.name, address=r.address, zone=r.zone, rack=r.rack, draining=r.draining)
