@@ -130,7 +130,10 @@ async def test_operator_api_requests_per_second(
         ready = time.monotonic() - t0
         await asyncio.sleep(SETTLE)
         _, mark = _count(release, 0)
+        pid = op.proc.pid if op.proc else 0
+        cpu_before = _cpu(pid)
         await asyncio.sleep(WINDOW)
+        cpu_after = _cpu(pid)
         counts, _ = _count(release, mark)
         rates = {k: round(v / WINDOW, 3) for k, v in sorted(counts.items())}
         total = round(sum(counts.values()) / WINDOW, 3)
@@ -143,7 +146,16 @@ async def test_operator_api_requests_per_second(
             "operator_requests_per_second": total,
             "operator_by_request": rates,
             "node_lease_patches_per_second": leases,
-            "operator_cpu_seconds": _cpu(op.proc.pid if op.proc else 0),
+            "operator_cpu_seconds": cpu_after,
+            # The operator's share of a core while steady, over the window.
+            "operator_cpu_steady": (
+                round((cpu_after - cpu_before) / WINDOW, 3)
+                if cpu_after is not None and cpu_before is not None
+                else None
+            ),
+            "operator_ticks": {
+                k: v for k, v in op.metrics().items() if "operator_ticks_total" in k
+            },
         }
         print(json.dumps(result, indent=1))
         out = os.environ.get("ENGRAM_API_LOAD_OUT")
