@@ -49,3 +49,17 @@ def test_space_views_are_each_nodes_view_of_the_space() -> None:
     }
     assert space_views(status, "a") == (("n0", {"role": "primary"}), ("n1", {"role": "replica"}))
     assert space_views(status, "c") == ()
+
+
+def test_a_tick_that_waited_past_a_fresh_views_staleness_waits_for_the_next_refresh() -> None:
+    from engram_operator.kube.cadence import waited_too_long
+
+    # Woken 0.1 s after a good read, started 1.5 s later: late (the view went stale in line).
+    assert waited_too_long(woke_at=10.1, read_at_wake=10.0, read_now=10.0, now=11.6, stale=1.0)
+    # A newer read arrived while it waited: it runs on that one.
+    assert not waited_too_long(woke_at=10.1, read_at_wake=10.0, read_now=11.3, now=11.6, stale=1.0)
+    # Started in time.
+    assert not waited_too_long(woke_at=10.1, read_at_wake=10.0, read_now=10.0, now=10.5, stale=1.0)
+    # The reads were already failing when it woke (API down): it runs, and holds.
+    assert not waited_too_long(woke_at=12.0, read_at_wake=10.0, read_now=10.0, now=13.0, stale=1.0)
+    assert not waited_too_long(woke_at=1.0, read_at_wake=None, read_now=None, now=5.0, stale=1.0)

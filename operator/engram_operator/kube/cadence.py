@@ -55,6 +55,23 @@ def tick_due(
     return last.inputs != now
 
 
+def waited_too_long(
+    *, woke_at: float, read_at_wake: float | None, read_now: float | None, now: float, stale: float
+) -> bool:
+    """Did a tick wait so long for its slot that the view it was woken for went stale?
+
+    The node view is judged against the time of its last good read (stale past `stale`, and
+    then every verdict is Unknown and the space holds). A tick queued behind hundreds of others
+    can start past that bound although the reads are fine: it would then write a "holding"
+    status, which wakes it again, and so on. Such a tick waits for the next refresh instead. A
+    read that was already stale when the tick woke (the API is down) is not waiting: the tick
+    runs and holds, as it must."""
+    if read_at_wake is None or woke_at - read_at_wake > stale:
+        return False
+    newest = read_now if read_now is not None else read_at_wake
+    return now - newest > stale
+
+
 def space_views(
     status: Mapping[NodeName, Mapping[str, Any]], space: str
 ) -> tuple[tuple[str, Any], ...]:

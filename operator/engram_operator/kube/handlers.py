@@ -47,7 +47,13 @@ from engram_operator.kube.api import (
     ObjectRef,
     connection_info,
 )
-from engram_operator.kube.cadence import Inputs, LastTick, space_views, tick_due
+from engram_operator.kube.cadence import (
+    Inputs,
+    LastTick,
+    space_views,
+    tick_due,
+    waited_too_long,
+)
 from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
 from engram_operator.kube.health import OperatorHealth
@@ -329,9 +335,19 @@ class Operator:
                 if not tick_due(last, inputs, at=at):
                     self.metrics.ticks.labels("skipped").inc()
                     continue
+                read_at_wake = self.nodes.store.last_read_ok_at
                 # Bounded: at start every space has writes to make at once, and requests queued
                 # behind hundreds of others would run out their timeouts before being sent.
                 async with self.tick_slots:
+                    if waited_too_long(
+                        woke_at=at,
+                        read_at_wake=read_at_wake,
+                        read_now=self.nodes.store.last_read_ok_at,
+                        now=time.monotonic(),
+                        stale=DEFAULT_TIMING.store_stale_after,
+                    ):
+                        self.metrics.ticks.labels("late").inc()
+                        continue  # still due: it runs after the next refresh
                     try:
                         await driver.tick(body)
                     except Exception:  # one bad tick must not end the daemon (no crash loop)

@@ -37,8 +37,9 @@ class OperatorMetrics:
         )
         self.ticks = Counter(
             METRICS_PREFIX + "operator_ticks_total",
-            "Space ticks after node refreshes, by outcome: run, or skipped (the space was steady"
-            " and nothing it decides on changed, kube/cadence.py).",
+            "Space ticks after node refreshes, by outcome: run; skipped (the space was steady"
+            " and nothing it decides on changed); late (it waited for a slot past the node"
+            " view's staleness bound, and runs after the next refresh instead), kube/cadence.py.",
             ["outcome"],
             registry=self.registry,
         )
