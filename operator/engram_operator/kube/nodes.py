@@ -202,6 +202,7 @@ class NodeMonitor:
         # Whether the last heartbeat to each node was answered: grants go only in a heartbeat
         # that follows an answered one (see `_heartbeat`).
         self._answered: dict[NodeName, bool] = {}
+        self._marks: tuple[tuple[str, str, bool], ...] = ()
 
     # ---- life cycle: the loop runs while a space daemon is attached --------------------------
 
@@ -259,6 +260,7 @@ class NodeMonitor:
             except Exception:  # the loop must outlive one bad refresh
                 log.exception("node refresh failed")
             self.refreshed_at = self.clock()
+            self._mark()
             event, self._ticked = self._ticked, asyncio.Event()
             event.set()
             await asyncio.sleep(max(0.0, self.timing.check_interval - (self.clock() - started)))
@@ -480,8 +482,12 @@ class NodeMonitor:
 
     def marks(self) -> tuple[tuple[str, str, bool], ...]:
         """(node, verdict state at the last refresh, draining) of every known node: what a
-        steady space's tick is skipped on while it stays the same (kube/cadence.py)."""
-        return tuple(
+        steady space's tick is skipped on while it stays the same (kube/cadence.py). Built
+        once per refresh: `known()` walks every placement, and every space asks."""
+        return self._marks
+
+    def _mark(self) -> None:
+        self._marks = tuple(
             (n, self._states.get(n, ""), bool((r := self.records.get(n)) and r.draining))
             for n in self.known()
         )
