@@ -47,19 +47,14 @@ from engram_operator.kube.api import (
     ObjectRef,
     connection_info,
 )
-from engram_operator.kube.cadence import (
-    Inputs,
-    LastTick,
-    space_views,
-    tick_due,
-    waited_too_long,
-)
+from engram_operator.kube.cadence import IDLE_EVERY, Inputs, LastTick, space_views, waited_too_long
 from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
 from engram_operator.kube.health import OperatorHealth
 from engram_operator.kube.metrics import OperatorMetrics, serve
 from engram_operator.kube.nodes import NodeMonitor, parse_selector
 from engram_operator.kube.retire import deletion_policy, retire_everywhere
+from engram_operator.kube.ticker import Ticker
 from engram_operator.placement import describe
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING
@@ -155,6 +150,7 @@ class Operator:
         )
         self.metrics_runner: web.AppRunner | None = None
         self.tick_slots = asyncio.Semaphore(TICK_SLOTS)
+        self.ticker = Ticker(on_skip=self.metrics.ticks.labels("skipped").inc)
         # The object kopf hands each space's daemon, kept current by kopf's watch (the audit).
         self.bodies: dict[str, kopf.Body] = {}
         self.nodes = NodeMonitor(
@@ -163,6 +159,7 @@ class Operator:
             namespace=opts.namespace,
             selector=parse_selector(opts.node_selector),
             release=opts.release,
+            on_refresh=self.ticker.refreshed,
         )
         peering = None if opts.standalone or not opts.peering else opts.peering
         self.health = OperatorHealth(
@@ -316,25 +313,37 @@ class Operator:
         self.metrics.active_spaces.inc()
         placed = driver.state.placement
         log.info("space %s: reconciling (%s)", space, describe(placed) if placed else "not placed")
+
+        def inputs() -> Inputs:
+            return Inputs(
+                version=(body.get("metadata") or {}).get("resourceVersion"),
+                nodes=self.nodes.marks(),
+                views=space_views(self.nodes.status, space),
+            )
+
+        slot = self.ticker.add(space, inputs)
+
+        async def wake_on_stop() -> None:
+            await stopped.wait()
+            slot.event.set()
+
+        stopping = asyncio.create_task(wake_on_stop())
         try:
             legacy = bool(self.opts.release)  # the finalizer before releases: drop it once
-            last: LastTick | None = None
             while not stopped and not deleting(body):
-                if legacy:
-                    legacy = await self.drop_legacy_finalizer(name, namespace, body)
-                # Right after a node refresh: the first tick never decides on an empty view.
-                await self.nodes.next_tick(timeout=2 * DEFAULT_TIMING.check_interval)
+                # Woken by the ticker right after a node refresh (the first tick never decides
+                # on an empty view), only when the tick is due; or, should the node monitor
+                # stall, after twice IDLE_EVERY anyway (the tick then holds the space on a stale
+                # view). Not sooner: the ticker itself wakes a steady space every IDLE_EVERY.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slot.event.wait(), 2 * IDLE_EVERY)
+                slot.event.clear()
                 if stopped or deleting(body):
                     break  # deleted: the retire handler takes it from here
-                inputs = Inputs(
-                    version=(body.get("metadata") or {}).get("resourceVersion"),
-                    nodes=self.nodes.marks(),
-                    views=space_views(self.nodes.status, space),
-                )
-                at = time.monotonic()
-                if not tick_due(last, inputs, at=at):
-                    self.metrics.ticks.labels("skipped").inc()
-                    continue
+                if legacy:
+                    legacy = await self.drop_legacy_finalizer(name, namespace, body)
+                woken = slot.woken_inputs if slot.busy else None
+                at = slot.woken_at if woken is not None else time.monotonic()
                 read_at_wake = self.nodes.store.last_read_ok_at
                 # Bounded: at start every space has writes to make at once, and requests queued
                 # behind hundreds of others would run out their timeouts before being sent.
@@ -347,15 +356,19 @@ class Operator:
                         stale=DEFAULT_TIMING.store_stale_after,
                     ):
                         self.metrics.ticks.labels("late").inc()
-                        continue  # still due: it runs after the next refresh
+                        slot.done(None)  # still due: it runs after the next refresh
+                        continue
                     try:
                         await driver.tick(body)
                     except Exception:  # one bad tick must not end the daemon (no crash loop)
                         self.metrics.reconcile_errors.inc()
                         log.exception("space %s: tick failed", space)
                 self.metrics.ticks.labels("run").inc()
-                last = LastTick(inputs=inputs, at=at, steady=driver.settled)
+                seen = woken if woken is not None else inputs()
+                slot.done(LastTick(inputs=seen, at=at, steady=driver.settled))
         finally:
+            stopping.cancel()
+            self.ticker.remove(space, slot)
             self.metrics.active_spaces.dec()
             await self.nodes.detach(space)
             log.info("space %s: stopped reconciling (%s)", space, stopped.reason or "cancelled")

@@ -166,6 +166,7 @@ class NodeMonitor:
         namespace: str,
         selector: Mapping[str, str],
         release: str = "",
+        on_refresh: Callable[[], None] = lambda: None,
         timing: Timing = DEFAULT_TIMING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -174,6 +175,7 @@ class NodeMonitor:
         self.namespace = namespace
         self.selector = dict(selector)
         self.release = release
+        self.on_refresh = on_refresh  # after every refresh (the ticker wakes the due spaces)
         self.timing = timing
         self.clock = clock
         self.records: dict[NodeName, NodeRecord] = {}
@@ -261,6 +263,10 @@ class NodeMonitor:
                 log.exception("node refresh failed")
             self.refreshed_at = self.clock()
             self._mark()
+            try:
+                self.on_refresh()
+            except Exception:
+                log.exception("waking the spaces after a refresh failed")
             event, self._ticked = self._ticked, asyncio.Event()
             event.set()
             await asyncio.sleep(max(0.0, self.timing.check_interval - (self.clock() - started)))
