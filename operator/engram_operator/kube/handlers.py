@@ -3,8 +3,10 @@
 Handlers stay thin. kopf starts one daemon per MemorySpace when the object appears or the
 operator (re)starts, and stops it when the object is deleted, the operator exits, or kopf peering
 pauses this instance in favour of a peer. The daemon builds a `SpaceDriver` from the object's
-status and calls `tick()` once per node refresh (every 0.25 s; watch events alone could not
-notice a node that silently stops). Everything else lives in the driver and the pure core.
+status and calls `tick()` after node refreshes (every 0.25 s; watch events alone could not
+notice a node that silently stops), when the one `Ticker` wakes it: only when its tick is due
+(kube/cadence.py), so steady spaces cost next to nothing. Everything else lives in the driver
+and the pure core.
 
 HA: with `--peering NAME`, replicas coordinate through the namespaced KopfPeering object NAME.
 kopf pauses every instance that sees a live peer of higher priority, and — by design — pauses
