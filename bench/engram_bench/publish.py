@@ -10,11 +10,24 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Final
 
 from engram_bench import plots
 from engram_bench.report import Section, machine_description
 from engram_bench.sidecars import bench_dir
 from engram_bench.summary import goals_section
+
+# A section of docs/benchmarks.md that no scenario of `engram-replication bench` produces (the
+# Kubernetes API load, measured by tests/k8s/test_k8s_api_load.py) carries this comment right
+# under its title; a full run keeps it, after the sections it generated.
+HAND_WRITTEN: Final = "<!-- Written by hand"
+
+
+def hand_written(text: str) -> list[str]:
+    """The sections of a benchmarks page marked HAND_WRITTEN, in page order, as they are."""
+    _, blocks = _blocks(text)
+    marked = [b for _, b in blocks if any(ln.startswith(HAND_WRITTEN) for ln in b.splitlines())]
+    return [b if b.endswith("\n") else b + "\n" for b in marked]
 
 
 def write_results(
@@ -37,6 +50,7 @@ def write_results(
             json.dumps([asdict(s) for s in sections], indent=2, default=str) + "\n"
         )
         return  # quick runs prove the harness works; they don't overwrite the published figures
+    kept = hand_written(docs.read_text()) if docs.exists() else []
     plots.render(sections, docs.parent / "img", rel="img")
     summary = goals_section(sections)
     json_path.write_text(
@@ -49,14 +63,18 @@ def write_results(
         "to a baseline measured in the same run on the same machine; read the ratios, not the",
         "absolutes. Goals are reported here, never asserted by tests. `engram-replication bench",
         "--only KEY` (repeatable; KEY one of the scenarios in `bench/engram_bench/runner.py`)",
-        "reruns some scenarios and replaces just their sections and goals here.",
+        "reruns some scenarios and replaces just their sections and goals here. Sections marked",
+        "as written by hand (the Kubernetes API load) come from the tests they name, and a run",
+        "keeps them as they are.",
         "",
         f"Machine: {machine_description(bench_dir())}",
         "",
         summary.to_markdown(),
     ]
     parts.extend(s.to_markdown() for s in sections)
-    docs.write_text("\n".join(parts))
+    generated = {s.title for s in sections}
+    parts.extend(b.rstrip("\n") for b in kept if b.splitlines()[0][3:].strip() not in generated)
+    docs.write_text("\n".join(parts) + ("\n" if kept else ""))
 
 
 def _blocks(text: str) -> tuple[str, list[tuple[str, str]]]:

@@ -34,6 +34,11 @@ ANNOTATION_FENCED: Final = "engram.io/fenced"
 # with the `zone` and `rack` settings) onto its Lease's labels, where placement reads them.
 LABEL_ZONE: Final = "topology.kubernetes.io/zone"
 LABEL_RACK: Final = "engram.io/rack"
+# Which release (operator) a MemorySpace or node Lease belongs to, when two releases share a
+# namespace. An operator started with `--release R` reconciles only the spaces labelled R (and
+# claims unlabelled ones by labelling them, unless told not to), and places them only on nodes
+# whose Lease is labelled R or not labelled at all (a sidecar from before the label).
+LABEL_RELEASE: Final = "engram.io/release"
 
 # MemorySpace.status: who writes which field (design §3: no field has two writers). The operator
 # sends merge patches containing only OPERATOR_STATUS_FIELDS; the space's primary sidecar only

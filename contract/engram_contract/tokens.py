@@ -41,8 +41,12 @@ class KeyFile:
         *,
         check_every: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        valid: Callable[[tuple[bytes, ...]], bool] = bool,
     ) -> None:
         self.path = path
+        # A reload whose keys this refuses is ignored (the last good keys stay): a weak key
+        # written by mistake must not replace a good one. The first read is the caller's to judge.
+        self.valid = valid
         self.check_every = check_every
         self.clock = clock
         self._identity: tuple[int, int, int] | None = None
@@ -69,7 +73,7 @@ class KeyFile:
             if not self._keys:
                 raise
             return False  # keep the last keys: a rotation mid-swap must not lock us out
-        if not keys:
+        if not keys or (self._keys and not self.valid(keys)):
             return False
         self._identity = identity
         changed = bool(self._keys) and keys != self._keys
@@ -89,3 +93,8 @@ class KeyFile:
 
     def accepted_text(self) -> tuple[str, ...]:
         return tuple(k.decode() for k in self.accepted())
+
+    def secret(self) -> bytes:
+        """Every key, one per line, first one first: the replication handshake's secret
+        (engram_contract.formats.handshake), as of now."""
+        return b"\n".join(self.accepted())

@@ -1,7 +1,8 @@
 """The control plane: pure deciders, the one action executor, and the two drivers that run them.
 
 Pure (no I/O, no clock read): `model` (the data the deciders share), `verdict` (is a node
-alive?), `placement`, `election`, `switchover`, `status` and `reconcile` (one space's tick:
+alive?), `placement`, `election`, `switchover`, `status`, `losses` (what a failover cost, once
+the old primary rejoined) and `reconcile` (one space's tick:
 observation in, actions and one sentence out).
 
 `executor`: carries out a tick's actions (assign, fence and elect, hand over, give back) over a

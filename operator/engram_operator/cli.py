@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
         help="only node Leases with these labels (besides engram.io/node-lease=true)",
     )
     op.add_argument(
+        "--release",
+        default="",
+        metavar="NAME",
+        help="reconcile only the MemorySpaces labelled engram.io/release=NAME, on nodes whose"
+        " Lease carries that label or none (default: every space and node of the namespace)",
+    )
+    op.add_argument(
+        "--no-claim-unlabelled",
+        dest="claim_unlabelled",
+        action="store_false",
+        help="with --release: leave spaces without the engram.io/release label alone"
+        " (default: label them with NAME and reconcile them)",
+    )
+    op.add_argument(
         "--token-file",
         type=Path,
         required=True,
@@ -152,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 namespace=args.namespace,
                 token_file=args.token_file,
                 node_selector=args.node_selector,
+                release=args.release,
+                claim_unlabelled=args.claim_unlabelled,
                 peering=args.peering,
                 standalone=args.standalone,
                 dev=args.dev,

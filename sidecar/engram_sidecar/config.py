@@ -23,7 +23,7 @@ from engram_contract.assignment import bracketed, join_hostport
 from engram_contract.formats.entry import HEADER_SIZE as ENTRY_HEADER_SIZE
 from engram_contract.ids import ENV_PREFIX
 from engram_contract.kubernetes import LEASE_DURATION_SECONDS, LEASE_RENEW_SECONDS
-from engram_contract.tokens import MIN_KEY_BYTES, KeyFile, parse_keys, short_keys
+from engram_contract.tokens import MIN_KEY_BYTES, KeyFile, short_keys
 from engram_sidecar.errors import ConfigError
 from engram_sidecar.tail.watch import inotify_available
 
@@ -117,6 +117,9 @@ class SidecarConfig:
     # topology.kubernetes.io/zone and engram.io/rack are copied onto the node Lease, where
     # placement reads them to spread a space's members; reading them needs `get` on nodes.
     kube_node_name: str = ""
+    # The release this node belongs to (the chart: its release name), written on the node Lease
+    # as engram.io/release: only that release's operator places spaces here.
+    kube_release: str = ""
     # This node's failure domain, written on its Lease; each one set wins over the Node's label.
     zone: str = ""
     rack: str = ""
@@ -138,21 +141,29 @@ class SidecarConfig:
             self.advertise_address or join_hostport(self.replication_host, self.replication_port)
         )
 
-    def secret(self) -> bytes:
+    def secret_keys(self) -> KeyFile:
+        """The shared secret's keys (one per line, two during a rotation), re-read when the file
+        changes: each new handshake uses the keys as they are then. A reload with a key shorter
+        than MIN_KEY_BYTES is ignored (the last keys stay)."""
         if self.secret_file is None:
             raise ConfigError("secret_file is required: peers authenticate with a shared secret")
         try:
-            data = self.secret_file.read_bytes().strip()
+            keys = KeyFile(self.secret_file, valid=lambda ks: not short_keys(ks))
         except OSError as err:
             raise ConfigError(f"secret_file {self.secret_file}: {err.strerror}") from err
+        except ValueError:
+            keys = None
         # One key per line (two during a rotation, engram_contract.tokens); each must be strong.
-        keys = parse_keys(data)
-        if not keys or short_keys(keys):
+        if keys is None or short_keys(keys.accepted()):
             raise ConfigError(
                 f"secret_file {self.secret_file}: use at least {MIN_KEY_BYTES} bytes of secret"
                 " (on every line, when it holds several keys)"
             )
-        return data
+        return keys
+
+    def secret(self) -> bytes:
+        """The shared secret as read now (every key, one per line)."""
+        return self.secret_keys().secret()
 
     def admin_tokens(self) -> KeyFile:
         """The bearer tokens the control routes accept: every line of admin_token_file (else
@@ -262,7 +273,7 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("kube_timeout", f"use more than 0 and at most {most}")
     if cfg.status_report_interval < LEASE_RENEW_SECONDS:
         raise bad("status_report_interval", f"use at least {LEASE_RENEW_SECONDS}")
-    for name in ("zone", "rack"):
+    for name in ("zone", "rack", "kube_release"):
         if getattr(cfg, name) and not _LABEL_VALUE.fullmatch(getattr(cfg, name)):
             raise bad(name, "a label value: up to 63 of [A-Za-z0-9._-], alphanumeric at both ends")
     if cfg.kube_node_name and not _NODE_NAME.fullmatch(cfg.kube_node_name):

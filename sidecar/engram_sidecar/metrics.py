@@ -37,6 +37,7 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 WRITE_ERROR_REASONS = ("not_primary", "unavailable", "not_acknowledged", "wal")
 STORAGE_ERROR_KINDS = ("DiskFull", "StorageError")  # errors.StorageKind
+LAG_SEVERITIES = ("warning", "critical")  # lag_threshold_seconds' severity label
 STATE_VALUES = {"Healthy": 3, "CatchingUp": 2, "Lagging": 2, "Degraded": 1, "Failed": 0}
 
 
@@ -54,6 +55,15 @@ class Metrics:
             P + "lag_seconds",
             "Age of the oldest entry the replica lacks; 0 when caught up.",
             ["space", "replica"],
+            registry=r,
+        )
+        # Exported next to lag_seconds (by the primary), so an alert can compare each space's lag
+        # with its own thresholds: `lag > on(namespace, space) group_left threshold`.
+        self.lag_threshold = Gauge(
+            P + "lag_threshold_seconds",
+            "The space's lag thresholds in seconds (spec.lag, else the node's lag_*_seconds), "
+            "by severity: warning (Lagging) and critical (Degraded). Exported by its primary.",
+            ["space", "severity"],
             registry=r,
         )
         self.replica_state = Gauge(
@@ -212,6 +222,7 @@ class Metrics:
             _remove(g, space)
         for reason in WRITE_ERROR_REASONS:
             _remove(self.write_errors, space, reason)
+        self.forget_primary(space)
         for rep in replicas:
             self.forget_replica(space, rep)
 
@@ -249,6 +260,8 @@ class Metrics:
     def forget_primary(self, space: str) -> None:
         """Series only a space's primary exports; dropped when this node stops leading it."""
         _remove(self.write_lease_valid, space)
+        for severity in LAG_SEVERITIES:
+            _remove(self.lag_threshold, space, severity)
 
     def forget_peer(self, peer: str) -> None:
         _remove(self.circuit_open, peer)

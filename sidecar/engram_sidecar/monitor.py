@@ -141,6 +141,9 @@ class Monitor:
             if sp.role != "primary":
                 continue
             self.metrics.write_lease_valid.labels(sp.id).set(int(sp.lease_valid()))
+            limits = sp.lag_thresholds(node_thresholds(self.cfg))
+            self.metrics.lag_threshold.labels(sp.id, "warning").set(limits.warning_seconds)
+            self.metrics.lag_threshold.labels(sp.id, "critical").set(limits.critical_seconds)
             for r in sp.replicas.values():
                 r.lag, new = replica_state(
                     sp, r, peers=self.peers, cfg=self.cfg, now=now, now_ns=now_ns

@@ -81,7 +81,10 @@ class Node:
         # Where blocking file work goes (snapshot installs, segment scans): never the loop.
         self.offload = offload
         self.metrics = Metrics(registry or CollectorRegistry())
-        self.secret = cfg.secret()
+        # Re-read when the file changes (a rotation, docs/operations.md): every new handshake,
+        # either way, uses the keys of the moment; connections already up stay up.
+        self.secret_keys = cfg.secret_keys()
+        self._secret_reloads = 0
         self.store = WalStore(
             cfg.data_dir,
             segment_bytes=cfg.segment_bytes,
@@ -165,6 +168,14 @@ class Node:
         for sp in self.spaces.values():
             await sp.writer.stop()
         self.store.close()
+
+    def secret(self) -> bytes:
+        """The replication handshake's keys now (engram_contract.tokens.KeyFile)."""
+        keys = self.secret_keys.secret()
+        if self.secret_keys.reloads != self._secret_reloads:
+            self._secret_reloads = self.secret_keys.reloads
+            log.info("secret_file changed: new handshakes use its %d key(s)", keys.count(b"\n") + 1)
+        return keys
 
     def note_drain_handler(self) -> None:
         self._drain_handler_at = self.clock()

@@ -117,3 +117,36 @@ async def test_readyz_waits_until_the_replica_has_heard_from_its_primary(
 
     await cluster.wait_until(ready, timeout=15.0, what="n1 ready once n0 is back")
     assert (await readyz("n0"))[0] == 200
+
+
+async def test_the_primary_exports_the_spaces_lag_thresholds_as_the_spec_sets_them(
+    cluster: Cluster,
+) -> None:
+    """engram_replication_lag_threshold_seconds, which the lag alerts compare each space's lag
+    with: the node's own thresholds until the spec sets some, then the spec's, following a
+    changed spec (the same epoch, re-sent), and only on the space's primary."""
+    await cluster.start_nodes(2)
+    space = "thresholds"
+    name = "engram_replication_lag_threshold_seconds"
+
+    async def exported(node: str) -> dict[str, float]:
+        samples = (await cluster.metrics(node)).items()
+        return {
+            dict(lab)["severity"]: v
+            for (n, lab), v in samples
+            if n == name and dict(lab).get("space") == space
+        }
+
+    async def until_exported(want: dict[str, float]) -> None:
+        async def check() -> bool:
+            return await exported("n0") == want
+
+        await cluster.wait_until(check, timeout=10.0, what=f"n0 exports {want}")
+
+    await _assign(cluster, space, Tuning())
+    await until_exported({"warning": 1.0, "critical": 5.0})  # the node's defaults
+    await _assign(cluster, space, Tuning(lag_warning_seconds=10.0, lag_critical_seconds=30.0))
+    await until_exported({"warning": 10.0, "critical": 30.0})
+    await _assign(cluster, space, Tuning(lag_warning_seconds=2.0, lag_critical_seconds=3.0))
+    await until_exported({"warning": 2.0, "critical": 3.0})
+    assert await exported("n1") == {}  # a replica exports no lag series

@@ -164,6 +164,7 @@ class Release:
     cluster: Cluster
     operators: list[Operator] = field(default_factory=list)
     errors_expected: bool = False  # the test provokes tracebacks (e.g. refused API requests)
+    name: str = RELEASE
 
     @classmethod
     def install(
@@ -173,16 +174,21 @@ class Release:
         root: Path,
         *,
         values: Mapping[str, str] | None = None,
+        name: str = RELEASE,
     ) -> Release:
+        """`name`: the release's name; one not holding the chart's name gets objects named
+        `<name>-engram-replication-...` (the chart's fullname rule)."""
         sets = [a for k, v in (values or {}).items() for a in ("--set", f"{k}={v}")]
-        cp.helm("install", RELEASE, str(CHART), "--namespace", namespace, *sets)
+        cp.helm("install", name, str(CHART), "--namespace", namespace, *sets)
+        full = name if RELEASE in name else f"{name}-{RELEASE}"
         return cls(
             cp=cp,
             namespace=namespace,
             root=root,
-            operator_sa=cp.service_account(namespace, OPERATOR_SA, root),
-            node_sa=cp.service_account(namespace, NODE_SA, root),
+            operator_sa=cp.service_account(namespace, f"{full}-operator", root),
+            node_sa=cp.service_account(namespace, f"{full}-node", root),
             cluster=Cluster(root),
+            name=name,
         )
 
     # ---- processes -------------------------------------------------------------------------------
@@ -271,12 +277,24 @@ class Release:
         base = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
         return base if name is None else f"{base}/{name}"
 
-    def apply_space(self, name: str, spec: Mapping[str, Any]) -> None:
+    def apply_space(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        *,
+        labels: Mapping[str, str] | None = None,
+        finalizers: Sequence[str] = (),
+    ) -> None:
         """As a user would: kubectl apply, as the admin."""
+        meta: dict[str, Any] = {"name": name, "namespace": self.namespace}
+        if labels:
+            meta["labels"] = dict(labels)
+        if finalizers:
+            meta["finalizers"] = list(finalizers)
         doc = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "MemorySpace",
-            "metadata": {"name": name, "namespace": self.namespace},
+            "metadata": meta,
             "spec": dict(spec),
         }
         self.cp.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))

@@ -268,7 +268,7 @@ def _cfg(tmp_path: Path, **flags: str) -> SidecarConfig:
 @contextlib.asynccontextmanager
 async def _receiver(cfg: SidecarConfig) -> AsyncIterator[tuple[Receiver, int, Metrics]]:
     metrics = Metrics(CollectorRegistry())
-    rec = Receiver(cfg=cfg, node=S, secret=SECRET, metrics=metrics, lookup=lambda _: None)
+    rec = Receiver(cfg=cfg, node=S, secret=lambda: SECRET, metrics=metrics, lookup=lambda _: None)
     port = await rec.start(HOST, 0)
     try:
         yield rec, port, metrics

@@ -262,6 +262,34 @@ def test_full_results_write_docs_and_plots(tmp_path: Path) -> None:
     assert keys[0] == "goals"
 
 
+def test_a_full_run_keeps_the_hand_written_sections(tmp_path: Path) -> None:
+    """A section no scenario produces (the Kubernetes API load, from tests/k8s) is marked as
+    written by hand; regenerating the page keeps it whole, and drops the generated ones it
+    replaces."""
+    pytest.importorskip("matplotlib")
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    hand = (
+        "## Kubernetes API load\n\n"
+        "<!-- Written by hand from tests/k8s/test_k8s_api_load.py. -->\n\n"
+        "| spaces x nodes | operator requests/s |\n|---|---|\n| 1,000 x 5 | 0.1 |\n"
+    )
+    docs.write_text(
+        "# Benchmarks\n\n## Throughput\n\nan old generated figure\n\n"
+        + hand
+        + "\n## Gone\n\na section no scenario makes any more\n"
+    )
+    write_results(_sections(), docs=docs, json_path=tmp_path / "latest.json", quick=False)
+    md = docs.read_text()
+    assert hand in md
+    assert md.index("## Throughput") < md.index("## Kubernetes API load")  # after the run's
+    assert "an old generated figure" not in md and "## Gone" not in md
+    # And again: a second full run neither loses it nor doubles it.
+    write_results(_sections(), docs=docs, json_path=tmp_path / "latest.json", quick=False)
+    assert docs.read_text().count("## Kubernetes API load") == 1
+    assert hand in docs.read_text()
+
+
 # ---- RESP ----------------------------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ CHART_SET = {
     "kube_namespace",
     "kube_node_name",  # from spec.nodeName, with nodes.topology.nodeLabels (the default)
     "kube_pod_uid",  # the downward API's metadata.uid
+    "kube_release",  # the release name: the node Lease's engram.io/release label
 }
 # Set by the chart, and also offered in nodes.sidecar.config (then checked against other values).
 DERIVED = {"drain_timeout"}  # from terminationGracePeriodSeconds unless set, always below it
@@ -333,6 +334,7 @@ def test_chart_sidecar_accepts_the_environment_the_chart_gives_it(
         "ENGRAM_ENGRAM_DATA_ROOT": str(tmp_path / "engram"),
         "ENGRAM_KUBE_NODE_NAME": "ip-10-0-1-17.eu-west-1.compute.internal",
         "ENGRAM_DRAIN_TIMEOUT": "25",
+        "ENGRAM_KUBE_RELEASE": "engram-replication",
     }
     assert set(env) == {"ENGRAM_" + s.upper() for s in CHART_SET | DERIVED}
     env |= {"ENGRAM_" + k.upper(): _env_value(v) for k, v in sc["config"].items()}
@@ -404,7 +406,7 @@ def test_chart_operator_arguments_are_flags_the_operator_accepts() -> None:
     accepted = {s for a in sub._actions for s in a.option_strings}
     assert flags, "no operator flags found"
     assert flags <= accepted, f"flags `engram-replication operator` lacks: {flags - accepted}"
-    assert {"--namespace", "--peering", "--token-file", "--metrics-port"} <= flags
+    assert {"--namespace", "--peering", "--token-file", "--metrics-port", "--release"} <= flags
 
 
 # ---- the Dockerfile ---------------------------------------------------------------------------
@@ -693,3 +695,36 @@ def test_chart_two_releases_in_one_namespace_share_no_object() -> None:
             labels = selector.get("matchLabels", selector)
             if isinstance(labels, dict) and labels:
                 assert labels.get("app.kubernetes.io/instance") != other, d["metadata"]["name"]
+
+
+def _release_wiring(docs: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+    """The operator's arguments and the sidecar's ENGRAM_KUBE_RELEASE of one rendering."""
+    by_kind = {d["kind"]: d for d in docs}
+    op = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    sidecar = next(
+        c
+        for c in by_kind["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "sidecar"
+    )
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    return list(op["args"]), env.get("ENGRAM_KUBE_RELEASE")
+
+
+def test_chart_each_release_reconciles_only_its_own_spaces_and_nodes() -> None:
+    """Two releases in one namespace: each operator takes only the MemorySpaces labelled
+    engram.io/release=<its release> (`--release`) and the nodes whose Lease says the same
+    (ENGRAM_KUBE_RELEASE); by default it claims unlabelled spaces, and can be told not to."""
+    args_a, lease_a = _release_wiring(_template("--set", "nodes.name=engram-a", release="alpha"))
+    args_b, lease_b = _release_wiring(
+        _template(
+            "--set",
+            "nodes.name=engram-b",
+            "--set",
+            "operator.claimUnlabelledSpaces=false",
+            release="beta",
+        )
+    )
+    assert "--release=alpha" in args_a and lease_a == "alpha"
+    assert "--no-claim-unlabelled" not in args_a
+    assert "--release=beta" in args_b and lease_b == "beta"
+    assert "--no-claim-unlabelled" in args_b

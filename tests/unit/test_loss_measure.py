@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engram_operator.local.store import measure_losses
+from engram_operator.losses import measure_losses
 
 
 def _record(**kw: Any) -> dict[str, Any]:

@@ -63,3 +63,18 @@ def test_key_file_needs_a_key_to_start(tmp_path: Path) -> None:
         KeyFile(path)
     with pytest.raises(OSError):
         KeyFile(tmp_path / "missing")
+
+
+def test_a_reload_the_caller_refuses_keeps_the_last_keys(tmp_path: Path) -> None:
+    """The sidecar's handshake keys (`valid`: no key under 16 bytes): a weak key written by
+    mistake is not taken; the next good file is. `secret()` is every key, one per line."""
+    path, clock = tmp_path / "secret", Clock()
+    good, new = "g" * 16, "n" * 16
+    _swap(path, good + "\n")
+    keys = KeyFile(path, check_every=1.0, clock=clock, valid=lambda ks: not short_keys(ks))
+    _swap(path, f"short\n{good}\n")
+    clock.now = 2.0
+    assert keys.accepted_text() == (good,)
+    _swap(path, f"{new}\n{good}\n")
+    clock.now = 4.0
+    assert keys.secret() == f"{new}\n{good}".encode()

@@ -3,6 +3,8 @@
 Talks to Kubernetes and to the sidecars (I/O):
 
 * `handlers`: the kopf wiring (one daemon per MemorySpace, login, settings, peering, the process);
+* `ticker`: after each node refresh, wakes the daemons whose tick is due (`cadence`, pure:
+  when a tick is due);
 * `driver`: one space's tick (observation in, `reconcile`, the shared `executor`, status and
   Events out);
 * `store`: the executor's store, the MemorySpace's status, with guarded epoch-changing writes;

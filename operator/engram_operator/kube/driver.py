@@ -34,6 +34,7 @@ from engram_operator.kube.metrics import OperatorMetrics
 from engram_operator.kube.nodes import NodeMonitor
 from engram_operator.kube.status_patch import fingerprint, holds, newest_version, status_update
 from engram_operator.kube.store import SpaceState, StatusStore
+from engram_operator.losses import measure_losses
 from engram_operator.model import MemberReport, Placement, SpaceSpec
 from engram_operator.verdict import Verdict
 
@@ -80,6 +81,10 @@ class SpaceDriver:
         )
         self.announced: dict[str, str] = {}
         self.pending_events: list[tuple[str, str, str]] = []
+        # Did the last tick end steady, with status written as decided? (kube/cadence.py: only
+        # then may the next ticks be skipped while nothing changes.)
+        self.settled = False
+        self._status_current = False
 
     @property
     def state(self) -> SpaceState:
@@ -98,6 +103,7 @@ class SpaceDriver:
     async def tick(self, body: Mapping[str, Any]) -> str:
         """One reconcile tick; returns its sentence. API and sidecar errors end the tick only."""
         started = time.perf_counter()
+        self.settled = False
         try:
             sentence = await self._tick(copy.deepcopy(dict(body)))
         except Superseded as why:
@@ -128,6 +134,7 @@ class SpaceDriver:
         else:
             decision, obs = self._decide(spec, verdicts, reports, now)
             decision = await self.executor.run(decision, spec, now, obs)
+        await self._measure_loss(body)
         await self._write_status(
             spec or SpaceSpec(),
             body,
@@ -138,7 +145,9 @@ class SpaceDriver:
             problem=parsed.problem,
         )
         await self._post_events()
-        return self._say(decision.sentence)
+        said = self._say(decision.sentence)
+        self.settled = self._status_current and said.startswith(f"space {self.space} is steady")
+        return said
 
     def _decide(
         self,
@@ -238,6 +247,7 @@ class SpaceDriver:
         problem: str | None,
     ) -> None:
         st = self.state
+        self._status_current = False
         update = status_update(
             space=self.space,
             spec=spec,
@@ -260,11 +270,13 @@ class SpaceDriver:
             self._announce("UnderReplicated", "Warning", update.under_replicated)
         text = fingerprint(update.patch)
         if text == st.last_patch_gist:
+            self._status_current = True
             return  # nothing but numbers in prose changed: not worth a write
         if not st.last_patch_gist and text == fingerprint(holds(body, update.patch)):
             # The object already says this (an operator restart, a peer's takeover).
             st.conditions = update.conditions
             st.last_patch_gist, st.last_patch_at = text, now
+            self._status_current = True
             return
         version = newest_version(st.resource_version, _version(body))
         try:
@@ -286,6 +298,53 @@ class SpaceDriver:
         st.resource_version = _version(doc) or st.resource_version
         st.conditions = update.conditions
         st.last_patch_gist, st.last_patch_at = text, now
+        self._status_current = True
+
+    async def _measure_loss(self, body: Mapping[str, Any]) -> None:
+        """Complete status.lastPromotion with `entriesLost` once the old primary has rejoined
+        (engram_operator.losses, as local mode does). Written on its own, guarded by the version
+        of the object it was measured on: a newer promotion recorded since is never credited
+        with this one's loss."""
+        record = (body.get("status") or {}).get("lastPromotion")
+        if not isinstance(record, dict) or record.get("entriesLost") is not None:
+            return
+        epoch = record.get("newEpoch")
+        if not isinstance(epoch, int) or epoch == self.state.loss_measured_epoch:
+            return
+        if self.state.last_promotion_epoch != epoch:
+            return  # status shows an older promotion than ours: kopf's copy is behind
+        views = {
+            str(node): dict((doc.get("spaces") or {}).get(self.space) or {})
+            for node, doc in self.nodes.status.items()
+        }
+        measured = dict(record)
+        if not measure_losses([measured], views):
+            return
+        lost = int(measured["entriesLost"])
+        try:
+            doc = await self.api.patch_space_status(
+                self.namespace,
+                self.space,
+                {"lastPromotion": {"entriesLost": lost}},
+                resource_version=_version(body),
+            )
+        except KubeApiError as err:
+            if err.conflict:
+                return  # measured on an older copy: measure again on the next one kopf hands us
+            raise
+        self.state.loss_measured_epoch = epoch
+        self.state.resource_version = _version(doc) or self.state.resource_version
+        old = record.get("oldPrimary")
+        message = (
+            f"the failover of space {self.space} at epoch {epoch} lost {lost} entries: its old"
+            f" primary {old} rejoined and cut them (under ackPolicy async, acknowledged writes"
+            f" among them; estimated at decision time: {record.get('entriesPossiblyLost')})"
+            if lost
+            else f"the failover of space {self.space} at epoch {epoch} lost nothing: its old"
+            f" primary {old} rejoined with a log identical to the new primary's"
+        )
+        log.info("%s", message)
+        self.event("Warning" if lost else "Normal", "FailoverLossMeasured", message)
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.pending_events.append((type_, reason, message))

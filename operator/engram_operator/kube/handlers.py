@@ -3,14 +3,23 @@
 Handlers stay thin. kopf starts one daemon per MemorySpace when the object appears or the
 operator (re)starts, and stops it when the object is deleted, the operator exits, or kopf peering
 pauses this instance in favour of a peer. The daemon builds a `SpaceDriver` from the object's
-status and calls `tick()` once per node refresh (every 0.25 s; watch events alone could not
-notice a node that silently stops). Everything else lives in the driver and the pure core.
+status and calls `tick()` after node refreshes (every 0.25 s; watch events alone could not
+notice a node that silently stops), when the one `Ticker` wakes it: only when its tick is due
+(kube/cadence.py), so steady spaces cost next to nothing. Everything else lives in the driver
+and the pure core.
 
 HA: with `--peering NAME`, replicas coordinate through the namespaced KopfPeering object NAME.
 kopf pauses every instance that sees a live peer of higher priority, and — by design — pauses
 *all* instances of equal priority, so each instance needs its own priority. By default it is
 minus the start time in microseconds: the longest-running instance leads, a restarted or added
 replica stands by instead of taking over, and `--dev` (priority 666) outranks them all.
+
+Releases: with `--release R` (the chart passes its release name), the handlers see only the
+MemorySpaces labelled `engram.io/release=R`, so two releases in one namespace never reconcile the
+same space. A space without the label is claimed (labelled R, guarded by its resourceVersion, so
+of two operators racing for it one wins) unless `--no-claim-unlabelled`: a single release keeps
+working with unlabelled manifests, and with two releases a space goes to whichever claims it
+first, or to the one it names. Without `--release`, every space is reconciled (as before).
 """
 
 from __future__ import annotations
@@ -31,15 +40,23 @@ from aiohttp import web
 from engram_contract.assignment import valid_incarnation
 from engram_contract.client import SidecarClient
 from engram_contract.ids import SpaceId, validate_space_id
-from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND, PLURAL
+from engram_contract.kubernetes import API_GROUP, API_VERSION, KIND, LABEL_RELEASE, PLURAL
 from engram_contract.tokens import KeyFile
-from engram_operator.kube.api import KubeApi, KubeApiError, ObjectRef, connection_info
+from engram_operator.kube.api import (
+    MERGE_PATCH,
+    KubeApi,
+    KubeApiError,
+    ObjectRef,
+    connection_info,
+)
+from engram_operator.kube.cadence import IDLE_EVERY, Inputs, LastTick, space_views, waited_too_long
 from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
 from engram_operator.kube.health import OperatorHealth
 from engram_operator.kube.metrics import OperatorMetrics, serve
 from engram_operator.kube.nodes import NodeMonitor, parse_selector
 from engram_operator.kube.retire import deletion_policy, retire_everywhere
+from engram_operator.kube.ticker import Ticker
 from engram_operator.placement import describe
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import DEFAULT_TIMING
@@ -47,6 +64,9 @@ from engram_operator.verdict import DEFAULT_TIMING
 log = logging.getLogger("engram_operator.kube")
 
 DEV_PRIORITY: Final = 666  # kopf's own `--dev` priority
+# Space ticks that run at once. Most take milliseconds; a switchover's handover may take seconds,
+# so there is room for many of those beside the rest.
+TICK_SLOTS: Final = 32
 # A stopped daemon ends its current tick and exits: within half a second, unless the tick is a
 # switchover's handover, which may need its catch-up bound (5 s) to finish or give the space back.
 # Only past this does kopf cancel it.
@@ -58,6 +78,9 @@ class OperatorOptions:
     namespace: str
     token_file: Path
     node_selector: str = ""
+    # The release whose spaces (label LABEL_RELEASE) and nodes this operator owns; "" = all.
+    release: str = ""
+    claim_unlabelled: bool = True
     peering: str | None = None
     standalone: bool = False
     dev: bool = False
@@ -75,6 +98,17 @@ def identity() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
+LEGACY_FINALIZER: Final = f"{API_GROUP}/operator"
+
+
+def finalizer(release: str) -> str:
+    """kopf's finalizer on the spaces this operator reconciles. One per release: kopf removes
+    its finalizer from an object none of its deletion handlers matches, so two releases sharing
+    one would take it off each other's spaces, again and again. (A release name is at most 53
+    characters; the name part of a finalizer may have 63.)"""
+    return f"{LEGACY_FINALIZER}-{release}" if release else LEGACY_FINALIZER
+
+
 def priority(opts: OperatorOptions) -> int:
     if opts.priority is not None:
         return opts.priority
@@ -87,7 +121,7 @@ def settings(opts: OperatorOptions) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
     s.peering.lifetime = opts.peering_lifetime
     s.peering.priority = priority(opts)
-    s.persistence.finalizer = f"{API_GROUP}/operator"
+    s.persistence.finalizer = finalizer(opts.release)
     # kopf posts its own log lines as Events from this level up; ours are posted explicitly.
     s.posting.level = logging.WARNING
     # One exact namespace and a CRD installed before us (by the chart): no need to watch the
@@ -117,6 +151,8 @@ class Operator:
             lease_seconds=DEFAULT_SETTINGS.write_lease,
         )
         self.metrics_runner: web.AppRunner | None = None
+        self.tick_slots = asyncio.Semaphore(TICK_SLOTS)
+        self.ticker = Ticker(on_skip=self.metrics.ticks.labels("skipped").inc)
         # The object kopf hands each space's daemon, kept current by kopf's watch (the audit).
         self.bodies: dict[str, kopf.Body] = {}
         self.nodes = NodeMonitor(
@@ -124,6 +160,8 @@ class Operator:
             sidecars=self.sidecars,
             namespace=opts.namespace,
             selector=parse_selector(opts.node_selector),
+            release=opts.release,
+            on_refresh=self.ticker.refreshed,
         )
         peering = None if opts.standalone or not opts.peering else opts.peering
         self.health = OperatorHealth(
@@ -133,7 +171,8 @@ class Operator:
             identity=self.identity,
             priority=kopf_settings.peering.priority,
             peering=peering,
-            spaces_path=f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{opts.namespace}/{PLURAL}",
+            spaces_path=spaces_path(opts.namespace),
+            spaces_selector=f"{LABEL_RELEASE}={opts.release}" if opts.release else "",
             delivered=self.delivered,
             monitor_refreshed=lambda: self.nodes.refreshed_at,
         )
@@ -158,6 +197,8 @@ class Operator:
 
     def registry(self) -> kopf.OperatorRegistry:
         registry = kopf.OperatorRegistry()
+        # kopf's filter: only this release's spaces get a daemon and the retire finalizer.
+        mine = {LABEL_RELEASE: self.opts.release} if self.opts.release else None
 
         @kopf.on.login(registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
@@ -169,6 +210,7 @@ class Operator:
             PLURAL,
             id="reconcile",
             registry=registry,
+            labels=mine,
             cancellation_backoff=STOP_GRACE,
             cancellation_timeout=2.0,
         )
@@ -181,9 +223,25 @@ class Operator:
         ) -> None:
             await self.run_space(name, namespace or self.opts.namespace, body, stopped)
 
-        @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, id="retire", registry=registry)
+        @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, id="retire", registry=registry, labels=mine)
         async def retire_space(name: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
             await self.retire_space(name, namespace or self.opts.namespace, body)
+
+        if self.opts.release and self.opts.claim_unlabelled:
+
+            @kopf.on.event(
+                API_GROUP,
+                API_VERSION,
+                PLURAL,
+                id="claim",
+                registry=registry,
+                labels={LABEL_RELEASE: kopf.ABSENT},
+            )
+            async def claim_space(
+                name: str, namespace: str | None, body: kopf.Body, type: str | None, **_: Any
+            ) -> None:
+                if type != "DELETED" and not deleting(body):
+                    await self.claim_space(name, namespace or self.opts.namespace, body)
 
         @kopf.on.cleanup(registry=registry)
         async def close(**_: Any) -> None:
@@ -195,6 +253,35 @@ class Operator:
             await self.sidecars.close()
 
         return registry
+
+    async def claim_space(self, name: str, namespace: str, body: kopf.Body) -> None:
+        """Label an unlabelled space with our release, so that this operator reconciles it (its
+        daemon starts on the labelled object's watch event) and no other release's does."""
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        patch: dict[str, Any] = {"metadata": {"labels": {LABEL_RELEASE: self.opts.release}}}
+        if isinstance(version, str) and version:
+            patch["metadata"]["resourceVersion"] = version
+        try:
+            await self.api.request(
+                "PATCH",
+                f"{spaces_path(namespace)}/{name}",
+                body=patch,
+                content_type=MERGE_PATCH,
+            )
+        except KubeApiError as err:
+            # 409: changed since this event (perhaps another release claimed it; the next event
+            # says). 404: deleted meanwhile. Either way the watch brings the next word.
+            if not (err.conflict or err.not_found):
+                log.warning(
+                    "space %s: cannot claim it for release %s: %s", name, self.opts.release, err
+                )
+            return
+        log.info(
+            "space %s: claimed for release %s (it had no %s label)",
+            name,
+            self.opts.release,
+            LABEL_RELEASE,
+        )
 
     async def run_space(
         self, name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped
@@ -228,21 +315,95 @@ class Operator:
         self.metrics.active_spaces.inc()
         placed = driver.state.placement
         log.info("space %s: reconciling (%s)", space, describe(placed) if placed else "not placed")
+
+        def inputs() -> Inputs:
+            return Inputs(
+                version=(body.get("metadata") or {}).get("resourceVersion"),
+                nodes=self.nodes.marks(),
+                views=space_views(self.nodes.status, space),
+            )
+
+        slot = self.ticker.add(space, inputs)
+
+        async def wake_on_stop() -> None:
+            await stopped.wait()
+            slot.event.set()
+
+        stopping = asyncio.create_task(wake_on_stop())
         try:
+            legacy = bool(self.opts.release)  # the finalizer before releases: drop it once
             while not stopped and not deleting(body):
-                # Right after a node refresh: the first tick never decides on an empty view.
-                await self.nodes.next_tick(timeout=2 * DEFAULT_TIMING.check_interval)
+                # Woken by the ticker right after a node refresh (the first tick never decides
+                # on an empty view), only when the tick is due; or, should the node monitor
+                # stall, after twice IDLE_EVERY anyway (the tick then holds the space on a stale
+                # view). Not sooner: the ticker itself wakes a steady space every IDLE_EVERY.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slot.event.wait(), 2 * IDLE_EVERY)
+                slot.event.clear()
                 if stopped or deleting(body):
                     break  # deleted: the retire handler takes it from here
-                try:
-                    await driver.tick(body)
-                except Exception:  # one bad tick must not end the daemon (no crash loop)
-                    self.metrics.reconcile_errors.inc()
-                    log.exception("space %s: tick failed", space)
+                if legacy:
+                    legacy = await self.drop_legacy_finalizer(name, namespace, body)
+                woken = slot.woken_inputs if slot.busy else None
+                at = slot.woken_at if woken is not None else time.monotonic()
+                read_at_wake = self.nodes.store.last_read_ok_at
+                # Bounded: at start every space has writes to make at once, and requests queued
+                # behind hundreds of others would run out their timeouts before being sent.
+                async with self.tick_slots:
+                    if waited_too_long(
+                        woke_at=at,
+                        read_at_wake=read_at_wake,
+                        read_now=self.nodes.store.last_read_ok_at,
+                        now=time.monotonic(),
+                        stale=DEFAULT_TIMING.store_stale_after,
+                    ):
+                        self.metrics.ticks.labels("late").inc()
+                        slot.done(None)  # still due: it runs after the next refresh
+                        continue
+                    try:
+                        await driver.tick(body)
+                    except Exception:  # one bad tick must not end the daemon (no crash loop)
+                        self.metrics.reconcile_errors.inc()
+                        log.exception("space %s: tick failed", space)
+                self.metrics.ticks.labels("run").inc()
+                seen = woken if woken is not None else inputs()
+                slot.done(LastTick(inputs=seen, at=at, steady=driver.settled))
         finally:
+            stopping.cancel()
+            self.ticker.remove(space, slot)
             self.metrics.active_spaces.dec()
             await self.nodes.detach(space)
             log.info("space %s: stopped reconciling (%s)", space, stopped.reason or "cancelled")
+
+    async def drop_legacy_finalizer(self, name: str, namespace: str, body: kopf.Body) -> bool:
+        """A space from before `--release` carries LEGACY_FINALIZER, which no handler of this
+        operator removes any more: once kopf has put ours on, take the old one off (guarded by
+        the resourceVersion), so deleting the space is not held forever. Returns whether to try
+        again (next tick)."""
+        meta = body.get("metadata") or {}
+        held = list(meta.get("finalizers") or [])
+        if LEGACY_FINALIZER not in held:
+            return False
+        if self.settings.persistence.finalizer not in held:
+            return True  # kopf adds ours on its own schedule: wait for it
+        patch = {
+            "metadata": {
+                "finalizers": [f for f in held if f != LEGACY_FINALIZER],
+                "resourceVersion": meta.get("resourceVersion"),
+            }
+        }
+        try:
+            await self.api.request(
+                "PATCH", f"{spaces_path(namespace)}/{name}", body=patch, content_type=MERGE_PATCH
+            )
+        except KubeApiError as err:
+            if err.not_found:
+                return False
+            if not err.conflict:
+                log.warning("space %s: cannot drop finalizer %s: %s", name, LEGACY_FINALIZER, err)
+            return True
+        log.info("space %s: dropped the old finalizer %s", name, LEGACY_FINALIZER)
+        return False
 
     async def retire_space(self, name: str, namespace: str, body: kopf.Body) -> None:
         """The finalizer's work (kube/retire.py): retire the space on every node, then let
@@ -290,6 +451,10 @@ class Operator:
         log.info("%s", sentence)
         with contextlib.suppress(KubeApiError):
             await self.api.post_event(ref, type_="Normal", reason="Retired", message=sentence)
+
+
+def spaces_path(namespace: str) -> str:
+    return f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
 
 
 def deleting(body: kopf.Body) -> bool:

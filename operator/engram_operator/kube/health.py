@@ -109,6 +109,7 @@ class OperatorHealth:
         priority: int,
         peering: str | None,
         spaces_path: str,
+        spaces_selector: str = "",
         delivered: Callable[[], Mapping[str, str | None]],
         monitor_refreshed: Callable[[], float | None],
         clock: Callable[[], float] = time.monotonic,
@@ -120,6 +121,9 @@ class OperatorHealth:
         self.priority = priority
         self.peering = peering
         self.spaces_path = spaces_path
+        # Only the spaces this operator reconciles (its release's): another release's are never
+        # delivered to it, and would look like a stuck watch.
+        self.spaces_selector = spaces_selector
         self.delivered = delivered
         self.monitor_refreshed = monitor_refreshed
         self.clock = clock
@@ -211,10 +215,11 @@ class OperatorHealth:
         if not self.leader:
             self.stuck.clear()
             return
+        params = {"resourceVersion": "0"}
+        if self.spaces_selector:
+            params["labelSelector"] = self.spaces_selector
         try:
-            doc = await self.api.request(
-                "GET", self.spaces_path, params={"resourceVersion": "0"}, timeout=10.0
-            )
+            doc = await self.api.request("GET", self.spaces_path, params=params, timeout=10.0)
         except KubeApiError as err:
             log.info("watch audit: cannot list MemorySpaces: %s", err)
             return

@@ -35,6 +35,14 @@ class OperatorMetrics:
             "Reconcile ticks that failed (API or sidecar errors); the next tick retries.",
             registry=self.registry,
         )
+        self.ticks = Counter(
+            METRICS_PREFIX + "operator_ticks_total",
+            "Space ticks after node refreshes, by outcome: run; skipped (the space was steady"
+            " and nothing it decides on changed); late (it waited for a slot past the node"
+            " view's staleness bound, and runs after the next refresh instead), kube/cadence.py.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.decision_duration = Histogram(
             METRICS_PREFIX + "decision_duration_seconds",
             "Time of one reconcile tick of one space: observe, decide, and execute the actions.",

@@ -48,6 +48,7 @@ from engram_contract.kubernetes import (
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
     LABEL_RACK,
+    LABEL_RELEASE,
     LABEL_ZONE,
     LEASE_PREFIX,
     NodeAddresses,
@@ -108,14 +109,20 @@ def parse_selector(text: str) -> dict[str, str]:
     return out
 
 
-def parse_lease(item: Mapping[str, Any], selector: Mapping[str, str]) -> NodeRecord | None:
-    """The node a Lease describes, or None when it is not a usable node Lease."""
+def parse_lease(
+    item: Mapping[str, Any], selector: Mapping[str, str], release: str = ""
+) -> NodeRecord | None:
+    """The node a Lease describes, or None when it is not a usable node Lease. With `release`,
+    a Lease labelled for another release is not ours; an unlabelled one (a sidecar from before
+    the label, or run outside the chart) still is, so an upgrade never hides a node."""
     meta = item.get("metadata") or {}
     name = str(meta.get("name", ""))
     labels = meta.get("labels") or {}
     if not name.startswith(LEASE_PREFIX) or labels.get(LABEL_NODE_LEASE) != "true":
         return None
     if any(labels.get(k) != v for k, v in selector.items()):
+        return None
+    if release and labels.get(LABEL_RELEASE, release) != release:
         return None
     annotations = meta.get("annotations") or {}
     http, address = annotations.get(ANNOTATION_HTTP), annotations.get(ANNOTATION_REPLICATION)
@@ -158,6 +165,8 @@ class NodeMonitor:
         sidecars: SidecarClient,
         namespace: str,
         selector: Mapping[str, str],
+        release: str = "",
+        on_refresh: Callable[[], None] = lambda: None,
         timing: Timing = DEFAULT_TIMING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -165,6 +174,8 @@ class NodeMonitor:
         self.sidecars = sidecars
         self.namespace = namespace
         self.selector = dict(selector)
+        self.release = release
+        self.on_refresh = on_refresh  # after every refresh (the ticker wakes the due spaces)
         self.timing = timing
         self.clock = clock
         self.records: dict[NodeName, NodeRecord] = {}
@@ -193,6 +204,7 @@ class NodeMonitor:
         # Whether the last heartbeat to each node was answered: grants go only in a heartbeat
         # that follows an answered one (see `_heartbeat`).
         self._answered: dict[NodeName, bool] = {}
+        self._marks: tuple[tuple[str, str, bool], ...] = ()
 
     # ---- life cycle: the loop runs while a space daemon is attached --------------------------
 
@@ -250,6 +262,11 @@ class NodeMonitor:
             except Exception:  # the loop must outlive one bad refresh
                 log.exception("node refresh failed")
             self.refreshed_at = self.clock()
+            self._mark()
+            try:
+                self.on_refresh()
+            except Exception:
+                log.exception("waking the spaces after a refresh failed")
             event, self._ticked = self._ticked, asyncio.Event()
             event.set()
             await asyncio.sleep(max(0.0, self.timing.check_interval - (self.clock() - started)))
@@ -313,7 +330,7 @@ class NodeMonitor:
     def watch_names(self) -> set[NodeName]:
         out: set[NodeName] = set()
         for c in self.watch.items.values():
-            record = parse_lease(c.item, self.selector)
+            record = parse_lease(c.item, self.selector, self.release)
             if record is not None:
                 out.add(record.name)
         return out
@@ -322,7 +339,7 @@ class NodeMonitor:
         """Note the Leases read: a changed renewTime is a renewal at the time it was received
         (`seen`: each Lease with that time)."""
         for item, at in seen:
-            record = parse_lease(item, self.selector)
+            record = parse_lease(item, self.selector, self.release)
             if record is None:
                 continue
             name = record.name
@@ -434,7 +451,7 @@ class NodeMonitor:
         )
         records: dict[NodeName, NodeRecord] = {}
         for item in items:
-            record = parse_lease(item, self.selector)
+            record = parse_lease(item, self.selector, self.release)
             if record is not None:
                 records[record.name] = record
         within = self.timing.lease_duration + FIRST_SIGHT_SLACK
@@ -468,6 +485,18 @@ class NodeMonitor:
             )
             for n in self.known()
         }
+
+    def marks(self) -> tuple[tuple[str, str, bool], ...]:
+        """(node, verdict state at the last refresh, draining) of every known node: what a
+        steady space's tick is skipped on while it stays the same (kube/cadence.py). Built
+        once per refresh: `known()` walks every placement, and every space asks."""
+        return self._marks
+
+    def _mark(self) -> None:
+        self._marks = tuple(
+            (n, self._states.get(n, ""), bool((r := self.records.get(n)) and r.draining))
+            for n in self.known()
+        )
 
     def infos(self) -> tuple[NodeInfo, ...]:
         return tuple(

@@ -65,6 +65,8 @@ class SpaceState:
     last_sentence: str = ""
     last_patch_gist: str = ""
     last_patch_at: float = -math.inf
+    # The newEpoch of the lastPromotion whose entriesLost we wrote (until kopf's copy shows it).
+    loss_measured_epoch: int | None = None
     # The newest resourceVersion we know from our own writes and reads (kopf's copy of the
     # object may lag behind our last write): every status write carries the newer of the two.
     resource_version: str | None = None
@@ -172,7 +174,7 @@ class StatusStore:
                 "phase": phase,
             }
             if promotion is not None:
-                patch["lastPromotion"] = dict(promotion.to_dict())
+                patch["lastPromotion"] = promotion_patch(promotion)
             version = (fresh.get("metadata") or {}).get("resourceVersion")
             self._check_deadline(promotion is not None)
             try:
@@ -218,7 +220,7 @@ class StatusStore:
                 written = await self.api.patch_space_status(
                     self.namespace,
                     self.space,
-                    {"phase": "FailingOver", "lastPromotion": dict(plan.record.to_dict())},
+                    {"phase": "FailingOver", "lastPromotion": promotion_patch(plan.record)},
                     resource_version=version,
                     timeout=PROMOTION_DEADLINE,
                 )
@@ -237,6 +239,13 @@ class StatusStore:
                 f"space {self.space}: promotion not recorded within {PROMOTION_DEADLINE:g} s"
                 f" of the lease read it was based on ({late:.1f} s); deciding again"
             )
+
+
+def promotion_patch(record: DecisionRecord) -> dict[str, object]:
+    """status.lastPromotion for a new decision. A merge patch merges into the old record, so a
+    field the new one lacks is cleared explicitly: the last failover's measured loss
+    (`entriesLost`) must not stand for this one's."""
+    return {"entriesLost": None, **record.to_dict()}
 
 
 def _version(doc: Mapping[str, Any]) -> str | None:

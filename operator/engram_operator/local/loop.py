@@ -28,8 +28,9 @@ from engram_contract.kubernetes import NodeAddresses
 from engram_operator import reconcile as rc
 from engram_operator.election import DecisionRecord
 from engram_operator.executor import Executor
-from engram_operator.local.store import ClusterFiles, ClusterState, SpaceRecord, measure_losses
+from engram_operator.local.store import ClusterFiles, ClusterState, SpaceRecord
 from engram_operator.local.supervisor import LocalNode
+from engram_operator.losses import measure_losses
 from engram_operator.model import MemberReport, NodeInfo, Placement, SpaceSpec, member_reports
 from engram_operator.reconcile import DEFAULT_SETTINGS
 from engram_operator.verdict import (

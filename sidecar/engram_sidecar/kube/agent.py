@@ -354,6 +354,7 @@ class KubeSidecar:
             renew_ns=sent_ns,
             draining=self.node.draining,
             domain=self.domain,
+            release=self.node.cfg.kube_release,
             owner_uid=owner,
         )
         outcome = "ok"

@@ -28,6 +28,7 @@ from engram_contract.kubernetes import (
     ANNOTATION_REPLICATION,
     LABEL_NODE_LEASE,
     LABEL_RACK,
+    LABEL_RELEASE,
     LABEL_ZONE,
     LEASE_DURATION_SECONDS,
     LEASE_PREFIX,
@@ -205,13 +206,15 @@ def lease_object(
     acquire: bool = False,
     draining: bool = False,
     domain: Mapping[str, str] | None = None,
+    release: str = "",
     owner_uid: str = "",
 ) -> dict[str, Any]:
     """The node Lease, or the merge patch that renews it. `domain`: the failure-domain labels
     (LABEL_ZONE, LABEL_RACK) known for this node, published for placement. With `owner_uid`,
     owned by the node's pod (named as the node): the garbage collector deletes it with the
     pod, so a scaled-down node leaves no Lease behind. Not `blockOwnerDeletion`, which would
-    need the pods/finalizers permission."""
+    need the pods/finalizers permission. With `release`, labelled LABEL_RELEASE: only that
+    release's operator places spaces on this node."""
     spec: dict[str, Any] = {
         "holderIdentity": node,
         "leaseDurationSeconds": LEASE_DURATION_SECONDS,
@@ -231,7 +234,11 @@ def lease_object(
             **owner,
             "name": lease_name(node),
             "namespace": namespace,
-            "labels": {LABEL_NODE_LEASE: "true", **(domain or {})},
+            "labels": {
+                LABEL_NODE_LEASE: "true",
+                **({LABEL_RELEASE: release} if release else {}),
+                **(domain or {}),
+            },
             "annotations": {
                 ANNOTATION_HTTP: http,
                 ANNOTATION_REPLICATION: replication,

@@ -26,7 +26,7 @@ class PeerPool:
         *,
         cfg: SidecarConfig,
         node: NodeName,
-        secret: bytes,
+        secret: Callable[[], bytes],
         metrics: Metrics,
         bucket: TokenBucket,
         clock: Callable[[], float] = time.monotonic,

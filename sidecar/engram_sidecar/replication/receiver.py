@@ -74,7 +74,7 @@ class Receiver:
         *,
         cfg: SidecarConfig,
         node: NodeName,
-        secret: bytes,
+        secret: Callable[[], bytes],
         metrics: Metrics,
         lookup: Callable[[bytes], Space | None],
         install_snapshot: Callable[[Space], Awaitable[None]] | None = None,
@@ -137,7 +137,7 @@ class Receiver:
                 peer = await server_handshake(
                     reader,
                     writer,
-                    secret=self.secret,
+                    secret=self.secret(),
                     node=self.node,
                     timeout=self.cfg.handshake_timeout,
                 )
