@@ -248,10 +248,21 @@ def test_install_with_full_values(cluster: ControlPlane, namespace: str) -> None
         for c in dashboards["items"]
     )
     sts = rest.get(f"/apis/apps/v1/namespaces/{namespace}/statefulsets/engram")
-    assert [c["name"] for c in sts["spec"]["template"]["spec"]["containers"]] == [
-        "sidecar",
-        "engram",
+    pod = sts["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["sidecar", "engram"]
+    # Tail mode (nodes.engram.tail, on by default) as the API server stored it, after its
+    # defaulting: the sidecar ships Engram's data root, both see it on the same subPath, and
+    # Engram starts only after the sidecar's postStart hook saw /readyz (docs/engram.md).
+    sidecar, engram = pod["containers"]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["ENGRAM_ENGRAM_DATA_ROOT"] == "/engram"
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["/engram"].get("subPath") == "engram.data"
+    assert mounts["/engram"]["name"] == mounts["/data"]["name"]
+    assert [m.get("subPath") for m in engram["volumeMounts"] if m["mountPath"] == "/data"] == [
+        "engram.data"
     ]
+    assert "/readyz" in sidecar["lifecycle"]["postStart"]["exec"]["command"][2]
     if cp.controller_manager:
         _wait(lambda: len(_pods(cp, namespace)) >= 1, "the first node pod (OrderedReady)")
     cp.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
