@@ -9,7 +9,10 @@ exactly the same schedule and measured by exactly the same code.
   ones, and each latency runs from the request's *intended* send time. A stall (server, client,
   or this process's event loop) is charged to every request it delayed, so the percentiles are
   free of coordinated omission. The clock and sleep are injectable: tests drive it on virtual
-  time.
+  time. This process's garbage collector is paused for the window (`gc_paused`): a full
+  collection over everything the benchmark has accumulated by then (earlier scenarios' results)
+  can stop this process for hundreds of milliseconds, and open-loop timing would charge that
+  stall of the load generator to the server under test.
 - `closed_loop`: `concurrency` workers, each sending its next request when the previous one is
   answered, for a fixed time: the most a server takes.
 - `Sampler`: calls a probe every `interval` seconds on a fixed schedule and keeps
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -116,6 +120,20 @@ class LoadResult:
         }
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect now, then no automatic collection until the block ends (a measured window of a
+    few seconds allocates little; the collector is back on, as it was, afterwards)."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def error_text(errors: Counter[str] | dict[str, int]) -> str:
     if not errors:
         return "0"
@@ -145,8 +163,7 @@ async def open_loop(
         request_rate=request_rate,
         scheduled=n,
     )
-    start = clock() + 0.01
-    last_ok = start
+    last_ok = 0.0  # set with `start`, once the collection gc_paused begins with is done
     pending: set[int] = set()
 
     async def one(i: int, intended: float) -> None:
@@ -164,15 +181,18 @@ async def open_loop(
         else:
             res.errors[status] += 1
 
-    times = schedule(start, request_rate, n)
     tasks: list[asyncio.Task[None]] = []
-    for i, intended in enumerate(times):
-        delay = intended - clock()
-        if delay > 0:
-            await sleep(delay)
-        pending.add(i)
-        tasks.append(asyncio.create_task(one(i, intended)))
-    _, late = await asyncio.wait(tasks, timeout=timeout)
+    with gc_paused():  # the collection it starts with is before the first intended send
+        start = clock() + 0.01
+        last_ok = start
+        times = schedule(start, request_rate, n)
+        for i, intended in enumerate(times):
+            delay = intended - clock()
+            if delay > 0:
+                await sleep(delay)
+            pending.add(i)
+            tasks.append(asyncio.create_task(one(i, intended)))
+        _, late = await asyncio.wait(tasks, timeout=timeout)
     for t in late:
         t.cancel()
     if pending:

@@ -581,3 +581,21 @@ def test_tailmode_section_is_a_scenario_and_renders_each_run() -> None:
     # A run that never got an ack shows a dash, not a made-up zero.
     assert s.rows[1][3:] == ["-", "-", "-", "-"]
     assert s.data["runs"] == runs
+
+
+async def test_open_loop_pauses_this_processes_gc_for_the_window_only() -> None:
+    import gc
+
+    from engram_bench.load import open_loop
+
+    seen: list[bool] = []
+
+    async def send() -> str:
+        seen.append(gc.isenabled())
+        return "200"
+
+    assert gc.isenabled()
+    res = await open_loop(send, entries_per_request=1, request_rate=200.0, duration=0.05)
+    assert res.ok == len(seen) == 10
+    assert not any(seen), "a request was sent with the load generator's collector on"
+    assert gc.isenabled()
