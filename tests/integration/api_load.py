@@ -138,32 +138,38 @@ class StandInNode:
             await self.runner.cleanup()
 
 
+def renew_time() -> str:
+    """A Lease's renewTime for now (MicroTime)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def leases_path(namespace: str) -> str:
+    return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+
+def stand_in_lease(node: StandInNode, namespace: str) -> dict[str, Any]:
+    """The node Lease a sidecar would create for `node` (what the operator reads)."""
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": f"engram-node-{node.name}",
+            "namespace": namespace,
+            "labels": {"engram.io/node-lease": "true"},
+            "annotations": {
+                "engram.io/http-address": node.http,
+                "engram.io/replication-address": node.address,
+            },
+        },
+        "spec": {"holderIdentity": node.name, "leaseDurationSeconds": 2, "renewTime": renew_time()},
+    }
+
+
 async def renew_leases(kube: Kube, nodes: list[StandInNode]) -> None:
     """Create each node's Lease, then renew them all every LEASE_RENEW, as sidecars do."""
-    base = f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
-
-    def now() -> str:
-        return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
+    base = leases_path(NAMESPACE)
     for n in nodes:
-        await kube.call(
-            "POST",
-            base,
-            {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {
-                    "name": f"engram-node-{n.name}",
-                    "namespace": NAMESPACE,
-                    "labels": {"engram.io/node-lease": "true"},
-                    "annotations": {
-                        "engram.io/http-address": n.http,
-                        "engram.io/replication-address": n.address,
-                    },
-                },
-                "spec": {"holderIdentity": n.name, "leaseDurationSeconds": 2, "renewTime": now()},
-            },
-        )
+        await kube.call("POST", base, stand_in_lease(n, NAMESPACE))
     due = time.monotonic()
     while True:
         due += LEASE_RENEW
@@ -171,7 +177,7 @@ async def renew_leases(kube: Kube, nodes: list[StandInNode]) -> None:
         for n in nodes:
             with contextlib.suppress(Exception):
                 await kube.call(
-                    "PATCH", f"{base}/engram-node-{n.name}", {"spec": {"renewTime": now()}}
+                    "PATCH", f"{base}/engram-node-{n.name}", {"spec": {"renewTime": renew_time()}}
                 )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime
 import json
 import os
 import time
@@ -25,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.api_load import StandInNode
+from tests.integration.api_load import (
+    LEASE_RENEW,
+    StandInNode,
+    leases_path,
+    renew_time,
+    stand_in_lease,
+)
 from tests.k8s.harness import GROUP, VERSION, Release
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(3600)]
@@ -41,40 +46,21 @@ def _sizes() -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in (s.split("x") for s in text.split())]
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 async def _renew(release: Release, nodes: list[StandInNode]) -> None:
     rest = release.cp.rest()
-    base = f"/apis/coordination.k8s.io/v1/namespaces/{release.namespace}/leases"
+    base = leases_path(release.namespace)
     for n in nodes:
-        rest.create(
-            base,
-            {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {
-                    "name": f"engram-node-{n.name}",
-                    "labels": {"engram.io/node-lease": "true"},
-                    "annotations": {
-                        "engram.io/http-address": n.http,
-                        "engram.io/replication-address": n.address,
-                    },
-                },
-                "spec": {"holderIdentity": n.name, "leaseDurationSeconds": 2, "renewTime": _now()},
-            },
-        )
+        rest.create(base, stand_in_lease(n, release.namespace))
     due = time.monotonic()
     while True:
-        due += 0.5
+        due += LEASE_RENEW
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         for n in nodes:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
                     rest.merge_patch,
                     f"{base}/engram-node-{n.name}",
-                    {"spec": {"renewTime": _now()}},
+                    {"spec": {"renewTime": renew_time()}},
                 )
 
 
