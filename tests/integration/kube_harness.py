@@ -147,9 +147,17 @@ class Kube:
         await self.call("DELETE", self._spaces_path(name))
 
     async def patch_spec(self, name: str, spec: Mapping[str, Any]) -> None:
-        generation = int(self.space(name).get("metadata", {}).get("generation", 1)) + 1
+        """`kubectl patch --type merge` of the spec. The generation and the resourceVersion move
+        on, as an API server moves them: the operator skips the ticks of a steady space whose
+        resourceVersion is unchanged (kube/cadence.py), so a spec change that kept it would go
+        unseen for up to IDLE_EVERY (kmock moves neither)."""
+        meta = self.space(name).get("metadata", {})
+        generation = int(meta.get("generation", 1)) + 1
+        version = str(int(meta.get("resourceVersion", 1)) + 1)
         await self.call(
-            "PATCH", self._spaces_path(name), {"metadata": {"generation": generation}, "spec": spec}
+            "PATCH",
+            self._spaces_path(name),
+            {"metadata": {"generation": generation, "resourceVersion": version}, "spec": spec},
         )
 
     async def create_peering(self, name: str) -> None:
