@@ -74,12 +74,21 @@ def load_json(raw: bytes | str) -> Any:
     be served back as a body no strict client can parse.
     """
     try:
-        doc = json.loads(raw, parse_constant=_not_json)
+        # What json.loads does, minus building a decoder per call (it does whenever given an
+        # option): that was a quarter of an NDJSON line's parse (issue 13).
+        text = (
+            raw if isinstance(raw, str) else raw.decode(json.detect_encoding(raw), "surrogatepass")
+        )
+        doc = _DECODER.decode(text)
     except RecursionError:
         raise JsonError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as err:
         raise JsonError(str(err)) from None
-    if not _nesting_within(doc, MAX_JSON_DEPTH):
+    # A document with no more brackets than the limit can't nest deeper than it: the walk is
+    # only for the rest (counting is C speed; the walk was another quarter of a line's parse).
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not _nesting_within(
+        doc, MAX_JSON_DEPTH
+    ):
         raise JsonError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     return doc
 
@@ -91,6 +100,9 @@ async def read_json(request: web.Request) -> Any:
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
 
 
 def _nesting_within(doc: Any, limit: int) -> bool:

@@ -219,6 +219,27 @@ async def test_payload_nested_past_the_limit_is_refused_and_at_it_accepted(make_
     assert status == 400, doc
 
 
+def test_load_json_reads_what_json_loads_reads_and_bounds_nesting_past_bracket_counts() -> None:
+    # load_json skips the nesting walk when a document has no more brackets than the limit;
+    # brackets inside strings only make it walk, and any encoding json.loads detects still reads.
+    many_in_strings = json.dumps({"a": "[" * 500, "b": ["{" * 500, [1, [2]]]})
+    assert api.load_json(many_in_strings) == json.loads(many_in_strings)
+    assert api.load_json(many_in_strings.encode()) == json.loads(many_in_strings)
+    for codec in ("utf-8-sig", "utf-16", "utf-32"):
+        raw = '{"payload": ["é", 1.5, null]}'.encode(codec)
+        assert api.load_json(raw) == json.loads(raw), codec
+    at_limit = "[" * api.MAX_JSON_DEPTH + "]" * api.MAX_JSON_DEPTH
+    assert api.load_json(at_limit + " " * 10) == json.loads(at_limit)
+    # Deep, with padding strings that push the bracket count up either way.
+    over = '["[[["' + ", " + "[" * api.MAX_JSON_DEPTH + "]" * api.MAX_JSON_DEPTH + "]"
+    with pytest.raises(api.JsonError, match="nested deeper than 128 levels"):
+        api.load_json(over)
+    with pytest.raises(api.JsonError, match="NaN is not a JSON value"):
+        api.load_json(b"[NaN]")
+    with pytest.raises(api.JsonError):
+        api.load_json(b"\xff\xfe{")
+
+
 async def test_nan_and_infinity_are_not_json(make_api: Any) -> None:
     a = await _assigned(make_api)
     status, doc = await a.post("NaN\n", "application/x-ndjson")
