@@ -33,7 +33,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from engram_bench.load import LoadResult, Sampler, closed_loop, open_loop, raw_fsync
+from engram_bench.load import (
+    LoadResult,
+    Sampler,
+    closed_loop,
+    median_run,
+    open_loop,
+    raw_fsync,
+)
 from engram_bench.redispeer import (
     SETTINGS,
     OursSide,
@@ -66,9 +73,12 @@ class Budget:
     fsync_s: float
     lag_s: float
     loads: tuple[int, ...]
+    # Each latency load is run this many times, interleaved with the peer's, and the median run
+    # is reported (`load.median_run`): one run's P99 is mostly the machine's noise.
+    repeats: int = 1
 
 
-FULL: Final = Budget(5.0, 5.0, 3.0, 2.0, 10.0, LOADS)
+FULL: Final = Budget(5.0, 5.0, 3.0, 2.0, 10.0, LOADS, repeats=3)
 QUICK: Final = Budget(0.4, 0.3, 0.2, 0.2, 0.5, LOADS[:2])
 
 Side = OursSide | RedisSide
@@ -200,19 +210,28 @@ async def _main(quick: bool, binary: str) -> dict[str, Any]:
                 data["noop"] = [(await noop(s, b)).summary() for s in sides]
                 data["tput"] = [await throughput(s, "cmp-tput", b) for s in sides]
                 data["tput_ndjson"] = await throughput(nd, "cmp-tput-nd", b)
-                lat: list[list[LoadResult]] = [[], [], []]
-                for load in b.loads:  # interleaved, so drift on the machine hits all
-                    one = replace(b, loads=(load,))
-                    for i, (s, key) in enumerate([warm[0], warm[2], warm[1]]):
-                        lat[i] += await latency(s, key, one)
-                data["latency"] = [[r.summary() for r in rows] for rows in lat[:2]]
-                data["latency_ndjson"] = [r.summary() for r in lat[2]]
+                order = [warm[0], warm[2], warm[1]]  # ours (binary), Redis, ours (NDJSON)
+                lat: dict[tuple[int, int], list[LoadResult]] = {}
+                # Interleaved, load by load and side by side, so drift on the machine hits all.
+                for _ in range(b.repeats):
+                    for load in b.loads:
+                        one = replace(b, loads=(load,))
+                        for i, (s, key) in enumerate(order):
+                            lat.setdefault((i, load), []).extend(await latency(s, key, one))
+                medians = [[median_run(lat[i, load]) for load in b.loads] for i in range(3)]
+                data["latency"] = medians[:2]
+                data["latency_ndjson"] = medians[2]
+                data["latency_repeats"] = b.repeats
+                quorum_runs: dict[int, list[LoadResult]] = {}
+                for _ in range(b.repeats):
+                    for load in QUORUM_LOADS:
+                        one = replace(b, loads=(load,))
+                        quorum_runs.setdefault(load, []).extend(
+                            await latency(quorum, "cmp-quorum", one)
+                        )
                 data["quorum"] = {
                     "tput": await throughput(quorum, "cmp-quorum", b),
-                    "latency": [
-                        r.summary()
-                        for r in await latency(quorum, "cmp-quorum", replace(b, loads=QUORUM_LOADS))
-                    ],
+                    "latency": [median_run(quorum_runs[load]) for load in QUORUM_LOADS],
                 }
                 offered = max(float(REQUEST), LAG_SHARE * data["tput"][0]["applied_per_s"])
                 data["lag_offered_per_s"] = offered

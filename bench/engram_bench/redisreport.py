@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from engram_bench.report import Section, fmt_ms, fmt_rate, ratio
+from engram_bench.report import Section, fmt_ms, fmt_rate, ratio, runs_text
 
 TPUT_KEY = "redis-throughput-lag"
 LAT_KEY = "redis-latency"
@@ -263,6 +263,7 @@ def render(
         ),
         f"Goal: write P99 < {GOAL_P99_S * 1000:g} ms at every load measured here (ours): "
         + ("met." if not over else "NOT met at " + ", ".join(over) + "."),
+        _repeats_note(data),
     ]
     if quick:
         for s in (tput, lat):
@@ -274,14 +275,27 @@ def render(
     return [targets, tput, lat]
 
 
+def _repeats_note(data: Mapping[str, Any]) -> str:
+    n = int(data.get("latency_repeats") or 1)
+    if n <= 1:
+        return "Each latency figure is from one run."
+    return (
+        f"Each latency load ran {n} times, ours and Redis's interleaved, and the run with the "
+        "median P99 is the one reported (its P99, P50 and rate); the P99 of every run, in run "
+        "order, is in parentheses. One run's P99 swings several-fold on this shared machine, "
+        "Redis's too."
+    )
+
+
 def _at(rows: list[dict[str, Any]], offered: float) -> dict[str, Any] | None:
     return next((r for r in rows if round(r["offered_per_s"]) == offered), None)
 
 
 def _p99_cell(row: Mapping[str, Any] | None) -> str:
+    """The reported (median) run's P99, and every run's when there were several."""
     if row is None:
         return "not measured"
-    return fmt_ms(row["p99_s"]) + ("" if row["sustained"] else " (NOT sustained)")
+    return fmt_ms(row["p99_s"]) + ("" if row["sustained"] else " (NOT sustained)") + runs_text(row)
 
 
 def _targets(data: dict[str, Any], rname: str) -> Section:
@@ -377,6 +391,7 @@ def _targets(data: dict[str, Any], rname: str) -> Section:
         "equal durability (fsync always on both sides, async replication). 'not measured': "
         "a quick run measures only some loads. Promotion time is in the promotion section; "
         "light-load spikes for every ack policy in the ackpolicy section.",
+        _repeats_note(data),
     ]
     s.data = {"goals": goals}
     return s

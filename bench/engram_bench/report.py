@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,15 @@ def fmt_rate(per_s: float) -> str:
 
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f} ms"
+
+
+def runs_text(row: Mapping[str, Any]) -> str:
+    """The P99 of every run of a median-of-runs summary (`load.median_run`), as
+    " (runs: a / b / c)", or "" for a single run."""
+    runs = row.get("p99_runs_s") or []
+    if len(runs) <= 1:
+        return ""
+    return " (runs: " + " / ".join(fmt_ms(x) for x in runs) + ")"
 
 
 def ratio(value: float, baseline: float) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from engram_bench import load, resp
+from engram_bench import load, redisreport, resp
 from engram_bench.ackpolicy import acks_needed
 from engram_bench.compression import mixed_body
+from engram_bench.load import LoadResult, median_run
 from engram_bench.publish import write_results
 from engram_bench.redispeer import offset_lag
 from engram_bench.report import Section, percentile, ratio
@@ -599,3 +600,34 @@ async def test_open_loop_pauses_this_processes_gc_for_the_window_only() -> None:
     assert res.ok == len(seen) == 10
     assert not any(seen), "a request was sent with the load generator's collector on"
     assert gc.isenabled()
+
+
+def _run_with_p99(p99: float, *, sustained: bool = True) -> LoadResult:
+    r = LoadResult(offered_per_s=1_000, entries_per_request=1, request_rate=1_000, scheduled=100)
+    r.latencies = [p99 / 2] * 98 + [p99] * 2
+    r.ok = 100
+    r.achieved_per_s = 1_000 if sustained else 10
+    return r
+
+
+def test_median_run_reports_the_middle_p99_run_with_every_runs_p99_in_order() -> None:
+    runs = [_run_with_p99(0.030), _run_with_p99(0.004), _run_with_p99(0.009)]
+    out = median_run(runs)
+    assert out["p99_s"] == 0.009 and out["p50_s"] == 0.0045
+    assert out["p99_runs_s"] == [0.030, 0.004, 0.009]
+    assert median_run(runs[:1])["p99_runs_s"] == [0.030]
+    assert median_run(runs[:2])["p99_s"] == 0.030  # the upper middle of an even count
+    with pytest.raises(ValueError):
+        median_run([])
+
+
+def test_p99_cell_shows_every_run_only_when_there_were_several() -> None:
+    one = median_run([_run_with_p99(0.004)])
+    three = median_run([_run_with_p99(x) for x in (0.030, 0.004, 0.009)])
+    assert redisreport._p99_cell(one) == "4.000 ms"
+    assert redisreport._p99_cell(three) == "9.000 ms (runs: 30.000 ms / 4.000 ms / 9.000 ms)"
+    slow = median_run([_run_with_p99(0.5, sustained=False)])
+    assert redisreport._p99_cell(slow) == "500.000 ms (NOT sustained)"
+    assert redisreport._p99_cell(None) == "not measured"
+    assert "median P99" in redisreport._repeats_note({"latency_repeats": 3})
+    assert redisreport._repeats_note({}) == "Each latency figure is from one run."
