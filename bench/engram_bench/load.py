@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import os
 import time
@@ -93,6 +94,7 @@ class LoadResult:
     achieved_per_s: float = 0.0
     unfinished: int = 0
     messages: dict[str, str] = field(default_factory=dict)  # first answer body per error status
+    p99_runs: list[float] = field(default_factory=list)  # set by `median_of`: every run's P99
 
     def p(self, q: float) -> float:
         return percentile(self.latencies, q)
@@ -117,12 +119,13 @@ class LoadResult:
             "p99_s": self.p(99),
             "p999_s": self.p(99.9),
             "max_s": max(self.latencies, default=float("nan")),
+            **({"p99_runs_s": list(self.p99_runs)} if self.p99_runs else {}),
         }
 
 
-def median_run(runs: Sequence[LoadResult]) -> dict[str, Any]:
-    """The summary of the run whose P99 is the median of `runs` (the upper one of an even
-    count), with every run's P99 in run order under "p99_runs_s".
+def median_of(runs: Sequence[LoadResult]) -> LoadResult:
+    """The run whose P99 is the median of `runs` (the upper one of an even count), with every
+    run's P99 in run order in `p99_runs` (a copy: the runs are left as they were).
 
     One open-loop run's P99 on a shared 2-core machine swings several-fold from one minute to
     the next (Redis's too): a verdict read off one run is decided by the noise. The median run
@@ -130,10 +133,14 @@ def median_run(runs: Sequence[LoadResult]) -> dict[str, Any]:
     """
     if not runs:
         raise ValueError("no runs")
-    chosen = sorted(runs, key=lambda r: r.p(99))[len(runs) // 2]
-    out = chosen.summary()
-    out["p99_runs_s"] = [r.p(99) for r in runs]
-    return out
+    chosen = copy.copy(sorted(runs, key=lambda r: r.p(99))[len(runs) // 2])
+    chosen.p99_runs = [r.p(99) for r in runs]
+    return chosen
+
+
+def median_run(runs: Sequence[LoadResult]) -> dict[str, Any]:
+    """`median_of(runs).summary()`: with every run's P99 under "p99_runs_s"."""
+    return median_of(runs).summary()
 
 
 @contextlib.contextmanager

@@ -619,6 +619,9 @@ def test_median_run_reports_the_middle_p99_run_with_every_runs_p99_in_order() ->
     assert median_run(runs[:2])["p99_s"] == 0.030  # the upper middle of an even count
     with pytest.raises(ValueError):
         median_run([])
+    # The runs themselves are left as they were; a single run's summary has no spread.
+    assert all(not r.p99_runs for r in runs)
+    assert "p99_runs_s" not in runs[0].summary()
 
 
 def test_p99_cell_shows_every_run_only_when_there_were_several() -> None:
