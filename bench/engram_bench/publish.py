@@ -113,11 +113,20 @@ def merge_sections(text: str, summary: Section, sections: list[Section]) -> str:
 def _merge_goals(markdown: str, summary: Section) -> str:
     fresh = summary.to_markdown().splitlines()
     measured = {r[0] for r in summary.rows}
+    # A goal's name may carry a figure of its run ("lag < 1 s at 80% of our max (233,110/s)"),
+    # so rows are also dropped by the section they point to: a section this run rewrote
+    # vouches only for the goals this run gave it.
+    rewritten = {r[-1] for r in summary.rows if r[-1]}
     lines = markdown.splitlines()
     table = [i for i, ln in enumerate(lines) if ln.startswith("|")]
     if not table:
         return summary.to_markdown() + "\n"
-    kept = [ln for ln in _rows(markdown)[1:] if ln[2:].split(" | ", 1)[0] not in measured]
+
+    def stale(row: str) -> bool:
+        cells = row[2:-2].split(" | ")
+        return cells[0] in measured or cells[-1] in rewritten
+
+    kept = [ln for ln in _rows(markdown)[1:] if not stale(ln)]
     rows = [ln for ln in fresh if ln.startswith("| ")][1:]
     body = lines[: table[0] + 2] + kept + rows + lines[table[-1] + 1 :]
     return "\n".join(body) + "\n"

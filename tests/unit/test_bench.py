@@ -533,6 +533,7 @@ def test_partial_results_replace_only_their_sections_and_goals(tmp_path: Path) -
         "| goal | measured in this run | verdict | details and why |\n|---|---|---|---|\n"
         "| kept goal | 1 | met | section 'Other' |\n"
         "| ≥ 100K entries/s per replica stream (aim 500K) | old | met | section 'Throughput' |\n"
+        "| lag at 80% of an old max (9,999/s) | old too | met | section 'Throughput' |\n"
         "\n- a note\n\n## Other\n\nold other\n\n## Throughput\n\nold figures\n"
     )
     tput = Section(key="replication-throughput", title="Throughput", headers=["m"], rows=[["new"]])
@@ -545,6 +546,7 @@ def test_partial_results_replace_only_their_sections_and_goals(tmp_path: Path) -
     assert md.index("## Other") < md.index("## CPU per entry") < md.index("## Throughput")
     assert "| kept goal | 1 | met |" in md
     assert "54,000/s" in md and "| old |" not in md
+    assert "old too" not in md  # its section was rewritten, though its name was not measured
     assert json.loads(out.read_text())[1]["key"] == "replication-throughput"
     # A quick run still leaves the page alone, whatever it ran.
     write_results([cpu], docs=docs, json_path=out, quick=True, partial=True)
