@@ -10,12 +10,14 @@ so a sidecar can refuse a grant that arrived late.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
+import orjson
 
 from engram_contract.assignment import bracketed
 from engram_contract.ids import SpaceId
@@ -23,6 +25,26 @@ from engram_contract.ids import SpaceId
 # An assignment or fence is one fsync on the node plus a round trip: 2 s is generous, and bounded
 # so that one slow node can't stall a failover for long.
 CONTROL_TIMEOUT: Final = 2.0
+
+
+def _decode(raw: bytes) -> Any:
+    """A sidecar's JSON answer, or None if empty or not JSON.
+
+    orjson first: an operator heartbeats every node a few times a second and each answer holds
+    every hosted space's view, so at 1,000 spaces decoding them was half the operator's CPU
+    (py-spy), and orjson decodes them about 2.7x faster. json.loads second, for what orjson
+    refuses and the standard library reads (NaN, Infinity, UTF-16): the same answers as
+    before, whatever a node sends."""
+    if not raw.strip():
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 class SidecarError(Exception):
@@ -103,10 +125,7 @@ class SidecarClient:
                 headers={"Authorization": f"Bearer {self._token()}", **(headers or {})},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
-                try:
-                    doc = await resp.json(content_type=None)
-                except ValueError:
-                    doc = None
+                doc = _decode(await resp.read())
                 if resp.status != 200:
                     raise SidecarError(
                         f"{method} {path} on {http}: HTTP {resp.status} {doc}",

@@ -650,3 +650,39 @@ async def test_local_loop_gives_the_space_back_when_the_switchover_fence_raises(
     finally:
         await loop.close()
         await asyncio.sleep(0)
+
+
+async def test_node_monitor_known_follows_placements_and_leases_though_kept_between() -> None:
+    # known() is kept between calls (every space's tick asks); each change must still show.
+    api = KubeApi(lambda: kopf.ConnectionInfo(server="http://127.0.0.1:1"), user_agent="t/1")
+    monitor = NodeMonitor(
+        api=api, sidecars=cast("SidecarClient", FakeSidecars()), namespace="engram", selector={}
+    )
+
+    def record(n: str) -> NodeRecord:
+        return NodeRecord(
+            name=NodeName(n),
+            http="127.0.0.1:1",
+            address="127.0.0.1:2",
+            zone=None,
+            rack=None,
+            renew_time=None,
+        )
+
+    monitor.records[NodeName("a")] = record("a")
+    assert monitor.known() == ["a"]
+    monitor.placements[SpaceId("s")] = None  # as attach leaves a space not placed yet
+    monitor.set_placement(
+        SpaceId("s"), Placement(primary=NodeName("b"), replicas=(NodeName("c"),), epoch=Epoch(1))
+    )
+    assert monitor.known() == ["a", "b", "c"]
+    monitor.set_placement(
+        SpaceId("s"), Placement(primary=NodeName("b"), replicas=(NodeName("d"),), epoch=Epoch(2))
+    )
+    assert monitor.known() == ["a", "b", "d"]
+    monitor.records[NodeName("e")] = record("e")  # a Lease seen, written straight in
+    assert monitor.known() == ["a", "b", "d", "e"]
+    monitor.known().append(NodeName("z"))  # a caller's copy: the kept list is not touched
+    assert monitor.known() == ["a", "b", "d", "e"]
+    await monitor.detach(SpaceId("s"))
+    assert monitor.known() == ["a", "e"]

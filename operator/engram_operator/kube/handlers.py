@@ -52,6 +52,7 @@ from engram_operator.kube.api import (
 from engram_operator.kube.cadence import IDLE_EVERY, Inputs, LastTick, space_views, waited_too_long
 from engram_operator.kube.convert import placement_from_status
 from engram_operator.kube.driver import SpaceDriver
+from engram_operator.kube.gctune import tune_collector
 from engram_operator.kube.health import OperatorHealth
 from engram_operator.kube.metrics import OperatorMetrics, serve
 from engram_operator.kube.nodes import NodeMonitor, parse_selector
@@ -475,6 +476,8 @@ async def run(opts: OperatorOptions) -> int:
             ready=op.health.ready,
         )
     op.health.start()
+    frozen = tune_collector()
+    log.debug("operator: %d startup objects frozen out of garbage collection", frozen)
     peering = None if opts.standalone or not opts.peering else opts.peering
     if peering is None and not opts.standalone:
         log.warning("no --peering: running standalone; run a single replica of this operator")
