@@ -26,7 +26,7 @@ COPY operator/ operator/
 COPY sidecar/ sidecar/
 COPY bench/ bench/
 # pip builds our wheel with hatchling (PEP 517, in an isolated build env) and fetches wheels for
-# the dependencies; crc32c, zstandard, aiohttp and uvloop ship manylinux wheels, so no compiler
+# the dependencies; crc32c, zstandard, orjson, aiohttp and uvloop ship manylinux wheels, so no compiler
 # is needed.
 # The `fast` extra adds uvloop, the sidecar's event loop (event_loop: auto picks it).
 RUN pip wheel --wheel-dir /wheels '.[fast]' \
