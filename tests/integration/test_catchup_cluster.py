@@ -57,6 +57,9 @@ async def test_catchup_far_behind_replica_gets_snapshot_with_progress(cluster: C
     await cluster.assign(space, "n0", ["n1", "n2"])
     await _write(cluster, space, 5)
     await cluster.wait_replicated(space, "n0")
+    # n1 may already have caught up once, by increments, if those first writes came before its
+    # first connection: only a catch-up recorded after its restart counts below.
+    before = await _last_caught_up(cluster, space, "n1")
     cluster["n1"].kill()
     await _write(cluster, space, 30, tag=100)  # 6,000 entries: over the 1,000 threshold
     await cluster.start("n1")
@@ -66,7 +69,7 @@ async def test_catchup_far_behind_replica_gets_snapshot_with_progress(cluster: C
         rep = (await cluster.space_view("n0", space))["replicas"]["n1"]
         if rep["catch_up"] is not None:
             seen.append(rep["catch_up"])
-        return await _last_caught_up(cluster, space, "n1") is not None
+        return await _last_caught_up(cluster, space, "n1") not in (None, before)
 
     await cluster.wait_until(progress, timeout=40, what="n1 to catch up", interval=0.1)
     assert seen, "catch-up progress was never visible in the primary's space view"
@@ -233,6 +236,7 @@ async def test_catchup_live_replica_lag_stays_under_1s_during_snapshot(cluster: 
     await _write(cluster, space, 1)
     await cluster.wait_replicated(space, "n0", timeout=30)
     await cluster.wait_healthy(space, "n0", timeout=30)
+    before = await _last_caught_up(cluster, space, "n1")  # its first connection's, if any
     cluster["n1"].kill()
     await _write(cluster, space, 30)
     await cluster.start("n1")
@@ -252,11 +256,12 @@ async def test_catchup_live_replica_lag_stays_under_1s_during_snapshot(cluster: 
             i += 1
             await asyncio.sleep(0.02)
 
+    async def caught_up_again() -> bool:
+        return await _last_caught_up(cluster, space, "n1") not in (None, before)
+
     tasks = [asyncio.create_task(sampler()), asyncio.create_task(writer())]
     try:
-        await cluster.wait_until(
-            lambda: _last_caught_up(cluster, space, "n1"), timeout=60, what="n1 to catch up"
-        )
+        await cluster.wait_until(caught_up_again, timeout=60, what="n1 to catch up")
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
