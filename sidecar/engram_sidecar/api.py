@@ -160,13 +160,9 @@ async def parse_entries_in_slices(
     a control request waits for at most one slice of each write in progress.
     """
     steps = _parse_steps(raw, content_type, default_type, max_entries, max_payload=max_payload)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            out: list[tuple[int, bytes]] = done.value
-            return out
+    while (out := _next_slice(steps)) is None:
         await pause()
+    return out
 
 
 def _parse_entries(
@@ -179,12 +175,22 @@ def _parse_entries(
 ) -> list[tuple[int, bytes]]:
     """Entries of a write request as (type, payload bytes). Raises ValueError with the reason."""
     steps = _parse_steps(raw, content_type, default_type, max_entries, max_payload=max_payload)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            out: list[tuple[int, bytes]] = done.value
-            return out
+    while (out := _next_slice(steps)) is None:
+        pass
+    return out
+
+
+def _next_slice(
+    steps: Generator[None, None, list[tuple[int, bytes]]],
+) -> list[tuple[int, bytes]] | None:
+    """Parse one more slice: the entries once the parse is done, else None (never empty: an
+    empty request raises)."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        out: list[tuple[int, bytes]] = done.value
+        return out
+    return None
 
 
 def _parse_steps(

@@ -67,6 +67,15 @@ def _threads_of(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list
     return seen
 
 
+def _config(tmp_path: Path, **extra: Any) -> SidecarConfig:
+    """Node n0's settings under `tmp_path`, with a shared secret written there."""
+    secret = tmp_path / "secret"
+    secret.write_text("x" * 32)
+    return SidecarConfig(
+        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret, **extra
+    )
+
+
 def _member(n: str) -> Member:
     i = int(n[1])
     return Member(NodeName(n), f"127.0.0.1:{1000 + i}", f"127.0.0.1:{2000 + i}")
@@ -75,11 +84,7 @@ def _member(n: str) -> Member:
 async def test_snapshot_install_swaps_files_and_opens_the_new_log_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    secret = tmp_path / "secret"
-    secret.write_text("x" * 32)
-    cfg = SidecarConfig(
-        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret
-    )
+    cfg = _config(tmp_path)
     rec = Recorder()
     node = Node(cfg, offload=rec)
     await node.start()
@@ -129,11 +134,7 @@ async def test_snapshot_install_swaps_files_and_opens_the_new_log_off_the_loop(
 async def test_snapshot_install_finishes_even_if_the_connection_is_cancelled(
     tmp_path: Path,
 ) -> None:
-    secret = tmp_path / "secret"
-    secret.write_text("x" * 32)
-    cfg = SidecarConfig(
-        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret
-    )
+    cfg = _config(tmp_path)
     gate = threading.Event()
 
     async def held(fn: Callable[[], T]) -> T:
@@ -272,11 +273,7 @@ async def test_a_replica_builds_finishes_and_installs_a_snapshot_through_its_off
     """SNAPSHOT_BEGIN, chunks and SNAPSHOT_END as the replica's receiver decodes them: creating
     the snapshot's files, its fsyncs, its completion and its install all go through the node's
     offload, never the loop's thread."""
-    secret = tmp_path / "secret"
-    secret.write_text("x" * 32)
-    cfg = SidecarConfig(
-        node="n0", data_dir=tmp_path / "data", replication_port=0, secret_file=secret
-    )
+    cfg = _config(tmp_path)
     rec = Recorder()
     node = Node(cfg, offload=rec)
     await node.start()
@@ -333,15 +330,7 @@ async def test_a_replica_builds_finishes_and_installs_a_snapshot_through_its_off
 async def test_reading_entries_over_http_indexes_old_segments_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    secret = tmp_path / "secret"
-    secret.write_text("x" * 32)
-    cfg = SidecarConfig(
-        node="n0",
-        data_dir=tmp_path / "data",
-        replication_port=0,
-        secret_file=secret,
-        segment_bytes=4096,
-    )
+    cfg = _config(tmp_path, segment_bytes=4096)
     a = Assignment(1, _member("n1"), (_member("n0"),), "async")
     first = Node(cfg)
     _, sp = first.assign("space-s", a)
