@@ -63,6 +63,8 @@ class SidecarConfig:
     admin_token_file: Path | None = None
     fsync: str = "always"
     fsync_interval: float = 0.05
+    # Where fsyncs run off the loop (log/fsync_engine.py): kernel AIO where it works, else threads.
+    fsync_engine: str = "auto"
     segment_bytes: int = 64 * 1024 * 1024
     batch_max_entries: int = 1000
     batch_max_delay: float = 0.010
@@ -181,6 +183,7 @@ class SidecarConfig:
 _FIELDS = {f.name: f for f in fields(SidecarConfig) if f.name != "extra"}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "fsync": ("always", "interval", "none"),
+    "fsync_engine": ("auto", "aio", "thread"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "kube_enabled": ("auto", "true", "false"),
     "engram_watch": ("auto", "inotify", "poll"),
@@ -292,6 +295,8 @@ def _validate(cfg: SidecarConfig) -> SidecarConfig:
         raise bad("engram_watch", "inotify is not available here; use auto or poll")
     if cfg.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise bad("event_loop", "uvloop is not installed (pip install 'engram-replication[fast]')")
+    if cfg.fsync_engine == "aio" and importlib.util.find_spec("caio") is None:
+        raise bad("fsync_engine", "caio is not installed (pip install 'engram-replication[fast]')")
     why = _request_fits_frame(cfg)
     if why is not None:
         raise bad("max_request_bytes", why)

@@ -28,7 +28,7 @@ from engram_sidecar import views
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.grants import MAX_GRANT_DELAY_NS, Grant, GrantClock
 from engram_sidecar.log import assignment_store as assignment_file
-from engram_sidecar.log import snapshot
+from engram_sidecar.log import fsync_engine, snapshot
 from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.offload import Offload, to_thread
 from engram_sidecar.log.wal import FsyncPolicy, SpaceLog, WalStore
@@ -137,10 +137,20 @@ class Node:
         self._drain_handler_at: float | None = None
         self._installs: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
+        # Where fsyncs run: worker threads until `start` picks the configured engine.
+        self.fsyncer: fsync_engine.Fsyncer = fsync_engine.ThreadFsyncer()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Before any space opens: their group commits share it (fsync_engine.py).
+        self.fsyncer = await fsync_engine.open_engine(self.cfg.fsync_engine, self.cfg.data_dir)
+        log.info(
+            "node %s: fsyncs run in %s (fsync_engine: %s)",
+            self.name,
+            "kernel AIO" if self.fsyncer.name == "aio" else "worker threads",
+            self.cfg.fsync_engine,
+        )
         for sid in self.store.spaces_on_disk():
             saved = assignment_file.load(self.cfg.data_dir / sid / "assignment.json")
             if saved is not None:
@@ -167,6 +177,7 @@ class Node:
             await asyncio.wait(self._installs, timeout=10.0)
         for sp in self.spaces.values():
             await sp.writer.stop()
+        self.fsyncer.close()
         self.store.close()
 
     def secret(self) -> bytes:
@@ -258,7 +269,9 @@ class Node:
 
     def _commit(self, wal: SpaceLog) -> GroupCommit:
         policy: FsyncPolicy = self.cfg.fsync  # type: ignore[assignment]
-        commit = GroupCommit(wal, policy=policy, interval=self.cfg.fsync_interval)
+        commit = GroupCommit(
+            wal, policy=policy, interval=self.cfg.fsync_interval, engine=self.fsyncer
+        )
         commit.start()
         return commit
 
@@ -540,5 +553,6 @@ class Node:
             "replication_address": self.cfg.address,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "draining": self.draining,
+            "fsync_engine": self.fsyncer.name,
             "spaces": {sid: self.space_view(sp) for sid, sp in sorted(self.spaces.items())},
         }

@@ -19,6 +19,7 @@ from engram_contract.assignment import Assignment, Member
 from engram_contract.ids import NodeName
 from engram_sidecar.config import SidecarConfig
 from engram_sidecar.grants import Grant
+from engram_sidecar.log.fsync_engine import ThreadFsyncer
 from engram_sidecar.node import Node
 from engram_sidecar.space.hosted import Space
 from engram_sidecar.space.membership import NotWritable
@@ -51,7 +52,7 @@ async def _node(tmp_path: Path) -> tuple[Node, Space, threading.Event]:
         gate.wait(5.0)
         real(fd)
 
-    sp.writer.commit._fsync = slow_fsync
+    sp.writer.commit.engine = ThreadFsyncer(slow_fsync)
     return node, sp, gate
 
 

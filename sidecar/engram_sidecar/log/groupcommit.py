@@ -1,8 +1,9 @@
 """Group commit: concurrent appends to one space share one fsync.
 
 Appends write to the page cache on the event loop (microseconds, and ordered for free); a writer
-then waits until an fsync covers its last sequence. At most one fsync per log runs at a time, in a
-worker thread, on a duplicate fd; whatever was written while it ran is covered by the next one.
+then waits until an fsync covers its last sequence. At most one fsync per log runs at a time, off
+the loop (`fsync_engine`: kernel AIO or a worker thread), on a duplicate fd; whatever was written
+while it ran is covered by the next one.
 So with 64 concurrent writers the disk sees a handful of fsyncs, not 64.
 
 Policies: `always` (an append returns once durable), `interval` (a background task fsyncs every
@@ -22,7 +23,8 @@ import logging
 from collections.abc import Callable, Iterable
 
 from engram_sidecar.errors import StorageError, WalIOError, WalTruncated
-from engram_sidecar.log.wal import FsyncPolicy, SpaceLog, run_ticket
+from engram_sidecar.log.fsync_engine import Fsyncer, ThreadFsyncer
+from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,17 @@ class GroupCommit:
         policy: FsyncPolicy = "always",
         interval: float = 0.05,
         fsync: Callable[[int], None] | None = None,
+        engine: Fsyncer | None = None,
     ) -> None:
         self.wal = wal
         self.policy = policy
         self.interval = interval
-        # Runs in a worker thread; injectable so a test can hold an fsync open. None: os.fsync,
-        # looked up at each call.
-        self._fsync = fsync
+        # Where the fsyncs run (fsync_engine.py): the node's engine, shared by its logs. A test
+        # that injects `fsync` (to hold one open) gets it run in a worker thread; None there:
+        # os.fsync, looked up at each call.
+        self.engine: Fsyncer = (
+            engine if engine is not None and fsync is None else ThreadFsyncer(fsync)
+        )
         self._inflight: asyncio.Future[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.fsyncs = 0
@@ -129,7 +135,7 @@ class GroupCommit:
         try:
             ticket = self.wal.sync_handle()
             try:
-                await asyncio.to_thread(run_ticket, ticket, self._fsync, space=self.wal.space)
+                await self.engine.run(ticket, space=self.wal.space)
             except StorageError as err:
                 self.wal.fail(err)
                 raise
