@@ -329,6 +329,18 @@ async def test_open_engine_thread_auto_and_aio(
     with pytest.raises(ConfigError, match="kernel AIO does not work here"):
         await open_engine("aio", tmp_path)
     refusing.close()
+    # Kernel AIO that never answers: the node starts anyway (auto) or says why (aio).
+    silent = FakeContext()
+    monkeypatch.setattr(
+        KernelAioFsyncer,
+        "create",
+        classmethod(lambda cls, loop: cls(loop, context=silent, operation=FakeOp)),
+    )
+    engine = await asyncio.wait_for(open_engine("auto", tmp_path, probe_timeout=0.1), 5.0)
+    assert engine.name == "thread" and len(silent.submitted) == 1
+    with pytest.raises(ConfigError, match="no answer to an fsync"):
+        await asyncio.wait_for(open_engine("aio", tmp_path, probe_timeout=0.1), 5.0)
+    silent.close()
 
 
 async def test_open_engine_auto_takes_kernel_aio_where_it_works(tmp_path: Path) -> None:

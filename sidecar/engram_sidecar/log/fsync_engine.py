@@ -187,9 +187,10 @@ class KernelAioFsyncer:
             self._ctx = None
 
 
-async def open_engine(setting: str, data_dir: Path) -> Fsyncer:
+async def open_engine(setting: str, data_dir: Path, *, probe_timeout: float = 5.0) -> Fsyncer:
     """The engine `setting` names, on the running loop. `auto`: kernel AIO if it works on
-    `data_dir`'s file system, else threads. `aio` where it doesn't: ConfigError."""
+    `data_dir`'s file system, else threads. `aio` where it doesn't: ConfigError. A probe that
+    gets no answer within `probe_timeout` counts as not working: a node must not hang at start."""
     if setting == "thread":
         return ThreadFsyncer()
     loop = asyncio.get_running_loop()
@@ -198,7 +199,10 @@ async def open_engine(setting: str, data_dir: Path) -> Fsyncer:
     except (ImportError, OSError) as err:
         return _unavailable(setting, err)
     try:
-        await engine.probe(data_dir)
+        await asyncio.wait_for(engine.probe(data_dir), probe_timeout)
+    except TimeoutError:
+        engine.close()
+        return _unavailable(setting, OSError(errno.ETIMEDOUT, "no answer to an fsync"))
     except OSError as err:
         engine.close()
         return _unavailable(setting, err)
