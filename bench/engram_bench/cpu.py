@@ -205,8 +205,8 @@ def run(*, quick: bool) -> list[Section]:
     s.notes = [
         f"Writer: {CONCURRENCY} concurrent requests of {REQUEST:,} entries of {PAYLOAD} bytes, "
         f"closed loop, {b.run_s:g} s per path. CPU = user + system time of the process, every "
-        "thread (fsync runs in worker threads), over the run, ÷ the entries it handled. The "
-        "writer and both processes share the machine's "
+        "thread (a rotation's fsyncs run in worker threads), over the run, ÷ the entries it "
+        "handled. The writer and both processes share the machine's "
         f"{os.cpu_count()} cores; µs per entry, not a rate, is what this table compares.",
         "The replica's cost is the same for both paths (it receives the same stored bytes); "
         "the primary's differs by what parsing the request costs.",
