@@ -288,19 +288,28 @@ async def test_aio_rotation_tickets_run_in_threads(tmp_path: Path) -> None:
 
 
 async def test_aio_cancelled_waiter_still_closes_the_fd_when_the_kernel_finishes(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(fsync_engine, "MAX_IN_FLIGHT", 1)
     ctx = FakeContext()
     engine = _fake_engine(ctx, RecordingThreads())
-    ticket = _ticket(tmp_path)
+    ticket, later = _ticket(tmp_path, "a"), _ticket(tmp_path, "b")
     task = asyncio.ensure_future(engine.run(ticket, space="s"))
     await _until(lambda: bool(ctx.submitted))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert _is_open(ticket.fd)  # the kernel may still be using it
+    # Its slot stays taken until the kernel is done: the context can't be overfilled.
+    second = asyncio.ensure_future(engine.run(later, space="s"))
+    await asyncio.sleep(0.05)
+    assert len(ctx.submitted) == 1 and not second.done()
     ctx.finish()
     await _until(lambda: not _is_open(ticket.fd))
+    await _until(lambda: len(ctx.submitted) == 1)  # the second one got the slot
+    ctx.finish()
+    await asyncio.wait_for(second, 5.0)
+    assert not _is_open(later.fd)
     engine.close()
     ctx.close()
 

@@ -125,30 +125,38 @@ class KernelAioFsyncer:
 
         Raises _Refused when the kernel would not start it (fd still open: the caller's), and
         OSError when it ran and failed."""
-        async with self._slots:
-            op = self._operation.fsync(fd)
-            done: asyncio.Future[None] = self._loop.create_future()
+        # A slot stays taken until the kernel is done, even if the caller was cancelled: the
+        # context holds at most MAX_IN_FLIGHT operations.
+        await self._slots.acquire()
+        op = self._operation.fsync(fd)
+        done: asyncio.Future[None] = self._loop.create_future()
 
-            def complete(_result: int) -> None:
-                self._ops.discard(op)
+        def complete(_result: int) -> None:
+            self._ops.discard(op)
+            self._slots.release()
+            try:
                 os.close(fd)
-                if not done.done():
-                    done.set_result(None)
+            except OSError as err:  # the close, not the fsync: op's value says how that went
+                log.warning("closing fd %d after its fsync: %s", fd, err)
+            if not done.done():
+                done.set_result(None)
 
-            op.set_callback(complete)
-            try:
-                accepted = self._ctx.submit(op)
-            except (ValueError, OSError) as err:
-                raise _Refused(str(err)) from err
-            if accepted != 1:
-                raise _Refused("the kernel accepted no operation")
-            self._ops.add(op)
-            await done
-            try:
-                op.get_value()
-            except SystemError as err:
-                message = str(err)
-                raise OSError(_ERRNO_OF.get(message, errno.EIO), message) from err
+        op.set_callback(complete)
+        try:
+            accepted = self._ctx.submit(op)
+        except (ValueError, OSError) as err:
+            self._slots.release()
+            raise _Refused(str(err)) from err
+        if accepted != 1:
+            self._slots.release()
+            raise _Refused("the kernel accepted no operation")
+        self._ops.add(op)
+        await done
+        try:
+            op.get_value()
+        except SystemError as err:
+            message = str(err)
+            raise OSError(_ERRNO_OF.get(message, errno.EIO), message) from err
 
     async def run(self, ticket: SyncTicket, *, space: str) -> None:
         if self.refused or ticket.sealed or ticket.directory is not None:
