@@ -258,9 +258,13 @@ class PeerLink:
                 retry = s.fill(functools.partial(send, writer), now)
                 if retry is not None:
                     wait = min(wait, max(retry, 0.001))
-            await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
+            # asyncio.timeout, not wait_for: this loop turns at least once per write and ack,
+            # and wait_for would start a Task for each of the two waits every time.
+            async with asyncio.timeout(self.cfg.io_timeout):
+                await writer.drain()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def _read_loop(
         self, reader: asyncio.StreamReader, decoder: FrameDecoder, early: list[Frame]

@@ -208,7 +208,8 @@ class Receiver:
                     if reply:
                         send(writer, reply)
                 pending = []
-                await asyncio.wait_for(writer.drain(), self.cfg.io_timeout)
+                async with asyncio.timeout(self.cfg.io_timeout):  # no Task per batch, as wait_for
+                    await writer.drain()
         finally:
             for t in acks:
                 t.cancel()

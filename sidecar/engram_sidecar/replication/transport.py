@@ -46,7 +46,9 @@ async def next_frames(
     """At least one frame, or PeerClosed on EOF/timeout; WireError on a bad frame."""
     while True:
         try:
-            data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+            # asyncio.timeout, not wait_for: wait_for wraps the read in a new Task, once per read
+            async with asyncio.timeout(timeout):
+                data = await reader.read(READ_CHUNK)
         except TimeoutError:
             raise PeerClosed(f"no data for {timeout:.1f} s") from None
         except (ConnectionError, OSError) as err:

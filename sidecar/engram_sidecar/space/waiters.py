@@ -33,7 +33,8 @@ class AckWaiters:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(_Waiter(sequence, needed, fut))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):  # no Task per write, as wait_for would start
+                await asyncio.shield(fut)
         except TimeoutError:
             return False
         finally:
