@@ -38,8 +38,6 @@ from engram_sidecar.log.wal import SyncTicket, run_ticket
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("auto", "aio", "thread")
-
 # In flight at once per node: one fsync per log at a time (GroupCommit), so this bounds how many
 # logs sync concurrently through the kernel; more wait for a slot.
 MAX_IN_FLIGHT = 64
