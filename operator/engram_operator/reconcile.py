@@ -450,8 +450,10 @@ def _fresh_epoch(obs: Observation, placement: Placement) -> Epoch:
 
 def _reassert(obs: Observation, placement: Placement) -> Decision | None:
     """Members fenced above the placement's epoch while its primary lives: a promotion that
-    could not finish (no majority answered, no winner) left them refusing the primary. Give the
-    primary a new epoch they accept; nobody was assigned at a pending epoch, so it may be that."""
+    could not finish (no majority answered, no winner) left them refusing the primary, or the
+    primary restarted (it accepts the next epoch itself, so as never to write at its old one
+    again). Give the primary a new epoch they accept; nobody was assigned at a pending epoch, so
+    it may be that."""
     fenced = sorted(
         (r.node, r.accepted_epoch)
         for r in obs.reports.values()
@@ -464,10 +466,15 @@ def _reassert(obs: Observation, placement: Placement) -> Decision | None:
         return None
     epoch = _fresh_epoch(obs, placement)
     again = replace(placement, epoch=epoch)
-    who = ", ".join(f"{n} (epoch {e})" for n, e in fenced)
+    if [n for n, _ in fenced] == [placement.primary]:
+        # A restarted primary does this to itself (the sidecar's `Space.resume`): it may have
+        # shipped entries its disk lost, so it must not write again at its old epoch.
+        why = f"primary {placement.primary} restarted and takes writes only at a newer epoch"
+    else:
+        who = ", ".join(f"{n} (epoch {e})" for n, e in fenced)
+        why = f"{who} accepted a promotion's epoch that never took effect"
     sentence = (
-        f"space {obs.space}: {who} accepted a promotion's epoch that never took effect;"
-        f" re-asserted {placement.primary} as primary at epoch {epoch}"
+        f"space {obs.space}: {why}; re-asserted {placement.primary} as primary at epoch {epoch}"
     )
     return Decision(
         actions=(

@@ -158,6 +158,8 @@ class Node:
                 space = self._space(sid)
                 space.membership.accepted_epoch = accepted
                 self._adopt(space, a)
+                space.resume()
+                self.metrics.epoch.labels(sid).set(space.accepted_epoch)
         if self.tail is not None:
             self.tail.start()  # before the node serves: tails open their files first
         self.replication_port = await self.receiver.start(

@@ -174,6 +174,7 @@ class Cluster:
         self.control_plane_id = f"test-{os.getpid()}-{id(self)}"
         self._lease_tasks: dict[str, asyncio.Task[None]] = {}
         self._controls: dict[str, SidecarClient] = {}  # admin token -> the control plane's client
+        self.assignments: dict[str, dict[str, Any]] = {}  # space -> the last one a node took
 
     async def __aenter__(self) -> Cluster:
         return self
@@ -222,8 +223,14 @@ class Cluster:
         self.nodes[name] = node
         return node
 
-    async def start(self, *names: str, timeout: float = READY_TIMEOUT) -> None:
-        """Spawn the named nodes (default: every defined node not running) and wait until ready."""
+    async def start(
+        self, *names: str, timeout: float = READY_TIMEOUT, reassert: bool = True
+    ) -> None:
+        """Spawn the named nodes (default: every defined node not running) and wait until ready.
+
+        A node that led spaces before is re-asserted at a newer epoch once up (`reassert`), as
+        the real control plane does: a restarted primary never leads its old epoch again
+        (design-notes "Entries ship before they are durable")."""
         chosen = [self.nodes[n] for n in names] if names else list(self.nodes.values())
         chosen = [n for n in chosen if not n.running()]
         for n in chosen:
@@ -236,6 +243,28 @@ class Cluster:
             )
         except SidecarStartError as err:
             raise IntegrationError(str(err)) from None
+        if reassert:
+            for n in chosen:
+                await self.reassert(n.name)
+
+    async def reassert(self, name: str) -> None:
+        """Give `name` a newer epoch for every space it led (the control plane's
+        `reconcile._reassert`): one above the epoch it accepted itself at start-up."""
+        for space in sorted(self.leads.get(name, {})):
+            doc = self.assignments.get(space)
+            if doc is None:
+                continue
+            r = await self.request("GET", name, f"/v1/spaces/{space}")
+            if r.status != 200 or not isinstance(r.body, dict):
+                continue
+            if r.body.get("fenced") is None:
+                continue
+            again = {**doc, "epoch": int(r.body.get("accepted_epoch", doc["epoch"])) + 1}
+            members = [str(doc["primary"]["node"])]
+            members += [str(m["node"]) for m in doc.get("replicas", [])]
+            for m in members:
+                if m in self.nodes and self.nodes[m].running():
+                    await self.put_assignment(m, space, again)
 
     async def start_nodes(self, count: int, **flags: object) -> list[Node]:
         nodes = [self.add_node(f"n{i}", **flags) for i in range(count)]
@@ -385,6 +414,7 @@ class Cluster:
         )
         if r.status == 200 and isinstance(doc, dict) and isinstance(doc.get("primary"), dict):
             self._note_leader(space, str(doc["primary"].get("node")), int(doc.get("epoch", 0)))
+            self.assignments[space] = doc
         return r
 
     # ---- write leases (the harness plays the control plane) -----------------------------------

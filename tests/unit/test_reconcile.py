@@ -392,6 +392,27 @@ def test_reconcile_phase_stays_failing_over_until_the_winner_confirms() -> None:
     assert tick(obs).operation == "Idle"
 
 
+def test_reconcile_gives_a_restarted_primary_a_newer_epoch() -> None:
+    # The sidecar's Space.resume: a primary that restarted accepts the next epoch itself (it may
+    # have shipped entries its disk lost) and takes no writes at its old one. The control plane
+    # re-asserts it above every epoch known, so its new entries cut the replicas' stale tail.
+    restarted = (
+        report(A, 990, role="primary", accepted=4),
+        report(B, 1000),
+        report(C, 1000),
+    )
+    decision = tick(world(reports=restarted))
+    again = Placement(primary=A, replicas=(B, C), epoch=Epoch(5))
+    assert decision.sentence == (
+        "space orders: primary node-a restarted and takes writes only at a newer epoch;"
+        " re-asserted node-a as primary at epoch 5"
+    )
+    assert decision.actions == (
+        Place(placement=again, message=decision.sentence),
+        PushAssignment(placement=again, nodes=(A, B, C)),
+    )
+
+
 def test_reconcile_reasserts_the_primary_when_a_promotion_did_not_finish() -> None:
     # A fence round at epoch 4 found no majority; now node-a answers again. node-b and node-c
     # took epoch 4 and refuse node-a's epoch-3 frames: node-a leads at epoch 4 (nobody else

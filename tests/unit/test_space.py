@@ -15,7 +15,7 @@ from engram_contract.assignment import Assignment, Member
 from engram_contract.formats.batch import Batch
 from engram_contract.formats.frame import FrameDecoder
 from engram_contract.ids import NodeName, SpaceId
-from engram_sidecar.log import truncations
+from engram_sidecar.log import assignment_store, truncations
 from engram_sidecar.log import wal as wal_module
 from engram_sidecar.log.groupcommit import GroupCommit
 from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
@@ -236,7 +236,11 @@ async def test_space_seal_reads_back_what_a_truncation_may_have_changed(tmp_path
     assert (frame, last) == sp.ring.encode_from(11, upto=13)
 
 
-async def test_space_ships_only_durable_entries_under_fsync_always(tmp_path: Path) -> None:
+async def test_space_ships_before_its_fsync_but_acks_only_after_it(tmp_path: Path) -> None:
+    # Entries ship as written, so the replicas' fsyncs run beside the primary's; a write is
+    # acknowledged only once the primary's own fsync covers it, even when every replica needed
+    # already acked it (a power loss could take it from this log, and `resume` is what keeps a
+    # restarted primary from writing other entries at those sequences).
     gate = threading.Event()
 
     def held(fd: int) -> None:
@@ -244,17 +248,49 @@ async def test_space_ships_only_durable_entries_under_fsync_always(tmp_path: Pat
         os.fsync(fd)
 
     sp, now = _space(tmp_path, fsync="always", hook=held)
-    _leading(sp, now)
-    write = asyncio.create_task(sp.write([(1, b"{}")] * 3, ack_timeout=1.0))
+    _leading(sp, now, policy="quorum")
+    write = asyncio.create_task(sp.write([(1, b"{}")] * 3, ack_timeout=5.0))
     await asyncio.sleep(0.05)  # appended, waiting for its fsync
     assert sp.log.last_sequence == 3 and sp.log.durable_sequence == 0
-    assert sp.sealed_upto == 0 and sp.ring.batch_at(1) is None  # nothing shippable yet
-    gate.set()
-    assert await asyncio.wait_for(write, 5.0) == (1, 3, 1)
-    assert sp.sealed_upto == 3
+    assert sp.sealed_upto == 3  # shipped before it is durable
     got = sp.ring.batch_at(1)
     assert got is not None and got[1] == 3
+    sp.on_ack(NodeName("n1"), 3)  # the replica holds it: still not acknowledged
+    await asyncio.sleep(0.05)
+    assert not write.done()
+    gate.set()
+    assert await asyncio.wait_for(write, 5.0) == (1, 3, 1)
+    assert sp.log.durable_sequence == 3
     await sp.writer.commit.stop()
+
+
+def test_space_resume_fences_a_restarted_primary_until_a_newer_epoch(tmp_path: Path) -> None:
+    sp, now = _space(tmp_path)
+    sp.apply_assignment(_assignment("n0", ["n1", "n2"], epoch=4))
+    sp.resume()
+    assert sp.accepted_epoch == 5 and sp.fenced_reason is not None
+    assert "restarted" in sp.fenced_reason
+    sp.membership.grant_lease(now[0])
+    with pytest.raises(NotWritable, match="restarted"):
+        sp.membership.check_writable()
+    # Durably: a second restart before the control plane answers still finds epoch 5 accepted.
+    again, _ = _space(tmp_path)
+    saved = assignment_store.load(sp.path / "assignment.json")
+    assert saved is not None and saved[0].epoch == 4 and saved[1] == 5
+    again.membership.accepted_epoch = saved[1]
+    again.apply_assignment(saved[0])
+    again.resume()
+    assert again.accepted_epoch == 5  # already above its epoch: not raised again
+    # The control plane re-asserts it at a newer epoch: it writes again.
+    sp.apply_assignment(_assignment("n0", ["n1", "n2"], epoch=6))
+    sp.membership.grant_lease(now[0])
+    assert sp.fenced_reason is None
+    sp.membership.check_writable()
+    # A replica never fences itself for restarting: it acknowledged only what it fsynced.
+    rep, _ = _space(tmp_path / "r", node="n1")
+    rep.apply_assignment(_assignment("n0", ["n1", "n2"], epoch=4))
+    rep.resume()
+    assert rep.accepted_epoch == 4 and rep.fenced_reason is None
 
 
 def _batch_of(sp: Space, first: int, last: int) -> Batch:

@@ -58,7 +58,10 @@ class Space:
             wire_id=self.wire_id,
             batch_max_entries=batch_max_entries,
             batch_max_delay=batch_max_delay,
-            shippable=lambda: self.writer.promised_sequence,
+            # Entries ship as written, before their fsync, so a replica's fsync runs beside
+            # the primary's (design-notes "Entries ship before they are durable"); `resume`
+            # keeps that safe across a restart.
+            shippable=lambda: self.log.last_sequence,
             low_water=self._low_water,
         )
         self.waiters = AckWaiters(self.replicas_holding)
@@ -214,6 +217,24 @@ class Space:
             self.replicas.clear()
             self.waiters.fail(f"node {self.node} is no longer the primary")
 
+    def resume(self) -> None:
+        """Start-up, once the saved assignment is adopted: a primary never writes again at the
+        epoch it led before it stopped. Its entries shipped before they were durable, so a
+        replica may hold some that this log lost with the page cache (a power loss, a failed
+        fsync); written again at the same (epoch, sequence) they would pass log matching as the
+        same entries (design-notes "Entries ship before they are durable"). So the node accepts
+        the next epoch, durably, which fences it; the control plane then re-asserts a primary at
+        a newer epoch (`reconcile._reassert`), and the replicas' stale tail is cut by log
+        matching. Raft's rule: a restarted leader never leads again in its old term."""
+        a = self.assignment
+        if a is None or self.role != "primary" or self.accepted_epoch > a.epoch:
+            return
+        self.membership.note_epoch(a.epoch + 1)
+        self.fence(
+            f"restarted: it led epoch {a.epoch} before, and takes writes again only at a newer"
+            " epoch from the control plane"
+        )
+
     def note_epoch(self, epoch: int) -> None:
         """A peer proved a higher epoch: stop leading at once (fencing), remember the epoch."""
         if self.membership.note_epoch(epoch) and self.role == "primary":
@@ -238,13 +259,13 @@ class Space:
         self.ring.keep(done)
         self.ring.on_append()
         self.on_appended(done.last)
-        if self.writer.waits:
-            await self.writer.settle(written)
-            self.ring.on_append()  # durable now, so shippable
         if a is not None and a.replicas_needed() and self.ring.sealed_upto < done.last:
             # A write that waits for replica acks must not also wait out the batch linger: at
             # light load it would pay batch_max_delay on every request (issue 13).
             self.ring.seal()
+        # Shipped already: the replicas append and fsync while this node fsyncs. An ack still
+        # needs this node's own fsync first, whatever the replicas hold.
+        await self.writer.settle(written)
         await self.wait_replicated(done.last, ack_timeout)
         m.check_unchanged(a, epoch, done.first, done.last)
         return done.first, done.last, epoch

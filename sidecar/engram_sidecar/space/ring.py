@@ -2,8 +2,8 @@
 
 Entries are sealed into frames here, once, and every replica stream sends those same bytes. A
 batch is sealed at `batch_max_entries` or after `batch_max_delay`, or at once when no stream has
-anything in flight, so light load doesn't pay the linger. Only entries up to `shippable` are
-sealed: under fsync `always`, durable ones (design-notes "Only durable entries are shipped").
+anything in flight, so light load doesn't pay the linger. Entries up to `shippable` are sealed:
+every written one, before its fsync (design-notes "Entries ship before they are durable").
 
 Sealing encodes the bytes the write path just appended (`keep`), already CRC'd by their encoder,
 rather than reading them back from the WAL and checking them again. A replica further behind

@@ -244,11 +244,10 @@ class SpaceTail:
         )
         written = sp.writer.written(done.last)
         sp.ring.keep(done)
-        sp.ring.on_append()
+        sp.ring.on_append()  # shipped as written, like any write (Space.write)
         sp.on_appended(done.last)
         if sp.writer.waits:
             await sp.writer.settle(written)
-            sp.ring.on_append()
         else:
             await sp.writer.sync_all()
         for i, e in enumerate(entries):
