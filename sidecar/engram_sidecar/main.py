@@ -58,6 +58,10 @@ def apply_test_wall_clock_offset(environ: MutableMapping[str, str]) -> tuple[flo
 
 
 TEST_WALL_CLOCK_OFFSET, TEST_WALL_CLOCK_ERROR = apply_test_wall_clock_offset(os.environ)
+# Test-only, like the clock: record where each fsync left the WAL, so a chaos test can play a
+# power loss (engram_sidecar.log.durable_marks). Removed from the environment before the
+# settings are read.
+TEST_DURABLE_MARKS = os.environ.pop("ENGRAM_TEST_DURABLE_MARKS", "") == "1"
 
 from aiohttp import web  # noqa: E402 - after the clock hook, on purpose
 
@@ -67,6 +71,7 @@ from engram_sidecar.config import SidecarConfig, load_config  # noqa: E402
 from engram_sidecar.errors import ConfigError, EngramError  # noqa: E402
 from engram_sidecar.kube.agent import KubeSidecar, advertised_addresses  # noqa: E402
 from engram_sidecar.kube.client import resolve as resolve_kube  # noqa: E402
+from engram_sidecar.log import durable_marks  # noqa: E402
 from engram_sidecar.node import Node  # noqa: E402
 
 log = logging.getLogger("engram_sidecar")
@@ -185,6 +190,11 @@ def main(args: argparse.Namespace) -> int:
             "test-only hook: this process's wall clock is offset by %+.3f s (%s)",
             TEST_WALL_CLOCK_OFFSET,
             TEST_WALL_CLOCK_OFFSET_ENV,
+        )
+    if TEST_DURABLE_MARKS:
+        durable_marks.enabled = True
+        log.warning(
+            "test-only hook: every fsync records where it left the WAL (%s)", durable_marks.ENV
         )
     loop_name, _ = eventloop.choose(cfg.event_loop)
     log.info("node %s: event loop %s (event_loop: %s)", cfg.node, loop_name, cfg.event_loop)

@@ -2,7 +2,8 @@
 
 - Nodes are `python -m engram_sidecar` processes on 127.0.0.1 (started here, not by
   `engram_operator.local.Processes`, so that a node can be (re)started with its own environment:
-  the test-only wall-clock offset `ENGRAM_TEST_WALL_CLOCK_OFFSET_S`). Each gets
+  the test-only wall-clock offset `ENGRAM_TEST_WALL_CLOCK_OFFSET_S`; every node also records
+  where its fsyncs left the WAL, `ENGRAM_TEST_DURABLE_MARKS`, for power cuts). Each gets
   PR_SET_PDEATHSIG, so a dying test run never leaves sidecars behind.
 - The control loop is `engram_operator.local.ControlLoop`, ticking every check interval in a
   task. Its nodes advertise the routers of `links.LinkMatrix`, so its HTTP (heartbeats, lease
@@ -40,8 +41,10 @@ from engram_operator.local.loop import TIMING, ControlLoop
 from engram_operator.local.store import ClusterFiles
 from engram_operator.local.supervisor import LocalNode
 from engram_operator.model import Placement, SpaceSpec
+from engram_sidecar.log import durable_marks
 
 CLOCK_ENV: Final = "ENGRAM_TEST_WALL_CLOCK_OFFSET_S"
+MARKS_ENV: Final = durable_marks.ENV
 READY_TIMEOUT: Final = 20.0
 STOP_TIMEOUT: Final = 8.0
 TICK_TIMEOUT: Final = 20.0
@@ -298,6 +301,7 @@ class ChaosCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_")}
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONFAULTHANDLER"] = "1"
+        env[MARKS_ENV] = "1"  # so that a power cut knows what was fsynced (durable_marks)
         if skew:
             env[CLOCK_ENV] = repr(skew)
         cmd = [
@@ -376,6 +380,19 @@ class ChaosCluster:
         deadline = time.monotonic() + STOP_TIMEOUT
         while p.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+    def lose_unsynced(self, name: str) -> tuple[int, int]:
+        """After a kill: take from the node's disk what a power loss could, every WAL byte
+        written after the last fsync that covered it (`durable_marks`). Returns (segments
+        changed, bytes lost) over all its spaces."""
+        assert not self.running(name), "a power cut needs the process gone"
+        changed = lost = 0
+        for space_dir in sorted(self.nodes[name].data_dir.iterdir()):
+            wal = space_dir / "wal"
+            if wal.is_dir():
+                c, b = durable_marks.lose_unsynced(wal)
+                changed, lost = changed + c, lost + b
+        return changed, lost
 
     async def terminate(self, name: str) -> None:
         """SIGCONT, SIGTERM; SIGKILL after STOP_TIMEOUT."""

@@ -10,6 +10,9 @@ writers and the control loop were doing when a fault struck; the timeline record
 Fault kinds (the table in docs/reliability.md counts them):
 
 - `kill`: SIGKILL a node (often a primary); restarted after the hold.
+- `power-cut`: SIGKILL a node, then cut its WAL back to what its fsyncs covered, as a power
+  loss would (the test-only `ENGRAM_TEST_DURABLE_MARKS`, `engram_sidecar.log.durable_marks`);
+  restarted after the hold. A SIGKILL alone keeps the page cache.
 - `pause`: SIGSTOP a node; SIGCONT after the hold.
 - `partition`: cut a node from all or some other nodes, both ways (sometimes from the control
   plane too); healed by closing the cut connections and clearing the proxies.
@@ -59,6 +62,7 @@ from tests.chaos.links import CP
 
 KINDS: Final = (
     "kill",
+    "power-cut",
     "pause",
     "partition",
     "partition-one-way",
@@ -72,6 +76,7 @@ KINDS: Final = (
 MODELS: Final = {"single": 1, "multi": 2}  # model -> impairing faults at once
 WEIGHTS: Final = {
     "kill": 16,
+    "power-cut": 10,
     "pause": 13,
     "partition": 15,
     "partition-one-way": 10,
@@ -83,7 +88,9 @@ WEIGHTS: Final = {
     "split": 12,
 }
 BACKGROUND: Final = frozenset({"slow"})
-PROCESS: Final = frozenset({"kill", "pause", "clock-skew", "disk-full", "restart-catchup"})
+PROCESS: Final = frozenset(
+    {"kill", "power-cut", "pause", "clock-skew", "disk-full", "restart-catchup"}
+)
 HEAL_TIMEOUT: Final = 30.0  # one fault's heal (restart included)
 
 
@@ -250,6 +257,16 @@ class Nemesis:
             if kind == "kill":
                 await c.kill(victim)
                 self._note(rec, "SIGKILL")
+                await self._hold(spec.hold)
+                await self._restart(rec, victim)
+            elif kind == "power-cut":
+                # SIGKILL, then what a power loss takes too: every WAL byte no fsync covered
+                # yet. Entries ship before they are durable, so the replicas may hold some of
+                # them (design-notes "Entries ship before they are durable").
+                await c.kill(victim)
+                changed, lost = c.lose_unsynced(victim)
+                rec.detail = f"{lost} unsynced bytes lost from {changed} segment(s)"
+                self._note(rec, f"power cut: SIGKILL, {rec.detail}")
                 await self._hold(spec.hold)
                 await self._restart(rec, victim)
             elif kind == "pause":

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from engram_sidecar.errors import StorageError, WalIOError, WalTruncated
+from engram_sidecar.log import durable_marks
 from engram_sidecar.log.fsync_engine import Fsyncer, ThreadFsyncer
 from engram_sidecar.log.wal import FsyncPolicy, SpaceLog
 
@@ -134,12 +135,19 @@ class GroupCommit:
     async def _sync_once(self) -> None:
         try:
             ticket = self.wal.sync_handle()
+            covered = (
+                durable_marks.sizes([*ticket.sealed, (ticket.fd, ticket.path)])
+                if durable_marks.enabled
+                else None
+            )
             try:
                 await self.engine.run(ticket, space=self.wal.space)
             except StorageError as err:
                 self.wal.fail(err)
                 raise
             self.fsyncs += 1
+            if covered is not None:  # test-only: before anything counts as durable
+                durable_marks.note(ticket.path.parent, covered)
             self.wal.mark_durable(ticket)
         finally:
             self._inflight = None
