@@ -61,7 +61,7 @@ TEST_WALL_CLOCK_OFFSET, TEST_WALL_CLOCK_ERROR = apply_test_wall_clock_offset(os.
 # Test-only, like the clock: record where each fsync left the WAL, so a chaos test can play a
 # power loss (engram_sidecar.log.durable_marks). Removed from the environment before the
 # settings are read.
-TEST_DURABLE_MARKS = os.environ.pop("ENGRAM_TEST_DURABLE_MARKS", "") == "1"
+TEST_DURABLE_MARKS = os.environ.pop("ENGRAM_TEST_DURABLE_MARKS", "").strip()
 
 from aiohttp import web  # noqa: E402 - after the clock hook, on purpose
 
@@ -192,9 +192,16 @@ def main(args: argparse.Namespace) -> int:
             TEST_WALL_CLOCK_OFFSET_ENV,
         )
     if TEST_DURABLE_MARKS:
-        durable_marks.enabled = True
+        try:
+            durable_marks.enable(TEST_DURABLE_MARKS)
+        except ValueError as err:
+            print(f"engram-replication sidecar: configuration error: {err}", file=sys.stderr)
+            return 2
         log.warning(
-            "test-only hook: every fsync records where it left the WAL (%s)", durable_marks.ENV
+            "test-only hook: every fsync records where it left the WAL, and starts %.1f ms late"
+            " (%s)",
+            durable_marks.delay * 1000,
+            durable_marks.ENV,
         )
     loop_name, _ = eventloop.choose(cfg.event_loop)
     log.info("node %s: event loop %s (event_loop: %s)", cfg.node, loop_name, cfg.event_loop)

@@ -22,11 +22,18 @@ REC = (EntryType.EPISODE_STORE, b"p" * 100)
 
 @pytest.fixture
 def marks_on() -> Iterator[None]:
-    durable_marks.enabled = True
+    durable_marks.enable("2")  # each fsync also starts 2 ms late
     try:
         yield
     finally:
-        durable_marks.enabled = False
+        durable_marks.enabled, durable_marks.delay = False, 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "1001", "soon", "nan"])
+def test_the_hook_refuses_a_value_that_is_not_milliseconds(value: str) -> None:
+    with pytest.raises(ValueError, match="ENGRAM_TEST_DURABLE_MARKS"):
+        durable_marks.enable(value)
+    assert not durable_marks.enabled
 
 
 async def test_power_loss_keeps_every_fsynced_entry_and_cuts_the_rest(

@@ -2,7 +2,9 @@
 
 A SIGKILL loses the process, not the page cache, so it never takes away entries that were
 written but not yet fsynced. A power loss does. The chaos tests (tests/chaos, fault kind
-`power-cut`) start nodes with ENGRAM_TEST_DURABLE_MARKS=1; each completed group-commit fsync
+`power-cut`) start nodes with ENGRAM_TEST_DURABLE_MARKS=<ms>: each group-commit fsync starts
+that many milliseconds late (a slow disk, so that a kill often finds entries written and not yet
+synced, which a fast one leaves for a fraction of a millisecond), and each completed one
 then records, for every segment it covered, the segment's inode and its size when the fsync
 began (everything written before an fsync starts is covered by it) in `wal/.durable-marks.json`.
 After a SIGKILL, `lose_unsynced` cuts each segment back to that size and deletes segments
@@ -31,7 +33,20 @@ from engram_sidecar.log.segment import list_segments
 ENV: Final = "ENGRAM_TEST_DURABLE_MARKS"
 FILE: Final = ".durable-marks.json"
 
-enabled = False  # set by engram_sidecar.main from ENV
+enabled = False  # set by engram_sidecar.main from ENV (`enable`)
+delay = 0.0  # seconds each group-commit fsync starts late: a slow disk, so a cut finds a tail
+
+
+def enable(value: str) -> None:
+    """ENV's value: milliseconds each fsync starts late (0 for none). Raises ValueError."""
+    global enabled, delay  # a process-wide test hook, set once at start-up
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not 0.0 <= ms <= 1000.0:
+        raise ValueError(f"{ENV}={value!r}: expected milliseconds from 0 to 1000")
+    enabled, delay = True, ms / 1000
 
 
 def sizes(fds: Iterable[tuple[int, Path]]) -> list[tuple[str, int, int]]:
