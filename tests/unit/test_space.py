@@ -324,6 +324,22 @@ async def test_space_apply_takes_the_entries_as_the_frame_decoder_checked_them(
         replica.apply(bytes(64), None, 21)
 
 
+def test_space_records_a_snapshots_discard_as_it_adopts_the_new_log(tmp_path: Path) -> None:
+    # Chaos seed 105: a space view taken after the new log was adopted but before the discard
+    # was recorded showed a replica matching its primary and no cut, and the control plane
+    # measured the failover's loss as 0 (159 acknowledged async writes were gone). The record
+    # now lands in the same call that adopts the log.
+    sp, _ = _space(tmp_path, node="n1")
+    sp.discard_on_install = (100, 7, 3)
+    new = SpaceLog(tmp_path / "new", space=SpaceId("orders"))
+    old = sp.replace_log(new, GroupCommit(new, policy="none"))
+    assert [(t["epoch"], t["after"], t["dropped"]) for t in sp.truncations] == [(3, 100, 7)]
+    assert sp.dropped_entries == 7 and sp.discard_on_install is None
+    sp.note_install_discard()  # once only
+    assert sp.dropped_entries == 7
+    assert old is not None
+
+
 def test_space_a_snapshot_that_discards_a_divergent_tail_records_it(tmp_path: Path) -> None:
     # A deposed primary brought back by a snapshot loses its tail wholesale, not by a cut: the
     # failover's measured loss (decision records' entriesLost) must count it all the same.

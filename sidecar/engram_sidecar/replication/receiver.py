@@ -361,10 +361,11 @@ class Receiver:
                 # What of this log the snapshot discards that the primary never had: a deposed
                 # primary's divergent tail, replaced wholesale instead of cut by log matching.
                 # Counted like a cut, so the failover's measured loss includes it.
+                # Recorded as the new log is adopted (`Space.replace_log`), in the same loop
+                # turn: a space view taken between the two would show a replica whose log
+                # matches its primary's and no cut, and the failover's loss measured as 0.
                 begun = space.snapshot_key
                 old_history, old_last = list(space.log.history), space.log.last_sequence
-                if self.install_snapshot is not None:
-                    await self.install_snapshot(space)
                 if begun is not None and old_last > 0:
                     fork = fork_point(
                         local=old_history,
@@ -372,7 +373,10 @@ class Receiver:
                         leader=list(begun[2]),
                         leader_last=b.last,
                     )
-                    space.note_discarded(fork, old_last - fork, begun[0])
+                    space.discard_on_install = (fork, old_last - fork, begun[0])
+                if self.install_snapshot is not None:
+                    await self.install_snapshot(space)
+                space.note_install_discard()  # if no install adopted a log to record it with
                 return self._snap_ack(space, space.log.last_sequence, installed=True)
         except (WalError, OSError) as err:
             log.error("space %s: snapshot failed, starting over: %s", space.id, err)

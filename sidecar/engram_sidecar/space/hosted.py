@@ -83,6 +83,9 @@ class Space:
         self.snapshot_key: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self.caught_up: deque[dict[str, object]] = deque(maxlen=20)  # CaughtUp records
         self.dropped_entries = 0  # divergent entries cut when this node was deposed
+        # (after, dropped, epoch): what the snapshot being installed discards of this log, to
+        # record as the new log is adopted (`replace_log`).
+        self.discard_on_install: tuple[int, int, int] | None = None
         self.truncations = truncations.load(self.path)  # the same cuts, kept across restarts
         # A write appended entries up to this sequence (the node keeps a gauge of it).
         self.on_appended: Callable[[int], None] = lambda last: None
@@ -321,7 +324,14 @@ class Space:
         old = self.writer.replace(wal, commit)
         self.ring.restart(wal, wal.last_sequence)
         self.matched_upto = wal.last_sequence
+        self.note_install_discard()
         return old
+
+    def note_install_discard(self) -> None:
+        """Record what the installed snapshot discarded (`discard_on_install`), once."""
+        pending, self.discard_on_install = self.discard_on_install, None
+        if pending is not None:
+            self.note_discarded(*pending)
 
     # ---- acks (primary) -------------------------------------------------------------------
 
