@@ -193,6 +193,40 @@ async def test_writes_go_on_while_the_operator_is_down(release: Release) -> None
     assert n > 10
 
 
+async def test_a_restarted_primary_sidecar_leads_again_only_at_a_newer_epoch(
+    release: Release,
+) -> None:
+    """Entries ship before the primary's fsync, so a restarted primary must not write at its
+    old epoch again (design-notes): it fences itself, and the operator re-asserts it at a newer
+    epoch through the API server. Automatic failover is off, so the re-assertion is the only
+    way back to writes."""
+    await release.start_nodes(3)
+    release.operator("operator", "--standalone")
+    release.apply_space(
+        "orders", {"replicas": 2, "ackPolicy": "quorum", "failover": {"automatic": False}}
+    )
+    old = (await release.healthy("orders"))["primary"]
+    assert await _write(release, old, range(10)) == 10
+    await release.cluster.wait_replicated("orders", old, timeout=10)
+
+    release.cluster[old].kill()
+    await release.cluster.start(old)
+
+    def reasserted() -> dict[str, Any] | None:
+        # Epoch 3: the node accepted epoch 2 itself at start-up, and the operator picks one
+        # above every epoch any member accepted.
+        st = release.status("orders")
+        return st if st.get("epoch") == 3 and st.get("primary") == old else None
+
+    await until(reasserted, "the restarted primary re-asserted at epoch 3", FAILOVER_BOUND)
+    got = await until(
+        lambda: _write_or_none(release, old, range(10, 11)), f"a write on {old}", FAILOVER_BOUND
+    )
+    assert got == 11, "nothing acknowledged was lost, and the log goes on at 11"
+    view = (await release.cluster.request("GET", old, "/v1/spaces/orders")).body
+    assert view["epoch"] == 3 and view["fenced"] is None
+
+
 async def _write_or_none(rel: Release, node: str, ids: range) -> int | None:
     r = await rel.cluster.write_json(
         node, "orders", [{"payload": {"id": i}} for i in ids], timeout=3.0
