@@ -58,10 +58,6 @@ class Space:
             wire_id=self.wire_id,
             batch_max_entries=batch_max_entries,
             batch_max_delay=batch_max_delay,
-            # Entries ship as written, before their fsync, so a replica's fsync runs beside
-            # the primary's (design-notes "Entries ship before they are durable"); `resume`
-            # keeps that safe across a restart.
-            shippable=lambda: self.log.last_sequence,
             low_water=self._low_water,
         )
         self.waiters = AckWaiters(self.replicas_holding)
@@ -266,9 +262,11 @@ class Space:
             # A write that waits for replica acks must not also wait out the batch linger: at
             # light load it would pay batch_max_delay on every request (issue 13).
             self.ring.seal()
-        # Shipped already: the replicas append and fsync while this node fsyncs. An ack still
-        # needs this node's own fsync first, whatever the replicas hold.
-        await self.writer.settle(written)
+        # Shipped already (the ring ships entries as written; `resume` keeps that safe across a
+        # restart): the replicas append and fsync while this node fsyncs. An ack still needs
+        # this node's own fsync first, whatever the replicas hold.
+        if self.writer.waits:
+            await self.writer.settle(written)
         await self.wait_replicated(done.last, ack_timeout)
         m.check_unchanged(a, epoch, done.first, done.last)
         return done.first, done.last, epoch

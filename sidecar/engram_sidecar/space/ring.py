@@ -2,8 +2,8 @@
 
 Entries are sealed into frames here, once, and every replica stream sends those same bytes. A
 batch is sealed at `batch_max_entries` or after `batch_max_delay`, or at once when no stream has
-anything in flight, so light load doesn't pay the linger. Entries up to `shippable` are sealed:
-every written one, before its fsync (design-notes "Entries ship before they are durable").
+anything in flight, so light load doesn't pay the linger. Every written entry is shippable,
+before its fsync (design-notes "Entries ship before they are durable").
 
 Sealing encodes the bytes the write path just appended (`keep`), already CRC'd by their encoder,
 rather than reading them back from the WAL and checking them again. A replica further behind
@@ -46,14 +46,12 @@ class BatchRing:
         wire_id: bytes,
         batch_max_entries: int,
         batch_max_delay: float,
-        shippable: Callable[[], int],
         low_water: Callable[[], int | None],
     ) -> None:
         self.log = log
         self.wire_id = wire_id
         self.batch_max_entries = batch_max_entries
         self.batch_max_delay = batch_max_delay
-        self._shippable = shippable  # the last entry a replica may receive
         self._low_water = low_water  # the lowest sequence a replica acked; None: no replicas
         self.epoch = 0  # the assignment epoch every frame carries
         self.compress = False
@@ -98,7 +96,7 @@ class BatchRing:
 
     def on_append(self) -> None:
         """The log grew, or more of it became shippable: seal now, later, or not at all."""
-        shippable = self._shippable()
+        shippable = self.log.last_sequence
         pending = shippable - self.sealed_upto
         if pending <= 0 or self._low_water() is None:
             if self._low_water() is None:
@@ -115,7 +113,7 @@ class BatchRing:
         if self._seal_timer is not None:
             self._seal_timer.cancel()
             self._seal_timer = None
-        shippable = self._shippable()
+        shippable = self.log.last_sequence
         while self.sealed_upto < shippable:
             first = self.sealed_upto + 1
             frame, last = self._next_batch(first, shippable)
