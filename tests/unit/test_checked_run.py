@@ -13,6 +13,7 @@ from engram_contract.formats.entry import (
     RunProblem,
     check_run,
     encode_entry,
+    stored_prefix,
     walk_entries,
 )
 
@@ -91,3 +92,47 @@ def test_check_run_refuses_with_the_reason(
     assert got.index == index
     assert reason in got.reason
     assert got.corrupt is corrupt
+
+
+# ---- stored_prefix: what a WAL read serves, checked in the same fused loop -------------------
+
+
+def test_stored_prefix_stops_at_a_cut_entry_and_at_max_entries() -> None:
+    data = _run((7, 1), (8, 1), (9, 2), (10, 5))
+    ends = _ends(data)
+    assert stored_prefix(data, first_sequence=7, max_entries=10) == (4, len(data))
+    assert stored_prefix(data, first_sequence=7, max_entries=2) == (2, ends[1])
+    # Cut inside the third entry's payload, then inside its header: two whole entries.
+    assert stored_prefix(data[: ends[2] - 1], first_sequence=7, max_entries=10) == (2, ends[1])
+    assert stored_prefix(data[: ends[1] + 5], first_sequence=7, max_entries=10) == (2, ends[1])
+
+
+def test_stored_prefix_names_the_size_of_a_first_entry_larger_than_the_read() -> None:
+    data = _entry(3, 1, b"z" * 500)
+    assert stored_prefix(data[:100], first_sequence=3, max_entries=5) == (0, len(data))
+
+
+@pytest.mark.parametrize("at", [0, 4, 20, 31, 35, 44, 60, HEADER_SIZE, HEADER_SIZE + 1])
+def test_stored_prefix_refuses_any_flipped_bit_of_an_entry(at: int) -> None:
+    data = _run((1, 1), (2, 1), (3, 1), (4, 1))
+    second = _ends(data)[0]
+    got = stored_prefix(_flip(data, second + at), first_sequence=1, max_entries=10)
+    assert isinstance(got, RunProblem)
+    assert (got.index, got.offset, got.corrupt) == (1, second, True)
+
+
+def test_stored_prefix_refuses_a_sequence_out_of_order_as_not_corrupt() -> None:
+    data = _run((5, 1), (6, 1), (8, 1))
+    got = stored_prefix(data, first_sequence=5, max_entries=10)
+    assert isinstance(got, RunProblem)
+    assert (got.index, got.corrupt) == (2, False)
+    assert "sequence 8, expected 7" in got.reason
+    wrong_start = stored_prefix(data, first_sequence=4, max_entries=10)
+    assert isinstance(wrong_start, RunProblem) and wrong_start.index == 0
+
+
+def test_stored_prefix_agrees_with_check_run_on_whole_runs() -> None:
+    data = _run(*[(s, 1 + s // 3) for s in range(1, 30)])
+    run = check_run(data, first_sequence=1)
+    assert isinstance(run, CheckedRun)
+    assert stored_prefix(data, first_sequence=1, max_entries=1000) == (run.count, run.ends[-1])

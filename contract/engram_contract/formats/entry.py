@@ -385,6 +385,51 @@ def check_run(
     return CheckedRun(want - len(ends), want - 1, ends, epochs, ts, first_ts)
 
 
+def stored_prefix(
+    data: bytes | bytearray | memoryview, *, first_sequence: int, max_entries: int
+) -> tuple[int, int] | RunProblem:
+    """(entries, bytes) of the longest prefix of `data` made of whole, valid entries numbered
+    from `first_sequence`, at most `max_entries` of them: what a WAL read serves.
+
+    The checks of `check_run` (every CRC, reserved bytes, sequences by one) in the same fused
+    loop, so reading back for a replica behind the ring costs what the replica's own check
+    does. An entry cut short by the end of `data` ends the prefix instead of failing it: a
+    read of so many bytes usually stops mid-entry. A bad entry is a RunProblem (its reason
+    worked out only then). (0, n): the first entry is whole-headed but n bytes long, more than
+    `data` holds, so the caller reads n bytes.
+    """
+    view = memoryview(data).cast("B")
+    end = len(view)
+    unpack = _WHOLE.unpack_from
+    tail_epoch, tail = -1, b""
+    want = first_sequence
+    stop_at = first_sequence + max_entries
+    top = 1 << 64  # a read checks no epochs
+    pos = 0
+    while want < stop_at and end - pos >= HEADER_SIZE:
+        magic, seq, _ts, _etype, size, pcrc, hcrc, epoch, res1, res2, unused = unpack(view, pos)
+        body = pos + HEADER_SIZE
+        stop = body + size
+        if epoch != tail_epoch:
+            tail_epoch, tail = epoch, _EPOCH_TAIL.pack(epoch)
+        if (
+            magic != MAGIC
+            or res1
+            or res2
+            or unused
+            or size > MAX_PAYLOAD
+            or crc32c(tail, crc32c(view[pos : pos + _CRC_OFFSET])) != hcrc
+        ):
+            return _run_problem(view, pos, index=want - first_sequence, want=want, low=0, top=top)
+        if stop > end:
+            return (0, stop) if pos == 0 else (want - first_sequence, pos)
+        if seq != want or crc32c(view[body:stop]) != pcrc:
+            return _run_problem(view, pos, index=want - first_sequence, want=want, low=0, top=top)
+        want += 1
+        pos = stop
+    return want - first_sequence, pos
+
+
 def _run_problem(
     view: memoryview, pos: int, *, index: int, want: int, low: int, top: int
 ) -> RunProblem:

@@ -38,12 +38,12 @@ from engram_contract.formats.entry import (
     Entry,
     Record,
     RunProblem,
-    check_payload,
     check_run,
     decode_header,
     encode_entries,
     encode_entry,
     iter_entries,
+    stored_prefix,
 )
 from engram_contract.ids import SpaceId, validate_space_id
 from engram_sidecar.errors import SequenceError, StorageError, WalClosed, WalCorruption, WalIOError
@@ -772,28 +772,19 @@ class SpaceLog:
         last_in_seg = min(seg.last_sequence, end_seq, from_sequence + max_entries - 1)
         want = min(seg.size - off, max(max_bytes, HEADER_SIZE))
         data = os.pread(fd, want, off)
-        pos, seq = 0, from_sequence
-        where = str(seg.path)
-        while seq <= last_in_seg:
-            h = decode_header(data, pos)
-            if isinstance(h, str):
-                if len(data) - pos < HEADER_SIZE and pos > 0:
-                    break
-                raise WalCorruption(where, off + pos, h)
-            size = HEADER_SIZE + h.payload_size
-            if pos + size > len(data):
-                if pos > 0:
-                    break
-                data = os.pread(fd, size, off)  # one entry larger than max_bytes
-            if h.sequence != seq:
-                raise WalCorruption(where, off + pos, f"sequence {h.sequence}, expected {seq}")
-            # Payload CRC in the same pass: never serve a bad entry, and walk the bytes once.
-            with memoryview(data) as view:
-                bad = check_payload(h, view[pos + HEADER_SIZE : pos + size])
-            if bad is not None:
-                raise WalCorruption(where, off + pos, bad)
-            pos += size
-            seq += 1
+        got = stored_prefix(
+            data, first_sequence=from_sequence, max_entries=last_in_seg - from_sequence + 1
+        )
+        if not isinstance(got, RunProblem) and got[0] == 0 and got[1] > len(data):
+            data = os.pread(fd, got[1], off)  # one entry larger than max_bytes
+            got = stored_prefix(data, first_sequence=from_sequence, max_entries=1)
+        if isinstance(got, RunProblem):
+            # Every CRC is checked on the way out: never serve a bad entry.
+            raise WalCorruption(str(seg.path), off + got.offset, got.reason)
+        n, pos = got
+        if n == 0:
+            raise WalCorruption(str(seg.path), off, f"entry cut short ({len(data)} bytes left)")
+        seq = from_sequence + n
         self._next_read = (seq, seg, off + pos)
         return ReadResult(from_sequence, seq - 1, seq - from_sequence, data[:pos])
 
