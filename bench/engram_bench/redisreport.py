@@ -323,13 +323,13 @@ def _targets(data: dict[str, Any], rname: str) -> Section:
         fmt_rate(r_rate),
         o_rate >= r_rate,
     )
-    lag = data["lag"][0]
+    lag_cell, lag_met = _lag_target(data["lag"][0])
     target(
         f"replica lag < 1 s at 80% of our max ({fmt_rate(data['lag_offered_per_s'])})",
-        f"max {_s(lag['max_s'])}, {lag['max_entries']:,.0f} entries",
+        lag_cell,
         "-",
         f"max {_s(data['lag'][1]['max_s'])}",
-        lag["max_s"] < 1.0,
+        lag_met,
     )
     ours_l, red_l = data["latency"]
     nd_l = data["latency_ndjson"]
@@ -395,3 +395,14 @@ def _targets(data: dict[str, Any], rname: str) -> Section:
     ]
     s.data = {"goals": goals}
     return s
+
+
+def _lag_target(lag: Mapping[str, Any]) -> tuple[str, bool]:
+    """Our lag run's cell and verdict. A writer that fell short offered less than 80% of max,
+    so however small its lag, that run does not show the target met."""
+    load = lag["load"]
+    short = (
+        "" if load["sustained"] else f" (writer achieved only {fmt_rate(load['achieved_per_s'])})"
+    )
+    cell = f"max {_s(lag['max_s'])}, {lag['max_entries']:,.0f} entries{short}"
+    return cell, lag["max_s"] < 1.0 and load["sustained"]

@@ -137,10 +137,13 @@ async def open_loop(
     request_rate: float,
     duration: float,
     timeout: float = 10.0,
+    content_type: str = "application/x-ndjson",
 ) -> LoadResult:
     """`load.open_loop` over one HTTP request kind, keeping the first body of each error."""
     messages: dict[str, str] = {}
-    send = http_send(client, method, path, body, timeout=timeout, messages=messages)
+    send = http_send(
+        client, method, path, body, timeout=timeout, messages=messages, content_type=content_type
+    )
     res = await load_open_loop(
         send,
         entries_per_request=entries_per_request,
@@ -502,7 +505,9 @@ async def _lag_at(c: BenchCluster, space: str, offered: float, duration: float) 
             c.http(primary),
             "POST",
             f"/v1/spaces/{space}/entries",
-            body=ndjson_body(LAG_REQUEST, PAYLOAD, tag=space),
+            # Binary, as the maximum this load is a share of was measured.
+            body=binary_body(LAG_REQUEST, PAYLOAD, tag=space),
+            content_type=CONTENT_TYPE,
             entries_per_request=LAG_REQUEST,
             request_rate=offered / LAG_REQUEST,
             duration=duration,
@@ -521,6 +526,12 @@ async def _lag_at(c: BenchCluster, space: str, offered: float, duration: float) 
         "entries_max": max(entries, default=0),
         "sample_errors": sample_errors,
     }
+
+
+def lag_goal_met(lag_max_s: float, load: LoadResult) -> bool:
+    """Lag under the goal while the writer offered what it was asked to: a writer that fell
+    short offered less than the share of max, so its run cannot show the goal met."""
+    return lag_max_s < GOAL_LAG_S and load.sustained
 
 
 async def lag_under_load(c: BenchCluster, b: Budget, max_rate: float) -> Section:
@@ -559,9 +570,10 @@ async def lag_under_load(c: BenchCluster, b: Budget, max_rate: float) -> Section
             ]
         )
     share, at = next(((sh, r) for sh, r in runs if sh == LAG_SHARE), runs[-1])
-    met = at["max"] < GOAL_LAG_S
+    sustained = at["load"].sustained
+    met = lag_goal_met(at["max"], at["load"])
     s.notes = [
-        f"Open-loop writer: {LAG_REQUEST:,}-entry NDJSON requests (the throughput run's size) for "
+        f"Open-loop writer: {LAG_REQUEST:,}-entry binary requests (the throughput run's) for "
         f"{b.lag_s:g} s per row; lag_seconds (age of the oldest entry the replica lacks, 0 when "
         f"caught up) read from GET /v1/spaces/{{space}} on the primary every "
         f"{LAG_SAMPLE_S * 1000:.0f} ms. Baseline: the 1-replica throughput measured above in "
@@ -570,6 +582,9 @@ async def lag_under_load(c: BenchCluster, b: Budget, max_rate: float) -> Section
         + (
             f"met (max {at['max']:.3f} s, P99 {at['p99']:.3f} s)."
             if met
+            else f"NOT met: the writer achieved only {fmt_rate(at['load'].achieved_per_s)} "
+            f"(lag max {at['max']:.3f} s). Writer, primary and replica share 2 cores."
+            if not sustained
             else f"NOT met (max {at['max']:.3f} s, P99 {at['p99']:.3f} s). The maximum was "
             "measured with the writer stopping and the replica then draining its backlog; "
             "while writes flow, the primary's HTTP path and the replica compete for the same "

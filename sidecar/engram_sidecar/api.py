@@ -308,7 +308,7 @@ async def post_entries(request: web.Request) -> web.Response:
     records: Sequence[Record]
     if request.content_type == records_format.CONTENT_TYPE:
         try:
-            # Payloads stay views into `buf`: copied once, into the entries' buffer.
+            # Payloads as bytes, which the GC does not track (records.decode_records).
             records = records_format.decode_records(
                 buf, max_records=node.cfg.max_entries_per_request
             )

@@ -19,6 +19,7 @@ from engram_bench.compression import mixed_body
 from engram_bench.load import LoadResult, median_run
 from engram_bench.publish import write_results
 from engram_bench.redispeer import offset_lag
+from engram_bench.replication import lag_goal_met
 from engram_bench.report import Section, percentile, ratio
 from engram_bench.sidecars import BenchCluster, metric_value, ndjson_body
 from engram_bench.summary import goals_section
@@ -243,6 +244,36 @@ def test_goals_table_reports_met_and_not_met() -> None:
     assert "50,000/s vs Redis 200,000/s" in text
     assert "1,000/s: 4.000 ms vs 4.000 ms" in text
     assert any(r[2] == "met" for r in g.rows)
+
+
+def test_lag_goal_needs_the_writer_to_have_offered_the_load() -> None:
+    kept_up = load.LoadResult(
+        offered_per_s=100.0, entries_per_request=1, request_rate=100.0, scheduled=10
+    )
+    kept_up.achieved_per_s = 99.0
+    fell_short = load.LoadResult(
+        offered_per_s=100.0, entries_per_request=1, request_rate=100.0, scheduled=10
+    )
+    fell_short.achieved_per_s = 60.0
+    assert lag_goal_met(0.5, kept_up)
+    assert not lag_goal_met(1.5, kept_up)
+    assert not lag_goal_met(0.5, fell_short)  # a small lag at a load never offered
+    lag = Section(key="replication-lag", title="Lag", headers=["m"])
+    lag.data = {
+        "max_rate_per_s": 250_000.0,
+        "runs": [{"share": 0.8, "load": fell_short.summary()}],
+        "goal": {"goal": 1.0, "share": 0.8, "value": 0.5, "met": False},
+    }
+    text = goals_section([lag]).to_markdown()
+    assert "max 0.500 s at 200,000/s (writer achieved only 60/s)" in text
+    assert "**NOT met**" in text
+    ours = {"max_s": 0.5, "max_entries": 10.0}
+    cell, met = redisreport._lag_target({**ours, "load": fell_short.summary()})
+    assert not met and cell == "max 0.500 s, 10 entries (writer achieved only 60/s)"
+    assert redisreport._lag_target({**ours, "load": kept_up.summary()}) == (
+        "max 0.500 s, 10 entries",
+        True,
+    )
 
 
 def test_full_results_write_docs_and_plots(tmp_path: Path) -> None:

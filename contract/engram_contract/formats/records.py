@@ -76,16 +76,25 @@ def decode_records(
     *,
     max_records: int | None = None,
     max_payload: int = MAX_PAYLOAD,
-) -> list[tuple[int, memoryview]]:
-    """The records of `body` as (type, payload view into `body`), in one pass, no copies.
+) -> list[tuple[int, bytes]]:
+    """The records of `body` as (type, payload), in one pass.
+
+    Payloads are bytes sliced from `body`, not views into it: a memoryview is an object the
+    garbage collector tracks, a bytes object is not, and a (type, bytes) tuple is untracked at
+    its first collection. A primary holds each request's records until its fsync (and acks)
+    are in; with views, a backlog of requests under load was thousands of tracked objects per
+    request, promoted into the old generations, so every collection walked more of them: the
+    primary slowed as its backlog grew, and the backlog grew (docs/design-notes.md, "Payloads
+    as bytes, not views"). Copying 100 bytes costs what making a view does.
 
     Raises RecordsError on the first rule broken; nothing is returned for a bad body.
     """
-    view = memoryview(body).cast("B")
+    data = body if isinstance(body, bytes) else bytes(body)
+    view = memoryview(data)
     end = len(view)
     if end == 0:
         raise RecordsError(EMPTY, "the body holds no records", record=0, offset=0)
-    out: list[tuple[int, memoryview]] = []
+    out: list[tuple[int, bytes]] = []
     unpack = RECORD_HEADER.unpack_from
     hsize = RECORD_HEADER_SIZE
     types = ENTRY_TYPES
@@ -113,7 +122,7 @@ def decode_records(
                 max_payload=max_payload,
                 limit=limit,
             )
-        out.append((etype, view[start:stop]))
+        out.append((etype, data[start:stop]))
         pos = stop
     return out
 
