@@ -325,6 +325,8 @@ async def post_entries(request: web.Request) -> web.Response:
             )
         except ValueError as err:
             return _error(400, "bad_request", str(err))
+    # The records hold copies of their payloads: the body need not wait for the fsync too.
+    del buf
     overflow = _frame_overflow(records, node.cfg.max_frame_bytes)
     if overflow is not None:
         return _error(413, "too_large", overflow)

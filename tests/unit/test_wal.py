@@ -339,6 +339,8 @@ def test_wal_read_respects_upto_and_limits(big_log_dir: Path) -> None:
     assert (r.count, r.data) == (0, b"")
     r = lg.read(5, upto=4)
     assert r.count == 0
+    r = lg.read(5, max_entries=0)
+    assert (r.count, r.data) == (0, b"")
     lg.close()
 
 

@@ -396,7 +396,8 @@ def stored_prefix(
     does. An entry cut short by the end of `data` ends the prefix instead of failing it: a
     read of so many bytes usually stops mid-entry. A bad entry is a RunProblem (its reason
     worked out only then). (0, n): the first entry is whole-headed but n bytes long, more than
-    `data` holds, so the caller reads n bytes.
+    `data` holds, so the caller reads n bytes; (0, 0): not even a first header (or
+    `max_entries` < 1, which a caller checks for first).
     """
     view = memoryview(data).cast("B")
     end = len(view)

@@ -770,6 +770,8 @@ class SpaceLog:
         else:
             off = seek_offset(seg, from_sequence, fd)
         last_in_seg = min(seg.last_sequence, end_seq, from_sequence + max_entries - 1)
+        if last_in_seg < from_sequence:  # max_entries < 1
+            return ReadResult(from_sequence, from_sequence - 1, 0, b"")
         want = min(seg.size - off, max(max_bytes, HEADER_SIZE))
         data = os.pread(fd, want, off)
         got = stored_prefix(
