@@ -27,6 +27,7 @@ from engram_sidecar.replication.matching import (
     epoch_end,
     epoch_start,
     overlap,
+    refusal_deposes,
     resend_point,
 )
 
@@ -539,3 +540,12 @@ def _random_last(rng: random.Random, h: History) -> int:
     if not h:
         return 0 if rng.random() < 0.5 else rng.randrange(0, 5)
     return h[-1][1] - 1 + rng.randrange(0, 8)
+
+
+def test_matching_only_a_newer_epoch_in_a_refusal_deposes_the_primary() -> None:
+    # Re-asserted at epoch 2, the epoch its replica took while the control plane was cut off:
+    # a late refusal of a frame it sent at epoch 1 names 2, which deposes nobody.
+    assert not refusal_deposes(2, 2)
+    assert not refusal_deposes(1, 2)
+    # Still assigned at epoch 1 while a replica holds 2: deposed.
+    assert refusal_deposes(2, 1)

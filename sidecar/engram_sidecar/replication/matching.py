@@ -123,3 +123,15 @@ def overlap(
             return held, seq
         held += 1
     return held, None
+
+
+def refusal_deposes(replica_epoch: int, leading_epoch: int) -> bool:
+    """Whether a replica's STALE_EPOCH refusal, naming the epoch it holds, proves that this
+    primary (assigned at `leading_epoch`) was deposed.
+
+    Only an epoch above the one this node leads at does. A refusal naming that same epoch (or
+    an older one) answers a frame this node sent before it adopted its current assignment, one
+    still in flight when the control plane re-asserted it at the epoch the replica holds:
+    fencing on it would leave the re-asserted primary fenced with nobody above it.
+    """
+    return replica_epoch > leading_epoch

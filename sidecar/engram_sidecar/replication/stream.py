@@ -330,8 +330,13 @@ class Stream:
         self.metrics.nacks.labels("in", nack.reason.name).inc()
         log.info("space %s: %s refused: %s %s", sp.id, self.peer, nack.reason.name, nack.message)
         if nack.reason is NackReason.STALE_EPOCH:
-            sp.note_epoch(nack.epoch)
-            sp.fence(f"replica {self.peer} holds a newer epoch ({nack.message})")
+            if matching.refusal_deposes(int(nack.epoch), sp.assignment_epoch()):
+                sp.note_epoch(nack.epoch)
+                sp.fence(f"replica {self.peer} holds a newer epoch ({nack.message})")
+            else:
+                # A frame sent at an older epoch of this node's, refused after the node moved on
+                # to the epoch it leads at now: start over from what the replica acked.
+                self.reset()
         elif nack.reason in (NackReason.GAP, NackReason.DIVERGED) and self.mode == "live":
             # Back up, never forward: NACKs of batches sent before an earlier back-up arrive
             # late, and resending what the replica holds costs only bytes (it skips them).
